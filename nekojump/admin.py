@@ -1,0 +1,257 @@
+"""``nekojump-admin``: manage members and keys, list live tunnels.
+
+Works whether or not the server runs: it writes the same SQLite file, and a
+running server picks changes up within a fraction of a second (a removed key
+ends its sessions at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from nekojump.config import Config, ConfigError, load_config
+from nekojump.keys import parse_public_key
+from nekojump.model import Refused
+from nekojump.store import TIERS, SQLiteStore
+
+
+class CommandError(Exception):
+    """A message for the operator; the command changed nothing."""
+
+
+def hash_password(password: str) -> str:
+    """A scrypt hash in ``scrypt$n$r$p$salt$hash`` form (memory-hard, salted)."""
+    salt = secrets.token_bytes(16)
+    n, r, p = 2**15, 8, 1
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024
+    )
+    return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
+
+
+def _ok(result: object) -> object:
+    if isinstance(result, Refused):
+        raise CommandError(result.reason)
+    return result
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write("  ".join(cells).rstrip() + "\n")
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def member_add(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    password_hash = None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise CommandError("no password on standard input")
+        password_hash = hash_password(password)
+    member = _ok(store.add_member(args.name, args.tier, args.admin, password_hash))
+    out.write(f"added member {member.name} ({member.tier}{', admin' if member.is_admin else ''})\n")
+
+
+def member_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    members = store.list_members()
+    if not members:
+        out.write("no members yet; add one with: nekojump-admin member add NAME\n")
+        return
+    rows = [["NAME", "TIER", "ADMIN", "STATE", "KEYS"]]
+    for m in members:
+        rows.append(
+            [
+                m.name,
+                m.tier,
+                "yes" if m.is_admin else "",
+                "active" if m.active else "disabled",
+                str(len(store.list_keys(m.name))),
+            ]
+        )
+    _table(rows, out)
+
+
+def member_disable(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    _ok(store.set_member_active(args.name, False))
+    out.write(f"disabled {args.name}; their live sessions end now\n")
+
+
+def member_enable(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    _ok(store.set_member_active(args.name, True))
+    out.write(f"enabled {args.name}\n")
+
+
+def key_add(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        text = Path(args.pubkey_file).read_text("utf-8", errors="replace")
+    except OSError as error:
+        raise CommandError(f"cannot read {args.pubkey_file}: {error.strerror}") from None
+    key = _ok(parse_public_key(text))
+    record = _ok(store.add_key(args.name, key, args.description or ""))
+    out.write(
+        f"added {key.label} key {record.fingerprint} for {record.member_name}"
+        f"{f' ({record.description})' if record.description else ''}\n"
+    )
+
+
+def key_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    if args.name is not None and store.get_member(args.name) is None:
+        raise CommandError(f"there is no member named {args.name!r}")
+    keys = store.list_keys(args.name)
+    if not keys:
+        out.write("no keys\n")
+        return
+    rows = [["MEMBER", "TYPE", "FINGERPRINT", "DESCRIPTION", "ADDED", "LAST USED"]]
+    for k in keys:
+        rows.append(
+            [
+                k.member_name,
+                k.key_type,
+                k.fingerprint,
+                k.description,
+                _when(k.created_at),
+                _when(k.last_used_at),
+            ]
+        )
+    _table(rows, out)
+
+
+def key_remove(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    record = _ok(store.remove_key(args.fingerprint, actor="nekojump-admin"))
+    out.write(
+        f"removed key {record.fingerprint} of {record.member_name}; its live sessions end now\n"
+    )
+
+
+def tunnels(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    pid = store.server_pid()
+    if pid is None or not _running(pid):
+        out.write("the server is not running; no live tunnels\n")
+        return
+    forwards = store.list_live_forwards()
+    if not forwards:
+        out.write("no live tunnels\n")
+        return
+    rows = [["PORT", "MEMBER", "KEY", "FINGERPRINT", "FROM", "SINCE", "LAST ERROR"]]
+    for f in forwards:
+        rows.append(
+            [
+                f"{f.bind_address}:{f.port}",
+                f.member_name,
+                f.key_description,
+                f.key_fingerprint,
+                f.source,
+                _when(f.since),
+                f.last_error or "",
+            ]
+        )
+    _table(rows, out)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- argument parsing ---------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nekojump-admin", description="Manage nekojump members, keys and tunnels."
+    )
+    parser.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    parser.add_argument("--data-dir", help="data directory (overrides [storage] data_dir)")
+    topics = parser.add_subparsers(dest="topic", required=True, metavar="COMMAND")
+
+    def command(
+        sub: argparse._SubParsersAction, name: str, run: Callable[..., None], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(run=run)
+        return p
+
+    member = topics.add_parser("member", help="add, list, disable members")
+    member_sub = member.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = command(member_sub, "add", member_add, "add a member")
+    p.add_argument("name")
+    p.add_argument("--tier", choices=TIERS, default="basic")
+    p.add_argument("--admin", action="store_true", help="may manage everyone's keys")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read a dashboard password from the first line of stdin",
+    )
+    command(member_sub, "list", member_list, "list members")
+    p = command(member_sub, "disable", member_disable, "disable a member and end their sessions")
+    p.add_argument("name")
+    p = command(member_sub, "enable", member_enable, "enable a disabled member")
+    p.add_argument("name")
+
+    key = topics.add_parser("key", help="add, list, remove SSH public keys")
+    key_sub = key.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = command(key_sub, "add", key_add, "add a member's public key from a .pub file")
+    p.add_argument("name")
+    p.add_argument("pubkey_file")
+    p.add_argument("--description", help="which machine this key is on (default: key comment)")
+    p = command(key_sub, "list", key_list, "list keys, of everyone or one member")
+    p.add_argument("name", nargs="?")
+    p = command(
+        key_sub,
+        "remove",
+        key_remove,
+        "remove a key (SHA256:... as ssh-keygen -l prints it); ends its sessions",
+    )
+    p.add_argument("fingerprint")
+
+    command(topics, "tunnels", tunnels, "list the running server's live forwards")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    """Run one admin command; 0 on success, 1 with a message on bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        config: Config = load_config(args.config, args.data_dir)
+        store = SQLiteStore.open(config.data_dir)
+    except ConfigError as error:
+        sys.stderr.write(f"nekojump-admin: {error}\n")
+        return 1
+    except OSError as error:
+        sys.stderr.write(f"nekojump-admin: cannot open the data directory: {error}\n")
+        return 1
+    try:
+        args.run(store, args, out)
+    except CommandError as error:
+        sys.stderr.write(f"nekojump-admin: {error}\n")
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

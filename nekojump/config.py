@@ -1,0 +1,233 @@
+"""Configuration: a TOML file (or nothing) to one frozen, validated ``Config``.
+
+Every key has a default that runs nekojump on loopback with a data directory
+in the working directory, so ``twistd -n nekojump`` works with no file.  A bad
+file raises ``ConfigError`` with one sentence naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.endpoints import serverFromString
+
+from nekojump.policy import ForwardRules, IPNetwork
+
+DEFAULT_DATA_DIR = "nekojump-data"
+TAKEOVER_MODES = ("same-key", "same-member", "never")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` says which key and why."""
+
+
+@frozen
+class SSHConfig:
+    listen: str
+    allowed_sources: tuple[IPNetwork, ...]
+    user: str
+    max_auth_tries: int
+    login_grace_time: float
+
+
+@frozen
+class ForwardingConfig:
+    bind_address: str
+    port_min: int
+    port_max: int
+    reserved_ports: frozenset[int]
+    takeover: str
+
+    @property
+    def rules(self) -> ForwardRules:
+        """The part of this section that bind policy decides on."""
+        return ForwardRules(
+            port_min=self.port_min,
+            port_max=self.port_max,
+            reserved_ports=self.reserved_ports,
+            takeover=self.takeover,  # type: ignore[arg-type]
+        )
+
+
+@frozen
+class WebConfig:
+    listen: str
+    public_hostname: str
+
+
+@frozen
+class Config:
+    """Everything nekojump reads from its config file."""
+
+    data_dir: Path
+    ssh: SSHConfig
+    forwarding: ForwardingConfig
+    web: WebConfig
+    source: str = "built-in defaults"
+
+
+# -- field checkers ------------------------------------------------------------
+# Each takes the raw TOML value and returns the converted value or raises
+# ValueError with a message that completes "[section] key: ...".
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _integer(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be an integer")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high} (got {value})")
+        return value
+
+    return check
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return float(value)
+
+
+def _endpoint(value: Any) -> str:
+    text = _string(value)
+    try:
+        serverFromString(None, text)
+    except Exception as error:  # noqa: BLE001 - any parse failure is the user's
+        raise ValueError(
+            f"{text!r} is not a Twisted endpoint string "
+            f'(e.g. "tcp:2222:interface=0.0.0.0"): {error}'
+        ) from None
+    return text
+
+
+def _ip_address(value: Any) -> str:
+    text = _string(value)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError('must be a non-empty list of CIDRs, e.g. ["10.0.0.0/8"]')
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(_string(item), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a network in CIDR form") from None
+    return tuple(networks)
+
+
+def _ports(value: Any) -> frozenset[int]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of port numbers")
+    check = _integer(1, 65535)
+    return frozenset(check(item) for item in value)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)} (got {value!r})")
+        return value
+
+    return check
+
+
+# section -> key -> (checker, default)
+SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
+    "storage": {
+        "data_dir": (_string, DEFAULT_DATA_DIR),
+    },
+    "ssh": {
+        "listen": (_endpoint, "tcp:2222:interface=127.0.0.1"),
+        "allowed_sources": (_networks, ["127.0.0.0/8", "::1/128"]),
+        "user": (_string, "tunnel"),
+        "max_auth_tries": (_integer(1, 100), 6),
+        "login_grace_time": (_seconds, 30),
+    },
+    "forwarding": {
+        "bind_address": (_ip_address, "127.0.0.1"),
+        "port_min": (_integer(1, 65535), 10000),
+        "port_max": (_integer(1, 65535), 60000),
+        "reserved_ports": (_ports, []),
+        "takeover": (_choice(*TAKEOVER_MODES), "same-key"),
+    },
+    "web": {
+        "listen": (_endpoint, "tcp:8080:interface=127.0.0.1"),
+        "public_hostname": (_string, "localhost"),
+    },
+}
+
+
+def parse_config(document: Mapping[str, Any], source: str = "built-in defaults") -> Config:
+    """Validate a parsed TOML document; raise ``ConfigError`` naming the bad key."""
+    values: dict[str, dict[str, Any]] = {}
+    for section in document:
+        if section not in SCHEMA:
+            raise ConfigError(
+                f"{source}: unknown section [{section}] "
+                f"(known: {', '.join(f'[{s}]' for s in SCHEMA)})"
+            )
+        if not isinstance(document[section], Mapping):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+    for section, fields in SCHEMA.items():
+        given = document.get(section, {})
+        for key in given:
+            if key not in fields:
+                raise ConfigError(
+                    f"{source}: [{section}] {key}: unknown key (known: {', '.join(fields)})"
+                )
+        values[section] = {}
+        for key, (check, default) in fields.items():
+            try:
+                values[section][key] = check(given.get(key, default))
+            except ValueError as error:
+                raise ConfigError(f"{source}: [{section}] {key}: {error}") from None
+
+    forwarding = values["forwarding"]
+    if forwarding["port_min"] > forwarding["port_max"]:
+        raise ConfigError(
+            f"{source}: [forwarding] port_min ({forwarding['port_min']}) is greater "
+            f"than port_max ({forwarding['port_max']})"
+        )
+    return Config(
+        data_dir=Path(values["storage"]["data_dir"]),
+        ssh=SSHConfig(**values["ssh"]),
+        forwarding=ForwardingConfig(**forwarding),
+        web=WebConfig(**values["web"]),
+        source=source,
+    )
+
+
+def load_config(path: str | Path | None = None, data_dir: str | None = None) -> Config:
+    """Read ``path`` (or the defaults when None); ``data_dir`` overrides the file."""
+    document: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as stream:
+                document = tomllib.load(stream)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+        except OSError as error:
+            raise ConfigError(f"{source}: cannot read: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{source}: not valid TOML: {error}") from None
+    if data_dir is not None:
+        document = {**document, "storage": {**document.get("storage", {}), "data_dir": data_dir}}
+    return parse_config(document, source)

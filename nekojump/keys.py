@@ -1,0 +1,116 @@
+"""Parse and vet pasted SSH public keys; results, not exceptions."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from attrs import frozen
+from twisted.conch.ssh.keys import BadKeyError, FingerprintFormats, Key
+
+from nekojump.model import Refused
+
+#: Key types members may register, with the label the dashboard shows.
+ACCEPTED_TYPES = {
+    "ssh-ed25519": "ED25519",
+    "ecdsa-sha2-nistp256": "ECDSA",
+    "ecdsa-sha2-nistp384": "ECDSA",
+    "ecdsa-sha2-nistp521": "ECDSA",
+    "ssh-rsa": "RSA",
+    "sk-ssh-ed25519@openssh.com": "ED25519-SK",
+    "sk-ecdsa-sha2-nistp256@openssh.com": "ECDSA-SK",
+}
+MIN_RSA_BITS = 2048
+
+
+@frozen
+class PublicKey:
+    """A vetted public key, ready to store."""
+
+    key_type: str
+    blob: bytes
+    comment: str
+    bits: int
+
+    @property
+    def openssh(self) -> str:
+        """The key as one ``authorized_keys`` line, without comment."""
+        return f"{self.key_type} {base64.b64encode(self.blob).decode('ascii')}"
+
+    @property
+    def fingerprint(self) -> str:
+        """``SHA256:...`` exactly as ``ssh-keygen -l`` prints it."""
+        return fingerprint_of_blob(self.blob)
+
+    @property
+    def label(self) -> str:
+        """Short type name for people, e.g. ``ED25519``."""
+        return ACCEPTED_TYPES[self.key_type]
+
+
+def fingerprint_of_blob(blob: bytes) -> str:
+    """``SHA256:`` plus unpadded base64, as ``ssh-keygen -l`` prints it."""
+    raw = Key.fromString(blob).fingerprint(FingerprintFormats.SHA256_BASE64)
+    return "SHA256:" + raw.rstrip("=")
+
+
+def parse_public_key(text: str) -> PublicKey | Refused:
+    """Vet one pasted public key (an ``id_*.pub`` file or authorized_keys line).
+
+    Refuses private keys, more than one key, malformed text, DSA, RSA under
+    2048 bits and types Conch cannot verify.  Leading ``authorized_keys``
+    options are dropped: restrictions are nekojump's job.
+    """
+    text = text.strip()
+    if not text:
+        return Refused("key-empty", "paste your public key (the .pub file)")
+    if "PRIVATE KEY" in text:
+        return Refused(
+            "key-is-private",
+            "this is a private key — paste the .pub file instead "
+            "(e.g. cat ~/.ssh/nekotopia_jump.pub); the private half never "
+            "leaves your machine",
+        )
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        return Refused("key-multiple", "paste exactly one public key, on one line")
+
+    fields = lines[0].split()
+    for index, field in enumerate(fields[:-1]):
+        if field in ACCEPTED_TYPES or field == "ssh-dss" or _looks_like_type(field):
+            return _vet(field, fields[index + 1], " ".join(fields[index + 2 :]))
+    return Refused(
+        "key-malformed",
+        "this does not look like an SSH public key; it should start with "
+        "ssh-ed25519, ecdsa-sha2-… or ssh-rsa",
+    )
+
+
+def _looks_like_type(field: str) -> bool:
+    return field.startswith(("ssh-", "ecdsa-", "sk-"))
+
+
+def _vet(key_type: str, data: str, comment: str) -> PublicKey | Refused:
+    if key_type == "ssh-dss":
+        return Refused("key-weak", "DSA keys are no longer safe; use ssh-keygen -t ed25519")
+    if key_type not in ACCEPTED_TYPES:
+        return Refused("key-unsupported", f"key type {key_type} is not supported")
+    try:
+        blob = base64.b64decode(data, validate=True)
+        key = Key.fromString(blob)
+    except (binascii.Error, ValueError, BadKeyError, IndexError, TypeError):
+        return Refused("key-malformed", "the key data is damaged or incomplete")
+    if not key.isPublic():  # pragma: no cover - a blob is always public
+        return Refused("key-is-private", "this is a private key — paste the .pub file instead")
+    if key.sshType().decode("ascii") != key_type:
+        return Refused(
+            "key-malformed", "the key type does not match the key data; copy the line again"
+        )
+    bits = key.size()
+    if key_type == "ssh-rsa" and bits < MIN_RSA_BITS:
+        return Refused(
+            "key-weak",
+            f"RSA keys need at least {MIN_RSA_BITS} bits (this one has {bits}); "
+            "use ssh-keygen -t ed25519",
+        )
+    return PublicKey(key_type=key_type, blob=blob, comment=comment.strip(), bits=bits)

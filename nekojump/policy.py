@@ -1,0 +1,198 @@
+"""Pure decisions: which sources, channels, requests and binds are allowed.
+
+Nothing here does I/O or knows about Twisted; the SSH code gathers the facts,
+asks, and acts on the answer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable, Container, Iterable
+from typing import Literal
+
+from attrs import frozen
+
+from nekojump.model import Refused
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TakeoverMode = Literal["same-key", "same-member", "never"]
+
+
+# -- sources -----------------------------------------------------------------
+
+
+def source_allowed(host: str, networks: Iterable[IPNetwork]) -> bool:
+    """True if the peer address ``host`` lies in one of ``networks``.
+
+    IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) count as their IPv4
+    address; anything that is not an IP address is refused.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+# -- channels and requests -----------------------------------------------------
+
+SESSION_CHANNEL = b"session"
+
+#: Global requests a tunnel connection may make.  Keepalives get FAILURE, which
+#: is the answer OpenSSH itself gives and its clients expect.
+FORWARD_REQUESTS = frozenset({b"tcpip-forward", b"cancel-tcpip-forward"})
+
+#: Session requests that are accepted and ignored, so stock clients carry on.
+IGNORED_SESSION_REQUESTS = frozenset({b"pty-req", b"env", b"window-change"})
+
+
+def channel_allowed(channel_type: bytes) -> Refused | None:
+    """None for a session channel; a refusal for every other channel type.
+
+    ``direct-tcpip`` (``ssh -L``/``-D``/``-W``, ProxyJump) and
+    ``direct-streamlocal@openssh.com`` would let the account reach the
+    jumphost's network; the account may only hold remote forwards.
+    """
+    if channel_type == SESSION_CHANNEL:
+        return None
+    return Refused(
+        "channel-prohibited",
+        f"channel type {channel_type.decode('ascii', 'replace')!r} is not "
+        "available: this account can only hold remote forwards (ssh -R)",
+    )
+
+
+# -- binds ---------------------------------------------------------------------
+
+
+@frozen
+class ForwardRules:
+    """The forwarding part of the configuration, as policy needs it."""
+
+    port_min: int
+    port_max: int
+    reserved_ports: frozenset[int] = frozenset()
+    takeover: TakeoverMode = "same-key"
+
+
+@frozen
+class Holder:
+    """Who holds a port now: the key, member and connection behind it."""
+
+    key_id: int
+    member_id: int
+    connection_id: int
+
+
+@frozen
+class Bind:
+    """Bind ``port`` for the requesting connection."""
+
+    port: int
+
+
+@frozen
+class Takeover:
+    """Move ``port`` from an older connection (``previous``) to this one."""
+
+    port: int
+    previous: Holder
+
+
+BindDecision = Bind | Takeover | Refused
+
+
+def port_refusal(port: int, rules: ForwardRules) -> Refused | None:
+    """None if ``port`` may ever be forwarded; otherwise why not."""
+    if not rules.port_min <= port <= rules.port_max:
+        return Refused(
+            "port-out-of-range",
+            f"port {port} is outside the allowed range {rules.port_min}-{rules.port_max}",
+        )
+    if port in rules.reserved_ports:
+        return Refused("port-reserved", f"port {port} is reserved by the operator")
+    return None
+
+
+def decide_bind(
+    port: int,
+    requester: Holder,
+    holder: Holder | None,
+    rules: ForwardRules,
+) -> BindDecision:
+    """Decide a ``tcpip-forward`` for a non-zero ``port``.
+
+    ``holder`` is whoever holds the port on this server now (or None).  A port
+    held by the same connection, or by another member, is never handed over;
+    a port held by an older connection of the same key (or member, by config)
+    is taken over so a reconnecting autossh gets its port back at once.
+    """
+    refusal = port_refusal(port, rules)
+    if refusal is not None:
+        return refusal
+    if holder is None:
+        return Bind(port)
+    if holder.connection_id != requester.connection_id and _may_take_over(
+        requester, holder, rules.takeover
+    ):
+        return Takeover(port, holder)
+    return Refused("port-in-use", f"port {port} is already forwarded by a tunnel")
+
+
+def _may_take_over(requester: Holder, holder: Holder, mode: TakeoverMode) -> bool:
+    if mode == "same-key":
+        return holder.key_id == requester.key_id
+    if mode == "same-member":
+        return holder.member_id == requester.member_id
+    return False
+
+
+def candidate_ports(
+    rules: ForwardRules,
+    held: Container[int],
+    rng: random.Random,
+    attempts: int = 64,
+) -> Iterable[int]:
+    """Ports to try, in order, for a ``tcpip-forward`` of port 0.
+
+    Random picks first (cheap when the range is mostly free), then a sweep of
+    the whole range from a random start, so a free port is found whenever one
+    exists.  Held and reserved ports are skipped.
+    """
+
+    def usable(port: int) -> bool:
+        return port not in held and port not in rules.reserved_ports
+
+    span = rules.port_max - rules.port_min + 1
+    for _ in range(attempts):
+        port = rules.port_min + rng.randrange(span)
+        if usable(port):
+            yield port
+    start = rng.randrange(span)
+    for offset in range(span):
+        port = rules.port_min + (start + offset) % span
+        if usable(port):
+            yield port
+
+
+def allocate_port(
+    rules: ForwardRules,
+    held: Container[int],
+    try_bind: Callable[[int], bool],
+    rng: random.Random,
+    max_tries: int = 256,
+) -> int | Refused:
+    """Pick a free port for ``ssh -R 0:...``: the first candidate ``try_bind`` takes.
+
+    ``try_bind(port)`` returns False when something else on the host holds
+    the port.  After ``max_tries`` failed binds the request is refused.
+    """
+    for tries, port in enumerate(candidate_ports(rules, held, rng)):
+        if tries >= max_tries:
+            break
+        if try_bind(port):
+            return port
+    return Refused("no-free-port", "no free port is left in the allowed range")

@@ -1,0 +1,139 @@
+"""``makeService``: the SSH server, its store and watchers, as one twistd service."""
+
+from __future__ import annotations
+
+import os
+import random
+
+from twisted.application.service import MultiService
+from twisted.conch.ssh.keys import Key
+from twisted.cred.portal import Portal
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from nekojump import __version__
+from nekojump.config import Config
+from nekojump.hostkey import host_key_fingerprint, load_or_create_host_key
+from nekojump.model import Identity
+from nekojump.revocation import RevocationWatcher
+from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
+from nekojump.ssh.avatar import TunnelAvatar
+from nekojump.ssh.factory import TunnelSSHFactory
+from nekojump.ssh.registry import ActiveForward, TunnelRegistry
+from nekojump.store import DeferredStore, SQLiteStore
+
+
+class NekojumpService(MultiService):
+    """Runs the SSH listener and keeps the live-forwards table and revocations current."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor, store: SQLiteStore, host_key: Key):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.store = DeferredStore.with_own_thread(store, reactor)
+        self.host_key = host_key
+        self.registry = TunnelRegistry(on_change=self._forward_changed)
+        self.rng = random.Random()
+        realm = TunnelRealm(self._make_avatar)
+        portal = Portal(realm, [TunnelKeyChecker(self.store, config.ssh.user)])
+        self.factory = TunnelSSHFactory(portal, host_key, config, reactor)
+        self.watcher = RevocationWatcher(self.store, self.registry, reactor)
+        self.ssh_port: IListeningPort | None = None
+
+    def _make_avatar(self, identity: Identity) -> TunnelAvatar:
+        return TunnelAvatar(
+            identity,
+            registry=self.registry,
+            config=self.config,
+            store=self.store,
+            reactor=self.reactor,
+            rng=self.rng,
+        )
+
+    def _forward_changed(self, forward: ActiveForward | None, port: int) -> None:
+        sqlite = self.store.store
+        if forward is None:
+            d = self.store.call(sqlite.drop_live_forward, port)
+        else:
+            d = self.store.call(sqlite.put_live_forward, forward.live())
+        d.addErrback(
+            lambda f: self.log.failure("could not record live forward {port}", f, port=port)
+        )
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.store.start_server(os.getpid())
+        self.store.start()
+        self.watcher.start()
+        endpoint = serverFromString(self.reactor, self.config.ssh.listen)
+        endpoint.listen(self.factory).addCallbacks(self._listening, self._listen_failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.ssh_port = port
+        cfg = self.config
+        address = port.getHost()
+        self.log.info(
+            "nekojump {version}: SSH on {host}:{port} for user {user!r}; forwards bind on "
+            "{bind} ports {low}-{high}; data in {data_dir} ({source})",
+            version=__version__,
+            host=address.host,
+            port=address.port,
+            user=cfg.ssh.user,
+            bind=cfg.forwarding.bind_address,
+            low=cfg.forwarding.port_min,
+            high=cfg.forwarding.port_max,
+            data_dir=cfg.data_dir.resolve(),
+            source=cfg.source,
+        )
+        self.log.info(
+            "host key {fingerprint} (ED25519)", fingerprint=host_key_fingerprint(self.host_key)
+        )
+        if not self.store.store.list_members():
+            self.log.info(
+                "No members yet. Add the first one and their key:\n"
+                "    nekojump-admin{config} member add NAME\n"
+                "    nekojump-admin{config} key add NAME ~/.ssh/nekotopia_jump.pub\n"
+                "then connect: ssh -N -p {port} -R {example}:localhost:8000 "
+                "-i ~/.ssh/nekotopia_jump {user}@{host}",
+                config="" if cfg.source == "built-in defaults" else f" --config {cfg.source}",
+                port=address.port,
+                example=cfg.forwarding.port_min + 80,
+                user=cfg.ssh.user,
+                host=address.host,
+            )
+
+    def _listen_failed(self, failure: Failure) -> None:
+        self.log.critical(
+            "cannot listen for SSH on {listen}: {error}",
+            listen=self.config.ssh.listen,
+            error=failure.getErrorMessage(),
+        )
+        self.reactor.stop()
+
+    def stopService(self):
+        self.watcher.stop()
+        for avatar in self.registry.avatars():
+            avatar.disconnect("server shutting down")
+        if self.ssh_port is not None:
+            self.ssh_port.stopListening()
+        d = super().stopService()
+
+        def stopped(result: object) -> object:
+            self.store.stop()
+            self.store.store.stop_server()
+            return result
+
+        return d.addBoth(stopped) if d is not None else stopped(None)
+
+
+def make_service(config: Config, reactor) -> NekojumpService:
+    """Open the data directory and build the service (raises OSError on a bad dir)."""
+    store = SQLiteStore.open(config.data_dir)
+    host_key = load_or_create_host_key(config.data_dir)
+    return NekojumpService(config, reactor, store, host_key)

@@ -1,0 +1,1 @@
+"""The SSH side of nekojump: transport, auth, the restricted avatar, forwards."""

@@ -1,0 +1,105 @@
+"""Who may log in: user ``tunnel`` with a stored key of an active member."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.conch.error import ValidPublicKey
+from twisted.conch.interfaces import IConchUser
+from twisted.conch.ssh import userauth
+from twisted.conch.ssh.common import getNS
+from twisted.conch.ssh.keys import BadKeyError, Key
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ISSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, LogLevel
+from zope.interface import implementer
+
+from nekojump.keys import fingerprint_of_blob
+from nekojump.logs import conch_logger
+from nekojump.model import Identity
+from nekojump.ssh.avatar import TunnelAvatar
+from nekojump.ssh.transport import USER_SIGNATURE_ALGORITHMS
+from nekojump.store import DeferredStore
+
+_DENIED = "permission denied"
+
+
+@implementer(ICredentialsChecker)
+class TunnelKeyChecker:
+    """Checks SSH public keys against the store; the avatar id is an ``Identity``.
+
+    A wrong user name fails exactly like an unknown key.  A key is confirmed
+    (PK_OK) only if it would log in, and a signature only counts if its
+    algorithm is the one the client named.
+    """
+
+    credentialInterfaces = (ISSHPrivateKey,)
+    log = Logger()
+
+    def __init__(self, store: DeferredStore, user: str):
+        self.store = store
+        self.user = user.encode("utf-8")
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Identity]:
+        return Deferred.fromCoroutine(self._check(credentials))
+
+    async def _check(self, credentials: Any) -> Identity:
+        try:
+            key = Key.fromString(credentials.blob)
+            fingerprint = fingerprint_of_blob(credentials.blob)
+        except (BadKeyError, ValueError, IndexError):
+            raise UnauthorizedLogin(_DENIED) from None
+        record = await self.store.call(self.store.store.find_key, fingerprint)
+        if credentials.username != self.user or record is None or not record.usable:
+            raise UnauthorizedLogin(_DENIED)
+        if not credentials.signature:
+            raise ValidPublicKey()
+        try:
+            signature_algorithm = getNS(credentials.signature)[0]
+        except (IndexError, ValueError):
+            raise UnauthorizedLogin(_DENIED) from None
+        if (
+            signature_algorithm != credentials.algName
+            or signature_algorithm not in USER_SIGNATURE_ALGORITHMS
+            or not key.verify(credentials.signature, credentials.sigData)
+        ):
+            raise UnauthorizedLogin(_DENIED)
+        return Identity(
+            member_id=record.member_id,
+            member_name=record.member_name,
+            key_id=record.id,
+            fingerprint=record.fingerprint,
+            key_description=record.description,
+        )
+
+
+@implementer(IRealm)
+class TunnelRealm:
+    """Makes a ``TunnelAvatar`` for each authenticated connection."""
+
+    def __init__(self, make_avatar: Callable[[Identity], TunnelAvatar]):
+        self.make_avatar = make_avatar
+
+    def requestAvatar(self, avatarId: Identity, mind: object, *interfaces: Any):
+        if IConchUser not in interfaces:  # pragma: no cover - Conch always asks for it
+            raise NotImplementedError("only SSH avatars are available")
+        avatar = self.make_avatar(avatarId)
+        return IConchUser, avatar, avatar.logout
+
+
+class TunnelUserAuthServer(userauth.SSHUserAuthServer):
+    """Bounded attempts and a bounded time to authenticate, from the config."""
+
+    _log = conch_logger("nekojump.ssh.auth", LogLevel.warn)
+
+    def serviceStarted(self) -> None:
+        factory = self.transport.factory
+        self.loginTimeout = factory.config.ssh.login_grace_time
+        # Conch disconnects once attempts exceed this number.
+        self.attemptsBeforeDisconnect = factory.config.ssh.max_auth_tries - 1
+        self.clock = factory.reactor
+        super().serviceStarted()

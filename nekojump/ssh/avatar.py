@@ -1,0 +1,290 @@
+"""The ``tunnel`` account: one decision per SSH request, refusing by default."""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import TYPE_CHECKING
+
+from twisted.conch.avatar import ConchUser
+from twisted.conch.error import ConchError
+from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED
+from twisted.conch.ssh.forwarding import unpackGlobal_tcpip_forward
+from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.logger import Logger
+
+from nekojump import policy
+from nekojump.model import Identity, Refused
+from nekojump.policy import Bind, Holder, Takeover
+from nekojump.ssh.forwarding import ForwardListenerFactory
+from nekojump.ssh.registry import ActiveForward, TunnelRegistry
+from nekojump.ssh.session import TunnelSession
+
+if TYPE_CHECKING:
+    from nekojump.config import Config
+    from nekojump.ssh.connection import TunnelConnection
+    from nekojump.store import DeferredStore
+
+#: Give the disconnect message this long to leave before the socket is cut.
+DISCONNECT_GRACE = 0.3
+
+
+class TunnelAvatar(ConchUser):
+    """A member authenticated as ``tunnel`` with one key.
+
+    It may open session channels (banner only) and ask for remote forwards;
+    everything else is refused.
+    """
+
+    log = Logger()
+    conn: TunnelConnection
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        registry: TunnelRegistry,
+        config: Config,
+        store: DeferredStore,
+        reactor: IReactorTCP,
+        rng: random.Random | None = None,
+    ):
+        super().__init__()
+        self.identity = identity
+        self.registry = registry
+        self.config = config
+        self.store = store
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor  # type: ignore[assignment]
+        self.rng = rng or random.Random()
+        self.connection_id = registry.next_connection_id()
+        self.holder = Holder(identity.key_id, identity.member_id, self.connection_id)
+        self.source = "unknown"
+        self.forwards: dict[int, ActiveForward] = {}
+        self.gone = False
+        self.channelLookup[b"session"] = TunnelSession
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def connection_started(self, conn: TunnelConnection) -> None:
+        """The SSH connection service runs: register and re-check the key once."""
+        self.conn = conn
+        peer = conn.transport.transport.getPeer()
+        self.source = getattr(peer, "host", "unknown")
+        self.registry.add_avatar(self)
+        self.log.info(
+            "{member} connected from {source} with key {fingerprint}",
+            member=self.identity.member_name,
+            source=self.source,
+            fingerprint=self.identity.fingerprint,
+        )
+        # A key removed between the auth lookup and now would escape the
+        # revocation watcher; this second look closes that window.
+        self.store.call(self.store.store.confirm_login, self.identity.key_id).addCallback(
+            self._confirmed
+        )
+
+    def _confirmed(self, usable: bool) -> None:
+        if not usable:
+            self.disconnect("key removed")
+
+    def logout(self) -> None:
+        """The connection is gone: release every port at once."""
+        if self.gone:
+            return
+        self.gone = True
+        for forward in list(self.forwards.values()):
+            self._release(forward)
+        self.registry.remove_avatar(self)
+
+    def disconnect(self, reason: str) -> None:
+        """End this connection now: ports freed at once, socket cut within a second."""
+        if self.gone:
+            return
+        self.log.info(
+            "disconnecting {member} ({fingerprint}): {reason}",
+            member=self.identity.member_name,
+            fingerprint=self.identity.fingerprint,
+            reason=reason,
+        )
+        transport = self.conn.transport
+        self.logout()
+        transport.sendDisconnect(DISCONNECT_BY_APPLICATION, reason.encode("utf-8"))
+        tcp = transport.transport
+        self.clock.callLater(DISCONNECT_GRACE, tcp.abortConnection)
+
+    # -- channels ------------------------------------------------------------------
+
+    def lookupChannel(self, channelType, windowSize, maxPacket, data):
+        refusal = policy.channel_allowed(channelType)
+        if refusal is not None:
+            raise ConchError(refusal.reason, OPEN_ADMINISTRATIVELY_PROHIBITED)
+        return TunnelSession(
+            remoteWindow=windowSize, remoteMaxPacket=maxPacket, data=data, avatar=self
+        )
+
+    # -- global requests -------------------------------------------------------------
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes):
+        if requestType == b"tcpip-forward":
+            return self.request_forward(data)
+        if requestType == b"cancel-tcpip-forward":
+            return self.cancel_forward(data)
+        return 0
+
+    def request_forward(self, data: bytes) -> int | tuple[int, bytes]:
+        """Answer ``tcpip-forward``: 1 (or the allocated port for port 0), 0 if refused."""
+        try:
+            requested_host, port = unpackGlobal_tcpip_forward(data)
+        except (struct.error, UnicodeDecodeError, ValueError):
+            self.log.warn("malformed tcpip-forward from {member}", member=self.identity.member_name)
+            return 0
+        result = self._bind(requested_host, port)
+        if isinstance(result, Refused):
+            self.log.info(
+                "bind {port} for {member} refused: {code}",
+                port=port,
+                member=self.identity.member_name,
+                code=result.code,
+            )
+            self._audit("bind-refused", port=port, code=result.code)
+            return 0
+        self._audit("bind", port=result.port, requested_host=requested_host)
+        if port == 0:
+            return (1, struct.pack(">L", result.port))
+        return 1
+
+    def _bind(self, requested_host: str, port: int) -> ActiveForward | Refused:
+        rules = self.config.forwarding.rules
+        if port == 0:
+            forward = None
+
+            def try_bind(candidate: int) -> bool:
+                nonlocal forward
+                forward = self._listen(requested_host, candidate)
+                return forward is not None
+
+            allocated = policy.allocate_port(rules, self.registry.held_ports(), try_bind, self.rng)
+            if isinstance(allocated, Refused):
+                return allocated
+            assert forward is not None
+            return forward
+
+        decision = policy.decide_bind(port, self.holder, self.registry.holder_of(port), rules)
+        if isinstance(decision, Refused):
+            return decision
+        if isinstance(decision, Takeover):
+            return self._take_over(requested_host, decision)
+        assert isinstance(decision, Bind)
+        forward = self._listen(requested_host, port)
+        if forward is None:
+            return Refused("port-unavailable", f"port {port} is in use on the jumphost")
+        return forward
+
+    def _listen(self, requested_host: str, port: int) -> ActiveForward | None:
+        bind_address = self.config.forwarding.bind_address
+        forward = ActiveForward(
+            port=port,
+            requested_host=requested_host,
+            bind_address=bind_address,
+            avatar=self,
+            since=self.clock.seconds(),
+        )
+        factory = ForwardListenerFactory(forward, self.config.ssh.allowed_sources)
+        try:
+            forward.listener = self.reactor.listenTCP(port, factory, interface=bind_address)
+        except CannotListenError:
+            return None
+        self.forwards[port] = forward
+        self.registry.add_forward(forward)
+        return forward
+
+    def _take_over(self, requested_host: str, decision: Takeover) -> ActiveForward | Refused:
+        forward = self.registry.forward_on(decision.port)
+        if forward is None:  # pragma: no cover - policy saw a holder a moment ago
+            return Refused("port-unavailable", "port changed hands")
+        previous = forward.avatar
+        previous.forwards.pop(forward.port, None)
+        forward.avatar = self
+        forward.requested_host = requested_host
+        forward.since = self.clock.seconds()
+        forward.last_error = None
+        self.forwards[forward.port] = forward
+        self.registry.forward_changed(forward)
+        self.log.info(
+            "port {port} taken over by {member} from connection {previous}",
+            port=forward.port,
+            member=self.identity.member_name,
+            previous=previous.connection_id,
+        )
+        self._audit("takeover", port=forward.port)
+        if not previous.forwards:
+            previous.disconnect("port taken over by a newer connection of the same key")
+        return forward
+
+    def cancel_forward(self, data: bytes) -> int:
+        """Answer ``cancel-tcpip-forward``: release one port this connection holds."""
+        try:
+            _host, port = unpackGlobal_tcpip_forward(data)
+        except (struct.error, UnicodeDecodeError, ValueError):
+            return 0
+        forward = self.forwards.get(port)
+        if forward is None:
+            return 0
+        self._release(forward)
+        self._audit("unbind", port=port)
+        return 1
+
+    def _release(self, forward: ActiveForward) -> None:
+        self.forwards.pop(forward.port, None)
+        self.registry.remove_forward(forward)
+        if forward.listener is not None and forward.avatar is self:
+            forward.listener.stopListening()
+
+    def forward_failed(self, forward: ActiveForward, message: str) -> None:
+        """A mesh connection could not be handed to the member; remember why."""
+        self.log.info(
+            "forward {port} of {member}: {message}",
+            port=forward.port,
+            member=self.identity.member_name,
+            message=message,
+        )
+        self.registry.forward_changed(forward)
+
+    # -- presentation ------------------------------------------------------------------
+
+    def status_banner(self) -> str:
+        """What the shell shows: forwards of this connection and how to close."""
+        cfg = self.config
+        host = cfg.web.public_hostname
+        lines = [
+            f"nekojump: tunnel-only session for {self.identity.member_name}"
+            + (f" (key: {self.identity.key_description})" if self.identity.key_description else ""),
+        ]
+        if self.forwards:
+            lines.append("Forwarding:")
+            for port in sorted(self.forwards):
+                lines.append(
+                    f"  port {port}: mesh members reach it at "
+                    f"{cfg.forwarding.bind_address}:{port} ({host}:{port})"
+                )
+        else:
+            lines.append(
+                "No forwards on this connection. Open one with "
+                f"-R PORT:localhost:LOCALPORT (ports {cfg.forwarding.port_min}-"
+                f"{cfg.forwarding.port_max}), e.g. ssh -N -R "
+                f"{cfg.forwarding.port_min + 80}:localhost:8000 ..."
+            )
+        lines.append("There is no shell here. Close with Ctrl-C or Ctrl-D; the tunnel closes too.")
+        return "\n".join(lines) + "\n"
+
+    def _audit(self, event: str, **detail: object) -> None:
+        self.store.call(
+            self.store.store.audit,
+            event,
+            member=self.identity.member_name,
+            source=self.source,
+            detail={"key": self.identity.fingerprint, **detail},
+        ).addErrback(lambda f: self.log.failure("audit failed", f))

@@ -1,0 +1,65 @@
+"""The ``ssh-connection`` service of a tunnel connection."""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.conch.ssh import common
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh.connection import (
+    MSG_CHANNEL_OPEN_FAILURE,
+    OPEN_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_RESOURCE_SHORTAGE,
+    SSHConnection,
+)
+from twisted.logger import Logger, LogLevel
+
+from nekojump import policy
+from nekojump.logs import conch_logger
+from nekojump.ssh.session import TunnelSession
+
+#: Session channels one connection may have open at once (OpenSSH MaxSessions).
+MAX_SESSIONS = 10
+
+
+class TunnelConnection(SSHConnection):
+    """Refuses unwanted channels quietly and withholds window from paused channels."""
+
+    log = Logger()
+    _log = conch_logger("nekojump.ssh.connection", LogLevel.warn)
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        self.transport.avatar.connection_started(self)
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        channel_type, rest = common.getNS(packet)
+        (sender,) = struct.unpack(">L", rest[:4])
+        refusal = policy.channel_allowed(channel_type)
+        if refusal is not None:
+            avatar = self.transport.avatar
+            self.log.info(
+                "refused {channel_type} channel for {member}",
+                channel_type=channel_type.decode("ascii", "replace"),
+                member=avatar.identity.member_name,
+            )
+            self._refuse_open(sender, OPEN_ADMINISTRATIVELY_PROHIBITED, refusal.reason)
+            return
+        sessions = sum(isinstance(c, TunnelSession) for c in self.channels.values())
+        if sessions >= MAX_SESSIONS:
+            self._refuse_open(sender, OPEN_RESOURCE_SHORTAGE, "too many open sessions")
+            return
+        super().ssh_CHANNEL_OPEN(packet)
+
+    def _refuse_open(self, sender: int, code: int, text: str) -> None:
+        self.transport.sendPacket(
+            MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", sender, code) + common.NS(text.encode("utf-8")) + common.NS(b""),
+        )
+
+    def adjustWindow(self, channel: SSHChannel, bytesToAdd: int) -> None:
+        # A forwarded channel whose mesh socket is full gets its window back
+        # in resumeProducing, once the socket drains.
+        if getattr(channel, "reading_paused", False):
+            return
+        super().adjustWindow(channel, bytesToAdd)

@@ -1,0 +1,125 @@
+"""Live tunnels: which connection holds which port, and killing by key."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from attrs import define, field
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from nekojump.model import Identity, LiveForward
+from nekojump.policy import Holder
+
+if TYPE_CHECKING:
+    from nekojump.ssh.avatar import TunnelAvatar
+
+
+@define(eq=False)
+class ActiveForward:
+    """One bound remote forward and what has happened on it."""
+
+    port: int
+    requested_host: str
+    bind_address: str
+    avatar: TunnelAvatar
+    since: float
+    listener: IListeningPort | None = None
+    open_connections: int = 0
+    connections_total: int = 0
+    bytes_to_member: int = 0
+    bytes_from_member: int = 0
+    last_error: str | None = None
+
+    @property
+    def holder(self) -> Holder:
+        return self.avatar.holder
+
+    def live(self) -> LiveForward:
+        """This forward as the CLI and dashboard list it."""
+        identity = self.avatar.identity
+        return LiveForward(
+            port=self.port,
+            member_name=identity.member_name,
+            key_fingerprint=identity.fingerprint,
+            key_description=identity.key_description,
+            bind_address=self.bind_address,
+            requested_host=self.requested_host,
+            source=self.avatar.source,
+            since=self.since,
+            last_error=self.last_error,
+        )
+
+
+@define
+class TunnelRegistry:
+    """Every authenticated tunnel connection and every port it holds."""
+
+    _forwards: dict[int, ActiveForward] = field(factory=dict)
+    _avatars: dict[int, TunnelAvatar] = field(factory=dict)
+    _ids: Iterable[int] = field(factory=lambda: itertools.count(1))
+    on_change: Callable[[ActiveForward | None, int], None] | None = None
+
+    log = Logger()
+
+    def next_connection_id(self) -> int:
+        return next(self._ids)  # type: ignore[call-overload]
+
+    # -- connections -------------------------------------------------------------
+
+    def add_avatar(self, avatar: TunnelAvatar) -> None:
+        self._avatars[avatar.connection_id] = avatar
+
+    def remove_avatar(self, avatar: TunnelAvatar) -> None:
+        self._avatars.pop(avatar.connection_id, None)
+
+    def avatars(self) -> list[TunnelAvatar]:
+        return list(self._avatars.values())
+
+    def avatars_of_key(self, key_id: int) -> list[TunnelAvatar]:
+        return [a for a in self._avatars.values() if a.identity.key_id == key_id]
+
+    def disconnect_unusable(self, usable_key_ids: frozenset[int], reason: str) -> int:
+        """End every connection whose key is no longer usable; return how many."""
+        doomed = [a for a in self._avatars.values() if a.identity.key_id not in usable_key_ids]
+        for avatar in doomed:
+            avatar.disconnect(reason)
+        return len(doomed)
+
+    # -- forwards ----------------------------------------------------------------
+
+    def holder_of(self, port: int) -> Holder | None:
+        forward = self._forwards.get(port)
+        return forward.holder if forward else None
+
+    def forward_on(self, port: int) -> ActiveForward | None:
+        return self._forwards.get(port)
+
+    def held_ports(self) -> set[int]:
+        return set(self._forwards)
+
+    def forwards(self) -> list[ActiveForward]:
+        return sorted(self._forwards.values(), key=lambda f: f.port)
+
+    def forwards_of(self, identity: Identity) -> list[ActiveForward]:
+        return [f for f in self.forwards() if f.avatar.identity == identity]
+
+    def add_forward(self, forward: ActiveForward) -> None:
+        self._forwards[forward.port] = forward
+        self._changed(forward, forward.port)
+
+    def remove_forward(self, forward: ActiveForward) -> None:
+        if self._forwards.get(forward.port) is forward:
+            del self._forwards[forward.port]
+            self._changed(None, forward.port)
+
+    def forward_changed(self, forward: ActiveForward) -> None:
+        """Tell listeners (the live-forwards table) that ``forward`` changed."""
+        if self._forwards.get(forward.port) is forward:
+            self._changed(forward, forward.port)
+
+    def _changed(self, forward: ActiveForward | None, port: int) -> None:
+        if self.on_change is not None:
+            self.on_change(forward, port)

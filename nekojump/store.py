@@ -1,0 +1,399 @@
+"""Storage of members, keys, registered ports, audit events and live forwards.
+
+``SQLiteStore`` is synchronous and is what the admin CLI uses directly.  The
+server reaches it through ``DeferredStore``, which runs every call on one
+dedicated thread so the reactor never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from nekojump.keys import PublicKey
+from nekojump.model import KeyRecord, LiveForward, Member, Refused
+
+DB_NAME = "nekojump.sqlite3"
+TIERS = ("basic", "plus", "pro")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def schema_scripts() -> list[tuple[int, str]]:
+    """The numbered migration scripts shipped in ``nekojump/schema``, in order."""
+    scripts = []
+    for entry in resources.files("nekojump").joinpath("schema").iterdir():
+        match = re.match(r"^(\d+)-.*\.sql$", entry.name)
+        if match:
+            scripts.append((int(match.group(1)), entry.read_text("utf-8")))
+    return sorted(scripts)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA busy_timeout = 10000")
+    return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    current = db.execute("PRAGMA user_version").fetchone()[0]
+    for version, script in schema_scripts():
+        if version <= current:
+            continue
+        db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+
+
+class SQLiteStore:
+    """All persistent state, in one SQLite file in the data directory."""
+
+    def __init__(self, db: sqlite3.Connection, clock: Callable[[], float] = time.time):
+        self._db = db
+        self._clock = clock
+
+    @classmethod
+    def open(cls, data_dir: Path, clock: Callable[[], float] = time.time) -> SQLiteStore:
+        """Open (creating and migrating as needed) the store in ``data_dir``."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / DB_NAME
+        if not path.exists():
+            # Build a new database beside the real name and rename it into
+            # place, so a crash never leaves a half-made file behind.
+            scratch = path.with_suffix(".new")
+            scratch.unlink(missing_ok=True)
+            db = _connect(scratch)
+            _migrate(db)
+            db.close()
+            os.replace(scratch, path)
+        db = _connect(path)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        _migrate(db)
+        return cls(db, clock)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """A number that changes whenever another process commits a change."""
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    # -- members ---------------------------------------------------------------
+
+    def add_member(
+        self,
+        name: str,
+        tier: str = "basic",
+        is_admin: bool = False,
+        password_hash: str | None = None,
+    ) -> Member | Refused:
+        """Create a member; refused if the name is taken or unusable."""
+        if not _NAME.match(name):
+            return Refused(
+                "member-name-invalid",
+                "member names are 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit",
+            )
+        if tier not in TIERS:
+            return Refused("tier-invalid", f"tier must be one of {', '.join(TIERS)}")
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO members (name, tier, is_admin, password_hash, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, tier, int(is_admin), password_hash, self._clock()),
+                )
+                self._audit(db, "member-added", member=name, detail={"tier": tier})
+        except sqlite3.IntegrityError:
+            return Refused("member-exists", f"a member named {name!r} already exists")
+        member = self.get_member(name)
+        assert member is not None
+        return member
+
+    def get_member(self, name: str) -> Member | None:
+        """The member called ``name``, or None."""
+        row = self._db.execute("SELECT * FROM members WHERE name = ?", (name,)).fetchone()
+        return _member(row) if row else None
+
+    def list_members(self) -> list[Member]:
+        """Every member, by name."""
+        return [_member(r) for r in self._db.execute("SELECT * FROM members ORDER BY name")]
+
+    def set_member_active(self, name: str, active: bool) -> Member | Refused:
+        """Enable or disable a member; a disabled member's keys stop working."""
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE members SET active = ? WHERE name = ?", (int(active), name)
+            ).rowcount
+            if changed:
+                event = "member-enabled" if active else "member-disabled"
+                self._audit(db, event, member=name)
+        member = self.get_member(name)
+        if not changed or member is None:
+            return Refused("no-such-member", f"there is no member named {name!r}")
+        return member
+
+    # -- keys ------------------------------------------------------------------
+
+    def add_key(
+        self, member_name: str, key: PublicKey, description: str = ""
+    ) -> KeyRecord | Refused:
+        """Store ``key`` for a member; refused if the member or key is unknown/taken."""
+        member = self.get_member(member_name)
+        if member is None:
+            return Refused("no-such-member", f"there is no member named {member_name!r}")
+        description = description.strip() or key.comment
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO keys (member_id, fingerprint, key_type, public_key,"
+                    " description, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        member.id,
+                        key.fingerprint,
+                        key.key_type,
+                        key.openssh,
+                        description,
+                        self._clock(),
+                    ),
+                )
+                self._audit(
+                    db, "key-added", member=member_name, detail={"fingerprint": key.fingerprint}
+                )
+        except sqlite3.IntegrityError:
+            return Refused("key-exists", "this key is already registered")
+        record = self.find_key(key.fingerprint)
+        assert record is not None
+        return record
+
+    def find_key(self, fingerprint: str) -> KeyRecord | None:
+        """The key with this ``SHA256:`` fingerprint, whatever its member's state."""
+        row = self._db.execute(_KEY_SELECT + " WHERE k.fingerprint = ?", (fingerprint,)).fetchone()
+        return _key(row) if row else None
+
+    def list_keys(self, member_name: str | None = None) -> list[KeyRecord]:
+        """All keys, or one member's, oldest first."""
+        if member_name is None:
+            rows = self._db.execute(_KEY_SELECT + " ORDER BY m.name, k.id")
+        else:
+            rows = self._db.execute(_KEY_SELECT + " WHERE m.name = ? ORDER BY k.id", (member_name,))
+        return [_key(r) for r in rows]
+
+    def remove_key(self, fingerprint: str, actor: str | None = None) -> KeyRecord | Refused:
+        """Delete a key; its live sessions must then be ended by the server."""
+        record = self.find_key(fingerprint)
+        if record is None:
+            return Refused("no-such-key", f"no key has fingerprint {fingerprint}")
+        with self._transaction() as db:
+            db.execute("DELETE FROM keys WHERE id = ?", (record.id,))
+            self._audit(
+                db,
+                "key-removed",
+                member=record.member_name,
+                actor=actor,
+                detail={"fingerprint": fingerprint},
+            )
+        return record
+
+    def usable_key_ids(self) -> frozenset[int]:
+        """Ids of the keys that may log in now (key stored, member active)."""
+        rows = self._db.execute(
+            "SELECT k.id FROM keys k JOIN members m ON m.id = k.member_id WHERE m.active"
+        )
+        return frozenset(row[0] for row in rows)
+
+    def confirm_login(self, key_id: int) -> bool:
+        """Record a login with this key; False if the key may no longer log in."""
+        changed = self._db.execute(
+            "UPDATE keys SET last_used_at = ? WHERE id = ? AND member_id IN"
+            " (SELECT id FROM members WHERE active)",
+            (self._clock(), key_id),
+        ).rowcount
+        return changed == 1
+
+    # -- audit -----------------------------------------------------------------
+
+    def audit(
+        self,
+        event: str,
+        member: str | None = None,
+        actor: str | None = None,
+        source: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append one event to the audit trail."""
+        self._audit(self._db, event, member, actor, source, detail)
+
+    def _audit(
+        self,
+        db: sqlite3.Connection,
+        event: str,
+        member: str | None = None,
+        actor: str | None = None,
+        source: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        db.execute(
+            "INSERT INTO audit (at, event, member, actor, source, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (self._clock(), event, member, actor, source, json.dumps(detail or {}, sort_keys=True)),
+        )
+
+    def audit_events(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest audit events, newest first."""
+        rows = self._db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+
+    # -- live forwards (written by the running server) -------------------------
+
+    def start_server(self, pid: int) -> None:
+        """Forget forwards left by a previous server and record who runs now."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM live_forwards")
+            db.execute("INSERT OR REPLACE INTO server_state VALUES ('pid', ?)", (str(pid),))
+
+    def stop_server(self) -> None:
+        """Mark the server stopped: no live forwards remain."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM live_forwards")
+            db.execute("DELETE FROM server_state WHERE name = 'pid'")
+
+    def server_pid(self) -> int | None:
+        """The pid the running server recorded, if any."""
+        row = self._db.execute("SELECT value FROM server_state WHERE name = 'pid'").fetchone()
+        return int(row[0]) if row else None
+
+    def put_live_forward(self, forward: LiveForward) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO live_forwards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                forward.port,
+                forward.member_name,
+                forward.key_fingerprint,
+                forward.key_description,
+                forward.bind_address,
+                forward.requested_host,
+                forward.source,
+                forward.since,
+                forward.last_error,
+            ),
+        )
+
+    def drop_live_forward(self, port: int) -> None:
+        self._db.execute("DELETE FROM live_forwards WHERE port = ?", (port,))
+
+    def list_live_forwards(self) -> list[LiveForward]:
+        """The forwards the running server holds, by port."""
+        rows = self._db.execute("SELECT * FROM live_forwards ORDER BY port")
+        return [
+            LiveForward(
+                port=r["port"],
+                member_name=r["member"],
+                key_fingerprint=r["key_fingerprint"],
+                key_description=r["key_description"],
+                bind_address=r["bind_address"],
+                requested_host=r["requested_host"],
+                source=r["source"],
+                since=r["since"],
+                last_error=r["last_error"],
+            )
+            for r in rows
+        ]
+
+
+_KEY_SELECT = (
+    "SELECT k.*, m.name AS member_name, m.active AS member_active"
+    " FROM keys k JOIN members m ON m.id = k.member_id"
+)
+
+
+def _member(row: sqlite3.Row) -> Member:
+    return Member(
+        id=row["id"],
+        name=row["name"],
+        tier=row["tier"],
+        is_admin=bool(row["is_admin"]),
+        active=bool(row["active"]),
+        created_at=row["created_at"],
+    )
+
+
+def _key(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(
+        id=row["id"],
+        member_id=row["member_id"],
+        member_name=row["member_name"],
+        member_active=bool(row["member_active"]),
+        fingerprint=row["fingerprint"],
+        key_type=row["key_type"],
+        public_key=row["public_key"],
+        description=row["description"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+    )
+
+
+class DeferredStore:
+    """Runs store calls off the reactor thread, one at a time, in order."""
+
+    def __init__(self, store: SQLiteStore, reactor: IReactorFromThreads, pool: ThreadPool):
+        self.store = store
+        self._reactor = reactor
+        self._pool = pool
+
+    @classmethod
+    def with_own_thread(cls, store: SQLiteStore, reactor: IReactorFromThreads) -> DeferredStore:
+        """A store with its own single worker thread (start/stop it with the service)."""
+        return cls(store, reactor, ThreadPool(minthreads=1, maxthreads=1, name="nekojump-store"))
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        """Run ``method`` (a method of ``self.store``) on the store thread."""
+        return deferToThreadPool(self._reactor, self._pool, method, *args, **kwargs)
+
+
+class ImmediateStore(DeferredStore):
+    """A ``DeferredStore`` that runs calls at once: for protocol tests."""
+
+    def __init__(self, store: SQLiteStore):
+        self.store = store
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        return succeed(method(*args, **kwargs))

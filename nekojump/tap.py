@@ -1,0 +1,37 @@
+"""The twistd plugin's options and ``makeService``."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from nekojump.config import ConfigError, load_config
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--data-dir DIR]"
+    longdesc = (
+        "Runs the nekojump SSH jumphost. With no config it serves SSH on "
+        "127.0.0.1:2222 and keeps its data in ./nekojump-data."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML config file (default: built-in loopback defaults)"],
+        ["data-dir", "d", None, "data directory (overrides [storage] data_dir)"],
+    ]
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from nekojump.service import make_service
+
+    try:
+        config = load_config(options["config"], options["data-dir"])
+    except ConfigError as error:
+        raise SystemExit(f"nekojump: {error}") from None
+    try:
+        return make_service(config, reactor)
+    except OSError as error:
+        raise SystemExit(
+            f"nekojump: cannot use data directory {config.data_dir}: {error.strerror}"
+        ) from None

@@ -1,0 +1,313 @@
+"""Fixtures for end-to-end tests: a real ``twistd nekojump`` and the real OpenSSH client.
+
+Everything listens on loopback.  The SSH listener is on 127.0.0.1 and the
+"mesh address" where forwards bind is 127.0.0.2, so a test can tell them apart.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+MESH_ADDRESS = "127.0.0.2"
+SSH_HOST = "127.0.0.1"
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """An installed command: next to this Python first, then on PATH."""
+    beside = BIN / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "it") -> T:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def can_connect(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def exchange(host: str, port: int, payload: bytes, source: str | None = None) -> bytes:
+    """Send ``payload`` to an echo service through ``host:port``, half-close, read all."""
+    with socket.create_connection(
+        (host, port), timeout=10, source_address=(source, 0) if source else None
+    ) as s:
+        sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+        sender.start()
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        sender.join()
+        return b"".join(chunks)
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+        self.request.shutdown(socket.SHUT_WR)
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    """The member's "local service": echoes whatever it receives."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Echo)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Private key paths, made with the real ssh-keygen (mode 0600)."""
+    directory = tmp_path_factory.mktemp("keys")
+    made = {}
+    for name, kind in [
+        ("alice", "ed25519"),
+        ("alice2", "ed25519"),
+        ("bob", "ed25519"),
+        ("stranger", "ed25519"),
+        ("carol_rsa", "rsa"),
+    ]:
+        path = directory / name
+        subprocess.run(
+            [tool("ssh-keygen"), "-q", "-t", kind, "-N", "", "-C", f"{name}@test", "-f", str(path)],
+            check=True,
+        )
+        made[name] = path
+    return made
+
+
+def fingerprint(key: Path) -> str:
+    out = subprocess.run(
+        [tool("ssh-keygen"), "-lf", f"{key}.pub"], check=True, capture_output=True, text=True
+    ).stdout
+    return out.split()[1]
+
+
+class Jumphost:
+    """A ``twistd -n nekojump`` process with its own config and data directory."""
+
+    def __init__(self, directory: Path, extra_config: str = "") -> None:
+        self.directory = directory
+        self.data_dir = directory / "data"
+        self.ssh_port = free_port(SSH_HOST)
+        self.port_min = random.randrange(20000, 50000, 100)
+        self.port_max = self.port_min + 99
+        self.reserved = self.port_min + 22
+        self.config = directory / "nekojump.toml"
+        self.config.write_text(
+            f"""
+[storage]
+data_dir = "{self.data_dir}"
+[ssh]
+listen = "tcp:{self.ssh_port}:interface={SSH_HOST}"
+allowed_sources = ["127.0.0.0/8"]
+login_grace_time = 5
+[forwarding]
+bind_address = "{MESH_ADDRESS}"
+port_min = {self.port_min}
+port_max = {self.port_max}
+reserved_ports = [{self.reserved}]
+[web]
+listen = "tcp:0:interface=127.0.0.1"
+public_hostname = "jump.test"
+{extra_config}
+"""
+        )
+        self.log = directory / "twistd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.clients: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> Jumphost:
+        self.log.write_text("")
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [tool("twistd"), "-n", "--pidfile=", "nekojump", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+            )
+        wait_for(
+            lambda: "SSH on" in self.log_text() or self.process.poll() is not None,
+            what="nekojump to listen",
+        )
+        assert self.process.poll() is None, self.log_text()
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=15)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    # -- the admin CLI -------------------------------------------------------------
+
+    def admin(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [tool("nekojump-admin"), "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            input=stdin,
+            timeout=30,
+        )
+
+    def add_member(self, name: str, *keys: Path) -> None:
+        assert self.admin("member", "add", name).returncode == 0
+        for key in keys:
+            result = self.admin("key", "add", name, f"{key}.pub", "--description", key.name)
+            assert result.returncode == 0, result.stderr
+
+    # -- the OpenSSH client ----------------------------------------------------------
+
+    def ssh_argv(
+        self, key: Path, *args: str, user: str = "tunnel", command: tuple[str, ...] = ()
+    ) -> list[str]:
+        return [
+            tool("ssh"),
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=INFO",
+            "-i",
+            str(key),
+            "-p",
+            str(self.ssh_port),
+            *args,
+            f"{user}@{SSH_HOST}",
+            *command,
+        ]
+
+    def ssh(
+        self,
+        key: Path,
+        *args: str,
+        user: str = "tunnel",
+        timeout: float = 20,
+        stdin: bytes = b"",
+        command: tuple[str, ...] = (),
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ssh to completion."""
+        return subprocess.run(
+            self.ssh_argv(key, *args, user=user, command=command),
+            input=stdin,
+            capture_output=True,
+            timeout=timeout,
+        )
+
+    def ssh_background(self, key: Path, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``ssh -N`` holding forwards; stopped at the end of the test."""
+        process = subprocess.Popen(
+            self.ssh_argv(key, "-N", "-o", "ExitOnForwardFailure=yes", *args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.clients.append(process)
+        return process
+
+    def forward(self, key: Path, port: int, target_port: int) -> subprocess.Popen[bytes]:
+        """``ssh -N -R port:127.0.0.1:target_port``, waiting until the port answers."""
+        process = self.ssh_background(key, "-R", f"{port}:127.0.0.1:{target_port}")
+        wait_for(
+            lambda: process.poll() is not None or can_connect(MESH_ADDRESS, port),
+            what=f"forward on {port}",
+        )
+        assert process.poll() is None, process.stderr.read().decode()
+        return process
+
+    def close_clients(self) -> None:
+        for process in self.clients:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=10)
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def jumphost(tmp_path: Path) -> Iterator[Jumphost]:
+    """A running nekojump on loopback; members alice (two keys) and bob."""
+    host = Jumphost(tmp_path)
+    yield host
+    host.close_clients()
+    host.stop()
+
+
+@pytest.fixture
+def running(jumphost: Jumphost, keys: dict[str, Path]) -> Jumphost:
+    jumphost.add_member("alice", keys["alice"], keys["alice2"])
+    jumphost.add_member("bob", keys["bob"])
+    return jumphost.start()
+
+
+def exited_within(process: subprocess.Popen[bytes], seconds: float) -> bool:
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+os.environ.setdefault("LC_ALL", "C.UTF-8")

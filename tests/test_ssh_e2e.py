@@ -1,0 +1,355 @@
+"""The seed's member flow with the real OpenSSH client against a real nekojump."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import (
+    MESH_ADDRESS,
+    SSH_HOST,
+    can_connect,
+    exchange,
+    exited_within,
+    fingerprint,
+    tool,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def test_forward_carries_data_both_ways_on_the_mesh_address(running, keys, echo):
+    """ssh -R PORT:localhost:LOCAL publishes LOCAL at <mesh address>:PORT."""
+    port = running.port_min + 80
+    running.forward(keys["alice"], port, echo.port)
+    payload = os.urandom(3 * 1024 * 1024)
+    assert exchange(MESH_ADDRESS, port, payload) == payload
+    # Bound on the mesh address only, whatever the client asked for.
+    assert not can_connect(SSH_HOST, port)
+
+
+def test_many_connections_through_one_forward(running, keys, echo):
+    port = running.port_min + 81
+    running.forward(keys["alice"], port, echo.port)
+    for index in range(20):
+        payload = f"request {index}\n".encode() * 100
+        assert exchange(MESH_ADDRESS, port, payload) == payload
+
+
+def test_port_zero_allocates_a_port_in_range(running, keys, echo):
+    """ssh -R 0:... prints "Allocated port N" and N works."""
+    process = running.ssh_background(keys["alice"], "-R", f"0:127.0.0.1:{echo.port}")
+    match = None
+    while match is None:
+        line = process.stderr.readline()
+        assert line, "ssh ended without printing the allocated port"
+        match = re.search(rb"Allocated port (\d+) for remote forward", line)
+    port = int(match.group(1))
+    assert running.port_min <= port <= running.port_max
+    assert port != running.reserved
+    assert exchange(MESH_ADDRESS, port, b"hello") == b"hello"
+
+
+@pytest.mark.parametrize("which", ["below", "above", "reserved", "privileged"])
+def test_refused_binds_make_exit_on_forward_failure_exit(running, keys, which):
+    port = {
+        "below": running.port_min - 1,
+        "above": running.port_max + 1,
+        "reserved": running.reserved,
+        "privileged": 80,
+    }[which]
+    result = running.ssh(
+        keys["alice"], "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:9"
+    )
+    assert result.returncode == 255
+    assert f"remote port forwarding failed for listen port {port}".encode() in result.stderr
+
+
+def test_port_held_by_another_member_is_refused(running, keys, echo):
+    port = running.port_min + 82
+    running.forward(keys["alice"], port, echo.port)
+    result = running.ssh(
+        keys["bob"], "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:9"
+    )
+    assert result.returncode == 255
+    assert b"remote port forwarding failed" in result.stderr
+    # alice's tunnel is untouched.
+    assert exchange(MESH_ADDRESS, port, b"still mine") == b"still mine"
+
+
+def test_closing_the_client_frees_the_port_at_once(running, keys, echo):
+    port = running.port_min + 83
+    alice = running.forward(keys["alice"], port, echo.port)
+    alice.terminate()
+    assert exited_within(alice, 5)
+    # Another member binds the same port on the first try.
+    bob = running.forward(keys["bob"], port, echo.port)
+    assert bob.poll() is None
+    assert exchange(MESH_ADDRESS, port, b"bob now") == b"bob now"
+
+
+def test_cancel_and_rebind_within_one_connection(running, keys, echo):
+    """Two -R on one connection: both work, and closing frees both."""
+    first, second = running.port_min + 84, running.port_min + 85
+    process = running.ssh_background(
+        keys["alice"],
+        "-R",
+        f"{first}:127.0.0.1:{echo.port}",
+        "-R",
+        f"{second}:127.0.0.1:{echo.port}",
+    )
+    wait_for(
+        lambda: can_connect(MESH_ADDRESS, first) and can_connect(MESH_ADDRESS, second),
+        what="both forwards",
+    )
+    process.terminate()
+    process.wait(timeout=5)
+    wait_for(
+        lambda: not can_connect(MESH_ADDRESS, first) and not can_connect(MESH_ADDRESS, second),
+        what="both ports to close",
+    )
+
+
+def test_exec_is_refused(running, keys):
+    result = running.ssh(keys["alice"], command=("echo", "pwned"))
+    assert result.returncode == 1
+    assert b"pwned" not in result.stdout
+    assert b"cannot run commands" in result.stderr
+
+
+def test_shell_shows_the_banner_and_nothing_else(running, keys):
+    """ssh tunnel@host prints the status banner and stays until the client closes."""
+    process = subprocess.Popen(
+        running.ssh_argv(keys["alice"], "-T", "-R", f"{running.port_min + 86}:127.0.0.1:9"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    running.clients.append(process)
+    lines = [wait_for(process.stdout.readline, what="banner line") for _ in range(4)]
+    banner = b"".join(lines).decode()
+    assert banner.startswith("nekojump: tunnel-only session for alice")
+    assert f"port {running.port_min + 86}: mesh members reach it at {MESH_ADDRESS}" in banner
+    assert "There is no shell here" in banner
+    assert process.poll() is None  # idle, holding the tunnel
+    process.stdin.close()  # Ctrl-D / EOF closes it
+    assert exited_within(process, 5)
+    assert process.returncode == 0
+    assert process.stdout.read() == b""
+
+
+def test_shell_with_a_pty_closes_on_ctrl_c(running, keys):
+    process = subprocess.Popen(
+        running.ssh_argv(keys["alice"], "-tt"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    running.clients.append(process)
+    first = wait_for(process.stdout.readline, what="banner")
+    assert b"tunnel-only session" in first
+    process.stdin.write(b"ls\r\x03")
+    process.stdin.flush()
+    assert exited_within(process, 5)
+
+
+def test_local_and_dynamic_and_stdio_forwarding_are_refused(running, keys, echo):
+    # -W (ProxyJump's mechanism)
+    result = running.ssh(keys["alice"], "-W", f"127.0.0.1:{echo.port}")
+    assert result.returncode == 255
+    assert b"administratively prohibited" in result.stderr
+    # -L: the local listener opens, but the jumphost refuses each channel.
+    local_port = running.port_min + 90  # any free local port will do
+    process = running.ssh_background(keys["alice"], "-L", f"{local_port}:127.0.0.1:{echo.port}")
+    wait_for(lambda: can_connect("127.0.0.1", local_port), what="ssh -L listener")
+    with socket.create_connection(("127.0.0.1", local_port), timeout=5) as s:
+        s.sendall(b"hello")
+        assert _closed_without_data(s)
+    # -D: a SOCKS CONNECT through the jumphost is refused too.
+    socks_port = running.port_min + 91
+    running.ssh_background(keys["alice"], "-D", str(socks_port))
+    wait_for(lambda: can_connect("127.0.0.1", socks_port), what="ssh -D listener")
+    with socket.create_connection(("127.0.0.1", socks_port), timeout=5) as s:
+        s.sendall(b"\x04\x01" + echo.port.to_bytes(2, "big") + bytes([127, 0, 0, 1]) + b"x\x00")
+        reply = s.recv(8)
+        assert reply[:2] != b"\x00\x5a"  # not "request granted"
+    process.terminate()
+    assert b"administratively prohibited" in process.communicate(timeout=10)[1]
+
+
+def _closed_without_data(s: socket.socket) -> bool:
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_sftp_and_scp_are_refused(running, keys, tmp_path):
+    source = tmp_path / "secret.txt"
+    source.write_text("data")
+    common = [
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-i",
+        str(keys["alice"]),
+        "-P",
+        str(running.ssh_port),
+    ]
+    sftp = subprocess.run(
+        [tool("sftp"), *common, "-b", "-", f"tunnel@{SSH_HOST}"],
+        input=b"ls /\n",
+        capture_output=True,
+        timeout=20,
+    )
+    assert sftp.returncode != 0
+    assert b"subsystem request failed" in sftp.stderr
+    for legacy in ([], ["-O"]):  # SFTP-based scp, and the old scp protocol (exec)
+        scp = subprocess.run(
+            [
+                tool("scp"),
+                *legacy,
+                *common,
+                str(source),
+                f"tunnel@{SSH_HOST}:/tmp/nekojump-scp-test",
+            ],
+            capture_output=True,
+            timeout=20,
+        )
+        assert scp.returncode != 0, legacy
+    assert not os.path.exists("/tmp/nekojump-scp-test")
+
+
+def test_wrong_user_and_unknown_key_are_denied_alike(running, keys):
+    wrong_user = running.ssh(keys["alice"], "-N", user="root")
+    unknown_key = running.ssh(keys["stranger"], "-N")
+    for result in (wrong_user, unknown_key):
+        assert result.returncode == 255
+        assert b"Permission denied (publickey)." in result.stderr
+
+
+def test_removing_a_key_ends_its_session_within_a_second(running, keys, echo):
+    port = running.port_min + 87
+    process = running.forward(keys["alice"], port, echo.port)
+    other = running.forward(keys["alice2"], port + 1, echo.port)
+    result = running.admin("key", "remove", fingerprint(keys["alice"]))
+    assert result.returncode == 0, result.stderr
+    removed_at = time.monotonic()
+    assert exited_within(process, 1.0), "ssh still running 1 s after key removal"
+    assert time.monotonic() - removed_at < 1.0
+    assert not can_connect(MESH_ADDRESS, port)
+    # The member's other key keeps its tunnel; the removed key can't come back.
+    assert other.poll() is None
+    assert exchange(MESH_ADDRESS, port + 1, b"ok") == b"ok"
+    again = running.ssh(keys["alice"], "-N")
+    assert b"Permission denied (publickey)." in again.stderr
+
+
+def test_disabling_a_member_ends_their_sessions(running, keys, echo):
+    process = running.forward(keys["bob"], running.port_min + 89, echo.port)
+    assert running.admin("member", "disable", "bob").returncode == 0
+    assert exited_within(process, 1.0)
+
+
+def test_tunnels_lists_live_forwards(running, keys, echo):
+    port = running.port_min + 88
+    running.forward(keys["alice"], port, echo.port)
+    listing = running.admin("tunnels")
+    assert listing.returncode == 0
+    line = next(line for line in listing.stdout.splitlines() if f":{port}" in line)
+    assert "alice" in line
+    assert fingerprint(keys["alice"]) in line
+    assert f"{MESH_ADDRESS}:{port}" in line
+
+
+def test_host_key_is_stable_across_restart(running):
+    def scan() -> str:
+        return subprocess.run(
+            [tool("ssh-keyscan"), "-t", "ed25519", "-p", str(running.ssh_port), SSH_HOST],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.split()[-1]
+
+    before = scan()
+    running.stop()
+    running.start()
+    assert scan() == before
+    key_file = running.data_dir / "ssh_host_ed25519_key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert before in (running.data_dir / "ssh_host_ed25519_key.pub").read_text()
+
+
+def test_start_log_tells_what_a_newcomer_needs(jumphost):
+    jumphost.start()
+    log = jumphost.log_text()
+    assert f"SSH on {SSH_HOST}:{jumphost.ssh_port}" in log
+    assert f"forwards bind on {MESH_ADDRESS}" in log
+    assert re.search(r"host key SHA256:[A-Za-z0-9+/]{43} \(ED25519\)", log)
+    assert "nekojump-admin --config" in log and "member add NAME" in log
+
+
+def test_sources_outside_the_allowlist_get_no_byte(tmp_path, keys, echo):
+    from tests.conftest import Jumphost
+
+    host = Jumphost(tmp_path)
+    host.config.write_text(
+        host.config.read_text().replace(
+            'allowed_sources = ["127.0.0.0/8"]',
+            'allowed_sources = ["127.0.0.1/32", "127.0.0.2/32"]',
+        )
+    )
+    host.add_member("alice", keys["alice"])
+    host.start()
+    try:
+        port = host.port_min + 80
+        host.forward(keys["alice"], port, echo.port)
+        for target in [(SSH_HOST, host.ssh_port), (MESH_ADDRESS, port)]:
+            with socket.socket() as s:
+                s.bind(("127.0.0.3", 0))
+                s.settimeout(5)
+                s.connect(target)
+                assert s.recv(100) == b"", target  # closed before any protocol byte
+        assert exchange(MESH_ADDRESS, port, b"allowed") == b"allowed"
+    finally:
+        host.close_clients()
+        host.stop()
+
+
+def test_bad_config_stops_start_with_one_message(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[forwarding]\nport_min = 50000\nport_max = 40000\n")
+    result = subprocess.run(
+        [tool("twistd"), "-n", "--pidfile=", "nekojump", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "port_min (50000) is greater than port_max (40000)" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_sigterm_disconnects_clients_cleanly(running, keys, echo):
+    process = running.forward(keys["alice"], running.port_min + 92, echo.port)
+    running.stop(signal.SIGTERM)
+    assert exited_within(process, 5)
+    # twistd ends by re-raising the signal it was stopped with.
+    assert running.process.returncode in (0, -signal.SIGTERM)
+    assert "Server Shut Down." in running.log_text()
+    assert "Traceback" not in running.log_text()
