@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import struct
 
 from attrs import frozen
 from twisted.conch.ssh.keys import BadKeyError, FingerprintFormats, Key
@@ -98,7 +99,7 @@ def _vet(key_type: str, data: str, comment: str) -> PublicKey | Refused:
     try:
         blob = base64.b64decode(data, validate=True)
         key = Key.fromString(blob)
-    except (binascii.Error, ValueError, BadKeyError, IndexError, TypeError):
+    except (binascii.Error, ValueError, BadKeyError, IndexError, TypeError, struct.error):
         return Refused("key-malformed", "the key data is damaged or incomplete")
     if not key.isPublic():  # pragma: no cover - a blob is always public
         return Refused("key-is-private", "this is a private key — paste the .pub file instead")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,7 @@ class TunnelKeyChecker:
         try:
             key = Key.fromString(credentials.blob)
             fingerprint = fingerprint_of_blob(credentials.blob)
-        except (BadKeyError, ValueError, IndexError):
+        except (BadKeyError, ValueError, IndexError, struct.error):
             raise UnauthorizedLogin(_DENIED) from None
         record = await self.store.call(self.store.store.find_key, fingerprint)
         if credentials.username != self.user or record is None or not record.usable:
@@ -60,7 +61,7 @@ class TunnelKeyChecker:
             raise ValidPublicKey()
         try:
             signature_algorithm = getNS(credentials.signature)[0]
-        except (IndexError, ValueError):
+        except (IndexError, ValueError, struct.error):
             raise UnauthorizedLogin(_DENIED) from None
         if (
             signature_algorithm != credentials.algName

@@ -1,0 +1,181 @@
+"""The forwarded-connection data path in memory: flow control and failures.
+
+A real ``TunnelConnection`` talks to a fake SSH transport that records
+packets; the mesh member's socket is a ``StringTransport``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from attrs import define, field
+from twisted.conch.ssh import common, connection
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from nekojump.ssh.connection import TunnelConnection
+from nekojump.ssh.forwarding import (
+    CHANNEL_WINDOW,
+    LOCAL_SERVICE_REFUSED,
+    ForwardedChannel,
+    MeshConnection,
+)
+from nekojump.ssh.registry import ActiveForward
+
+
+class MeshSocket(StringTransport):
+    """A mesh member's TCP socket, as far as MeshConnection uses it."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.9", 40000))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+@define
+class PacketLog:
+    """Stands in for the SSH transport: keeps (message, payload) pairs."""
+
+    packets: list[tuple[int, bytes]] = field(factory=list)
+
+    def sendPacket(self, message: int, payload: bytes) -> None:
+        self.packets.append((message, payload))
+
+    def of(self, message: int) -> list[bytes]:
+        return [payload for kind, payload in self.packets if kind == message]
+
+
+@define
+class FakeAvatar:
+    conn: TunnelConnection
+    failures: list[str] = field(factory=list)
+
+    def forward_failed(self, forward: ActiveForward, message: str) -> None:
+        self.failures.append(message)
+
+
+def setup(remote_window: int = 1_000_000, remote_packet: int = 32768):
+    conn = TunnelConnection()
+    conn.transport = PacketLog()
+    avatar = FakeAvatar(conn)
+    forward = ActiveForward(port=10080, requested_host="localhost", bind_address="127.0.0.2",
+                            avatar=avatar, since=0.0)
+    mesh = MeshConnection(forward)
+    socket = MeshSocket()
+    mesh.makeConnection(socket)
+    channel = mesh.channel
+
+    def confirm() -> None:
+        conn.ssh_CHANNEL_OPEN_CONFIRMATION(
+            struct.pack(">4L", channel.id, 77, remote_window, remote_packet))
+
+    return conn, mesh, socket, channel, forward, confirm
+
+
+def data_packet(channel: ForwardedChannel, data: bytes) -> bytes:
+    return struct.pack(">L", channel.id) + common.NS(data)
+
+
+def test_channel_open_echoes_the_requested_address_and_port():
+    """OpenSSH matches forwarded-tcpip opens on the host and port it asked for."""
+    conn, _mesh, _socket, _channel, _forward, _confirm = setup()
+    (payload,) = conn.transport.of(connection.MSG_CHANNEL_OPEN)
+    name, rest = common.getNS(payload)
+    assert name == b"forwarded-tcpip"
+    host, rest = common.getNS(rest[12:])
+    (port,) = struct.unpack(">L", rest[:4])
+    origin, rest = common.getNS(rest[4:])
+    assert (host, port, origin) == (b"localhost", 10080, b"127.0.0.9")
+
+
+def test_mesh_socket_is_not_read_until_the_member_accepts():
+    _conn, _mesh, socket, _channel, _forward, confirm = setup()
+    assert socket.producerState == "paused"
+    confirm()
+    assert socket.producerState == "producing"
+
+
+def test_mesh_reading_pauses_when_the_member_window_is_used_up():
+    """A fast mesh sender and a slow member: the server stops reading, buffers little."""
+    conn, mesh, socket, channel, _forward, confirm = setup(remote_window=1000)
+    confirm()
+    mesh.dataReceived(b"x" * 5000)
+    assert socket.producerState == "paused"
+    assert sum(len(common.getNS(p[4:])[0]) for p in conn.transport.of(
+        connection.MSG_CHANNEL_DATA)) == 1000
+    assert len(channel.buf) == 4000
+    channel.addWindowBytes(100_000)  # the member caught up
+    assert channel.buf == b""
+    assert socket.producerState == "producing"
+
+
+def test_member_gets_no_window_while_the_mesh_socket_is_full():
+    """A fast member and a slow mesh reader: window is granted only as the socket drains."""
+    conn, _mesh, socket, channel, _forward, confirm = setup()
+    confirm()
+    assert socket.producer is channel
+    channel.pauseProducing()  # what the socket does when its write buffer is full
+    chunk = b"y" * 32768
+    sent = 0
+    while channel.localWindowLeft >= len(chunk):
+        conn.ssh_CHANNEL_DATA(data_packet(channel, chunk))
+        sent += len(chunk)
+    assert conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST) == []
+    assert sent > CHANNEL_WINDOW // 2
+    assert len(socket.value()) == sent  # all of it is the socket's, none buffered by us
+    channel.resumeProducing()  # drained
+    (adjust,) = conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST)
+    assert struct.unpack(">2L", adjust) == (77, sent)
+    assert channel.localWindowLeft == CHANNEL_WINDOW
+
+
+def test_refused_open_closes_the_mesh_connection_and_records_why():
+    """The member's local service is down: the mesh member is not left hanging."""
+    conn, _mesh, socket, channel, forward, _confirm = setup()
+    conn.ssh_CHANNEL_OPEN_FAILURE(
+        struct.pack(">2L", channel.id, connection.OPEN_CONNECT_FAILED)
+        + common.NS(b"Connection refused") + common.NS(b""))
+    assert socket.disconnecting
+    assert forward.last_error == LOCAL_SERVICE_REFUSED
+    assert forward.avatar.failures == [LOCAL_SERVICE_REFUSED]
+    mesh_lost(_mesh)  # and the later connectionLost does not blow up
+    assert forward.open_connections == 0
+
+
+def mesh_lost(mesh: MeshConnection) -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    mesh.connectionLost(Failure(ConnectionDone()))
+
+
+def test_mesh_gone_before_the_open_is_confirmed_closes_the_channel():
+    conn, mesh, _socket, channel, _forward, confirm = setup()
+    mesh_lost(mesh)
+    confirm()
+    assert conn.transport.of(connection.MSG_CHANNEL_CLOSE) == [struct.pack(">L", 77)]
+    assert channel.localClosed
+
+
+def test_half_close_from_the_mesh_sends_eof_and_keeps_the_reply_path():
+    conn, mesh, socket, channel, _forward, confirm = setup()
+    confirm()
+    mesh.readConnectionLost()
+    assert conn.transport.of(connection.MSG_CHANNEL_EOF) == [struct.pack(">L", 77)]
+    conn.ssh_CHANNEL_DATA(data_packet(channel, b"reply"))
+    assert socket.value() == b"reply"
+    assert not socket.disconnecting
+
+
+def test_eof_from_the_member_half_closes_even_while_the_socket_is_full():
+    """A paused producer must not keep the FIN from going out."""
+    conn, _mesh, socket, channel, _forward, confirm = setup()
+    confirm()
+    channel.pauseProducing()
+    conn.ssh_CHANNEL_EOF(struct.pack(">L", channel.id))
+    assert socket.producer is None
+    assert socket.write_closed

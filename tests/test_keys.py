@@ -1,0 +1,105 @@
+"""Vetting pasted public keys: what members paste, and the message they get back."""
+
+import base64
+import subprocess
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
+
+from nekojump.keys import parse_public_key
+from nekojump.model import Refused
+from tests.conftest import tool
+
+
+def openssh_public(private) -> str:
+    return (
+        private.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+
+
+def openssh_private(private) -> str:
+    return private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+ED25519 = ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.mark.parametrize(
+    ("private", "label"),
+    [
+        (ED25519, "ED25519"),
+        (ec.generate_private_key(ec.SECP256R1()), "ECDSA"),
+        (ec.generate_private_key(ec.SECP384R1()), "ECDSA"),
+        (rsa.generate_private_key(65537, 2048), "RSA"),
+    ],
+)
+def test_accepted_types(private, label):
+    key = parse_public_key(openssh_public(private) + " me@laptop\n")
+    assert not isinstance(key, Refused), key
+    assert key.label == label
+    assert key.comment == "me@laptop"
+
+
+def test_fingerprint_matches_ssh_keygen(tmp_path):
+    path = tmp_path / "id.pub"
+    path.write_text(openssh_public(ED25519) + " c\n")
+    printed = subprocess.run(
+        [tool("ssh-keygen"), "-lf", str(path)], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
+    assert parse_public_key(path.read_text()).fingerprint == printed
+
+
+def test_authorized_keys_options_are_dropped():
+    line = 'no-pty,command="/bin/sh" ' + openssh_public(ED25519) + " laptop"
+    key = parse_public_key(line)
+    assert key.openssh == openssh_public(ED25519)
+    assert key.comment == "laptop"
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "words"),
+    [
+        ("", "key-empty", "paste your public key"),
+        (openssh_private(ED25519), "key-is-private", "paste the .pub file"),
+        (
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----",
+            "key-is-private",
+            "private key",
+        ),
+        ("hello world", "key-malformed", "does not look like an SSH public key"),
+        ("ssh-ed25519 AAAA!!!notbase64", "key-malformed", "damaged"),
+        (
+            "ssh-ed25519 " + base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519").decode(),
+            "key-malformed",
+            "damaged",
+        ),
+        (openssh_public(dsa.generate_private_key(1024)), "key-weak", "DSA"),
+        (openssh_public(rsa.generate_private_key(65537, 1024)), "key-weak", "2048 bits"),
+        (openssh_public(ED25519) + "\n" + openssh_public(ED25519), "key-multiple", "exactly one"),
+        (
+            "ssh-ed25519 " + openssh_public(rsa.generate_private_key(65537, 2048)).split()[1],
+            "key-malformed",
+            "does not match",
+        ),
+        ("ssh-foo AAAAB3NzaC1yc2E=", "key-unsupported", "not supported"),
+    ],
+)
+def test_refusals_say_what_to_do(text, code, words):
+    result = parse_public_key(text)
+    assert isinstance(result, Refused)
+    assert result.code == code
+    assert words in result.reason
+
+
+def test_private_key_text_never_appears_in_the_message():
+    private = openssh_private(ED25519)
+    result = parse_public_key(private)
+    body = private.splitlines()[1]
+    assert body not in result.reason
