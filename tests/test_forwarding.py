@@ -62,8 +62,9 @@ def setup(remote_window: int = 1_000_000, remote_packet: int = 32768):
     conn = TunnelConnection()
     conn.transport = PacketLog()
     avatar = FakeAvatar(conn)
-    forward = ActiveForward(port=10080, requested_host="localhost", bind_address="127.0.0.2",
-                            avatar=avatar, since=0.0)
+    forward = ActiveForward(
+        port=10080, requested_host="localhost", bind_address="127.0.0.2", avatar=avatar, since=0.0
+    )
     mesh = MeshConnection(forward)
     socket = MeshSocket()
     mesh.makeConnection(socket)
@@ -71,7 +72,8 @@ def setup(remote_window: int = 1_000_000, remote_packet: int = 32768):
 
     def confirm() -> None:
         conn.ssh_CHANNEL_OPEN_CONFIRMATION(
-            struct.pack(">4L", channel.id, 77, remote_window, remote_packet))
+            struct.pack(">4L", channel.id, 77, remote_window, remote_packet)
+        )
 
     return conn, mesh, socket, channel, forward, confirm
 
@@ -105,8 +107,10 @@ def test_mesh_reading_pauses_when_the_member_window_is_used_up():
     confirm()
     mesh.dataReceived(b"x" * 5000)
     assert socket.producerState == "paused"
-    assert sum(len(common.getNS(p[4:])[0]) for p in conn.transport.of(
-        connection.MSG_CHANNEL_DATA)) == 1000
+    assert (
+        sum(len(common.getNS(p[4:])[0]) for p in conn.transport.of(connection.MSG_CHANNEL_DATA))
+        == 1000
+    )
     assert len(channel.buf) == 4000
     channel.addWindowBytes(100_000)  # the member caught up
     assert channel.buf == b""
@@ -138,7 +142,9 @@ def test_refused_open_closes_the_mesh_connection_and_records_why():
     conn, _mesh, socket, channel, forward, _confirm = setup()
     conn.ssh_CHANNEL_OPEN_FAILURE(
         struct.pack(">2L", channel.id, connection.OPEN_CONNECT_FAILED)
-        + common.NS(b"Connection refused") + common.NS(b""))
+        + common.NS(b"Connection refused")
+        + common.NS(b"")
+    )
     assert socket.disconnecting
     assert forward.last_error == LOCAL_SERVICE_REFUSED
     assert forward.avatar.failures == [LOCAL_SERVICE_REFUSED]

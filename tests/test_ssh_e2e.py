@@ -18,6 +18,7 @@ from tests.conftest import (
     exchange,
     exited_within,
     fingerprint,
+    free_port,
     tool,
     wait_for,
 )
@@ -353,3 +354,27 @@ def test_sigterm_disconnects_clients_cleanly(running, keys, echo):
     assert running.process.returncode in (0, -signal.SIGTERM)
     assert "Server Shut Down." in running.log_text()
     assert "Traceback" not in running.log_text()
+
+
+def test_rsa_user_keys_log_in_with_sha2_signatures(running, keys, echo):
+    """server-sig-algs names rsa-sha2-*, so OpenSSH offers RSA keys at all."""
+    running.add_member("carol", keys["carol_rsa"])
+    port = running.port_min + 93
+    running.forward(keys["carol_rsa"], port, echo.port)
+    assert exchange(MESH_ADDRESS, port, b"rsa") == b"rsa"
+
+
+def test_local_service_down_closes_the_mesh_side_and_says_why(running, keys):
+    """Tunnel up but nothing on localhost:LOCAL: the mesh member sees a close, not a hang."""
+    port = running.port_min + 94
+    dead_port = free_port()
+    running.forward(keys["alice"], port, dead_port)
+    with socket.create_connection((MESH_ADDRESS, port), timeout=5) as s:
+        started = time.monotonic()
+        assert _closed_without_data(s)
+        assert time.monotonic() - started < 2
+    listing = wait_for(
+        lambda: (out := running.admin("tunnels").stdout) and "refused" in out and out,
+        what="the reason in the tunnels listing",
+    )
+    assert "your local service refused the connection" in listing

@@ -1,0 +1,116 @@
+"""Who gets in: the key checker over a real SQLite store, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+from attrs import frozen
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.error import ValidPublicKey
+from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.keys import Key
+from twisted.cred.error import UnauthorizedLogin
+
+from nekojump.keys import parse_public_key
+from nekojump.model import Identity
+from nekojump.ssh.auth import TunnelKeyChecker
+from nekojump.store import ImmediateStore, SQLiteStore
+
+MESSAGE = b"session id and request"
+
+
+@frozen
+class Credentials:
+    """An ISSHPrivateKey as Conch's userauth builds it."""
+
+    username: bytes
+    algName: bytes
+    blob: bytes
+    sigData: bytes
+    signature: bytes | None
+
+
+@pytest.fixture
+def world(tmp_path):
+    store = SQLiteStore.open(tmp_path)
+    private = Key(ed25519.Ed25519PrivateKey.generate())
+    public = parse_public_key(private.public().toString("OPENSSH").decode())
+    store.add_member("alice")
+    record = store.add_key("alice", public, "laptop")
+    checker = TunnelKeyChecker(ImmediateStore(store), "tunnel")
+    yield store, private, record, checker
+    store.close()
+
+
+def outcome(checker, credentials):
+    """The checker's answer: an Identity, or a Failure (ImmediateStore: no waiting)."""
+    results = []
+    checker.requestAvatarId(credentials).addBoth(results.append)
+    (result,) = results
+    return result
+
+
+def signed(private, user=b"tunnel", alg=b"ssh-ed25519", sign_alg=None):
+    signature = private.sign(MESSAGE)
+    if sign_alg is not None:  # lie about the algorithm inside the signature
+        _, rest = signature[4 : 4 + len(b"ssh-ed25519")], signature[4 + len(b"ssh-ed25519") :]
+        signature = NS(sign_alg) + rest
+    return Credentials(user, alg, private.public().blob(), MESSAGE, signature)
+
+
+def test_signed_request_with_a_stored_key_logs_in_as_that_key(world):
+    _store, private, record, checker = world
+    identity = outcome(checker, signed(private))
+    assert identity == Identity(
+        member_id=record.member_id,
+        member_name="alice",
+        key_id=record.id,
+        fingerprint=record.fingerprint,
+        key_description="laptop",
+    )
+
+
+def test_unsigned_query_for_a_stored_key_gets_pk_ok(world):
+    _store, private, _record, checker = world
+    query = Credentials(b"tunnel", b"ssh-ed25519", private.public().blob(), MESSAGE, None)
+    outcome(checker, query).trap(ValidPublicKey)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wrong user",
+        "unknown key",
+        "bad signature",
+        "algorithm mismatch",
+        "disabled member",
+        "garbage blob",
+    ],
+)
+def test_every_failure_looks_the_same(world, case):
+    store, private, _record, checker = world
+    if case == "wrong user":
+        credentials = signed(private, user=b"root")
+    elif case == "unknown key":
+        credentials = signed(Key(ed25519.Ed25519PrivateKey.generate()))
+    elif case == "bad signature":
+        good = signed(private)
+        credentials = Credentials(
+            good.username, good.algName, good.blob, b"other data", good.signature
+        )
+    elif case == "algorithm mismatch":
+        credentials = signed(private, sign_alg=b"ssh-rsa")
+    elif case == "disabled member":
+        store.set_member_active("alice", False)
+        credentials = signed(private)
+    else:
+        credentials = Credentials(b"tunnel", b"ssh-ed25519", b"\x00\x00\x00\x05junk", MESSAGE, None)
+    failure = outcome(checker, credentials)
+    failure.trap(UnauthorizedLogin)
+    assert str(failure.value) == "permission denied"
+
+
+def test_unknown_key_query_gets_no_pk_ok(world):
+    """Probing which keys exist (for the wrong user) learns nothing."""
+    _store, private, _record, checker = world
+    query = Credentials(b"root", b"ssh-ed25519", private.public().blob(), MESSAGE, None)
+    outcome(checker, query).trap(UnauthorizedLogin)
