@@ -33,6 +33,8 @@ class SSHConfig:
     user: str
     max_auth_tries: int
     login_grace_time: float
+    client_alive_interval: float
+    client_alive_count_max: int
 
 
 @frozen
@@ -158,6 +160,8 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "user": (_string, "tunnel"),
         "max_auth_tries": (_integer(1, 100), 6),
         "login_grace_time": (_seconds, 30),
+        "client_alive_interval": (_seconds, 15),
+        "client_alive_count_max": (_integer(1, 100), 3),
     },
     "forwarding": {
         "bind_address": (_ip_address, "127.0.0.1"),

@@ -138,7 +138,7 @@ def fingerprint(key: Path) -> str:
 class Jumphost:
     """A ``twistd -n nekojump`` process with its own config and data directory."""
 
-    def __init__(self, directory: Path, extra_config: str = "") -> None:
+    def __init__(self, directory: Path, ssh_extra: str = "", forwarding_extra: str = "") -> None:
         self.directory = directory
         self.data_dir = directory / "data"
         self.ssh_port = free_port(SSH_HOST)
@@ -154,15 +154,16 @@ data_dir = "{self.data_dir}"
 listen = "tcp:{self.ssh_port}:interface={SSH_HOST}"
 allowed_sources = ["127.0.0.0/8"]
 login_grace_time = 5
+{ssh_extra}
 [forwarding]
 bind_address = "{MESH_ADDRESS}"
 port_min = {self.port_min}
 port_max = {self.port_max}
 reserved_ports = [{self.reserved}]
+{forwarding_extra}
 [web]
 listen = "tcp:0:interface=127.0.0.1"
 public_hostname = "jump.test"
-{extra_config}
 """
         )
         self.log = directory / "twistd.log"
@@ -213,10 +214,16 @@ public_hostname = "jump.test"
     # -- the OpenSSH client ----------------------------------------------------------
 
     def ssh_argv(
-        self, key: Path, *args: str, user: str = "tunnel", command: tuple[str, ...] = ()
+        self,
+        key: Path,
+        *args: str,
+        user: str = "tunnel",
+        command: tuple[str, ...] = (),
+        port: int | None = None,
+        program: str = "ssh",
     ) -> list[str]:
         return [
-            tool("ssh"),
+            tool(program),
             "-F",
             "/dev/null",
             "-o",
@@ -232,7 +239,7 @@ public_hostname = "jump.test"
             "-i",
             str(key),
             "-p",
-            str(self.ssh_port),
+            str(port or self.ssh_port),
             *args,
             f"{user}@{SSH_HOST}",
             *command,
@@ -255,10 +262,12 @@ public_hostname = "jump.test"
             timeout=timeout,
         )
 
-    def ssh_background(self, key: Path, *args: str) -> subprocess.Popen[bytes]:
-        """Start ``ssh -N`` holding forwards; stopped at the end of the test."""
+    def ssh_background(
+        self, key: Path, *args: str, port: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``ssh -N`` holding forwards (to ``port``, e.g. a proxy); stopped after the test."""
         process = subprocess.Popen(
-            self.ssh_argv(key, "-N", "-o", "ExitOnForwardFailure=yes", *args),
+            self.ssh_argv(key, "-N", "-o", "ExitOnForwardFailure=yes", *args, port=port),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -274,6 +283,32 @@ public_hostname = "jump.test"
             what=f"forward on {port}",
         )
         assert process.poll() is None, process.stderr.read().decode()
+        return process
+
+    def autossh(self, key: Path, port: int, target_port: int, via: int | None = None):
+        """The seed's systemd-unit autossh line, optionally through a proxy port."""
+        argv = self.ssh_argv(
+            key,
+            "-M",
+            "0",
+            "-N",
+            "-o",
+            "ServerAliveInterval=30",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            f"{port}:127.0.0.1:{target_port}",
+            port=via,
+            program="autossh",
+        )
+        # Without GATETIME=0 autossh gives up if the first ssh dies within 30 s.
+        env = {**os.environ, "AUTOSSH_GATETIME": "0"}
+        process = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.clients.append(process)
         return process
 
     def close_clients(self) -> None:

@@ -16,7 +16,10 @@ from twisted.logger import Logger, LogLevel
 
 from nekojump import policy
 from nekojump.logs import conch_logger
+from nekojump.ssh.keepalive import Keepalive
 from nekojump.ssh.session import TunnelSession
+
+KEEPALIVE_REQUEST = b"keepalive@openssh.com"
 
 #: Session channels one connection may have open at once (OpenSSH MaxSessions).
 MAX_SESSIONS = 10
@@ -28,9 +31,26 @@ class TunnelConnection(SSHConnection):
     log = Logger()
     _log = conch_logger("nekojump.ssh.connection", LogLevel.warn)
 
+    keepalive: Keepalive | None = None
+
     def serviceStarted(self) -> None:
         super().serviceStarted()
-        self.transport.avatar.connection_started(self)
+        avatar = self.transport.avatar
+        avatar.connection_started(self)
+        ssh = self.transport.factory.config.ssh
+        self.keepalive = Keepalive(
+            send=lambda: self.sendGlobalRequest(KEEPALIVE_REQUEST, b"", wantReply=1),
+            clock=self.transport.factory.reactor,
+            interval=ssh.client_alive_interval,
+            count_max=ssh.client_alive_count_max,
+            on_dead=lambda: avatar.disconnect("client stopped answering keepalives"),
+        )
+        self.keepalive.start()
+
+    def serviceStopped(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        super().serviceStopped()
 
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         channel_type, rest = common.getNS(packet)

@@ -1,0 +1,56 @@
+"""Server keepalives with a Clock: answered clients stay, silent ones are dropped."""
+
+from twisted.conch.error import ConchError
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from nekojump.ssh.keepalive import Keepalive
+
+
+def make(interval=15.0, count_max=3):
+    clock = Clock()
+    asks: list[Deferred] = []
+    dead = []
+
+    def send():
+        d = Deferred()
+        asks.append(d)
+        return d
+
+    keepalive = Keepalive(send, clock, interval, count_max, lambda: dead.append(clock.seconds()))
+    keepalive.start()
+    return clock, asks, dead, keepalive
+
+
+def test_silent_client_is_dropped_after_count_max_unanswered_asks():
+    clock, asks, dead, _ = make()
+    clock.pump([15] * 10)
+    assert len(asks) == 3
+    assert dead == [60.0]  # like sshd: interval * (count_max + 1)
+
+
+def test_any_reply_keeps_the_client_even_a_failure():
+    """OpenSSH answers keepalive@openssh.com with REQUEST_FAILURE; that is a reply."""
+    clock, asks, dead, _ = make()
+    for _ in range(10):
+        clock.advance(15)
+        asks[-1].errback(ConchError("global request failed"))
+    assert dead == []
+    assert len(asks) == 10
+
+
+def test_late_reply_resets_the_count():
+    clock, asks, dead, _ = make(interval=1, count_max=2)
+    clock.pump([1, 1])
+    asks[0].callback(b"")
+    clock.pump([1, 1])
+    assert dead == []
+    clock.pump([1])
+    assert dead == [5.0]
+
+
+def test_stop_cancels_everything():
+    clock, asks, dead, keepalive = make()
+    keepalive.stop()
+    clock.pump([15] * 10)
+    assert asks == [] and dead == []
