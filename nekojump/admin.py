@@ -8,9 +8,7 @@ ends its sessions at once).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,21 +18,12 @@ from typing import TextIO
 from nekojump.config import Config, ConfigError, load_config
 from nekojump.keys import parse_public_key
 from nekojump.model import Refused
+from nekojump.passwords import hash_password
 from nekojump.store import TIERS, SQLiteStore
 
 
 class CommandError(Exception):
     """A message for the operator; the command changed nothing."""
-
-
-def hash_password(password: str) -> str:
-    """A scrypt hash in ``scrypt$n$r$p$salt$hash`` form (memory-hard, salted)."""
-    salt = secrets.token_bytes(16)
-    n, r, p = 2**15, 8, 1
-    digest = hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024
-    )
-    return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
 
 
 def _ok(result: object) -> object:
@@ -60,14 +49,34 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 
 def member_add(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
-    password_hash = None
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            raise CommandError("no password on standard input")
-        password_hash = hash_password(password)
+    password_hash = hash_password(_read_password()) if args.password_stdin else None
     member = _ok(store.add_member(args.name, args.tier, args.admin, password_hash))
     out.write(f"added member {member.name} ({member.tier}{', admin' if member.is_admin else ''})\n")
+
+
+def member_password(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    password = _read_password()
+    _ok(store.set_password_hash(args.name, hash_password(password)))
+    out.write(f"password set for {args.name}\n")
+
+
+def _read_password() -> str:
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise CommandError("no password on standard input")
+    return password
+
+
+def token_create(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    token_id, token = _ok(store.create_token(args.name))
+    out.write(f"{token}\n")
+    sys.stderr.write(f"token {token_id} for {args.name}; it is shown only once\n")
+
+
+def token_revoke(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    if not store.revoke_token(args.token_id):
+        raise CommandError(f"no live token with id {args.token_id}")
+    out.write(f"revoked token {args.token_id}\n")
 
 
 def member_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
@@ -226,6 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
         "remove a key (SHA256:... as ssh-keygen -l prints it); ends its sessions",
     )
     p.add_argument("fingerprint")
+
+    p = command(
+        member_sub,
+        "password",
+        member_password,
+        "set a member's dashboard password from the first line of stdin",
+    )
+    p.add_argument("name")
+
+    token = topics.add_parser("token", help="API bearer tokens")
+    token_sub = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = command(
+        token_sub, "create", token_create, "create an API token for a member (printed once)"
+    )
+    p.add_argument("name")
+    p = command(token_sub, "revoke", token_revoke, "revoke an API token by id")
+    p.add_argument("token_id", type=int)
 
     command(topics, "tunnels", tunnels, "list the running server's live forwards")
     return parser

@@ -77,3 +77,13 @@ class LiveForward:
     source: str
     since: float
     last_error: str | None = None
+
+
+@frozen
+class RegisteredPort:
+    """An inventory entry: a member says which service runs on a port."""
+
+    port: int
+    member_name: str
+    description: str
+    created_at: float

@@ -12,6 +12,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from nekojump import __version__
 from nekojump.config import Config
@@ -23,6 +24,9 @@ from nekojump.ssh.avatar import TunnelAvatar
 from nekojump.ssh.factory import TunnelSSHFactory
 from nekojump.ssh.registry import ActiveForward, TunnelRegistry
 from nekojump.store import DeferredStore, SQLiteStore
+from nekojump.web.app import Dashboard
+from nekojump.web.auth import LoginThrottle
+from nekojump.web.backend import Backend
 
 
 class NekojumpService(MultiService):
@@ -43,6 +47,16 @@ class NekojumpService(MultiService):
         self.factory = TunnelSSHFactory(portal, host_key, config, reactor)
         self.watcher = RevocationWatcher(self.store, self.registry, reactor)
         self.ssh_port: IListeningPort | None = None
+        self.web_port: IListeningPort | None = None
+        backend = Backend(
+            config=config,
+            store=self.store,
+            registry=self.registry,
+            host_key=host_key,
+            throttle=LoginThrottle(clock=reactor.seconds),
+        )
+        self.site = Site(Dashboard(backend).resource())
+        self.site.noisy = False
 
     def _make_avatar(self, identity: Identity) -> TunnelAvatar:
         return TunnelAvatar(
@@ -73,6 +87,21 @@ class NekojumpService(MultiService):
         self.watcher.start()
         endpoint = serverFromString(self.reactor, self.config.ssh.listen)
         endpoint.listen(self.factory).addCallbacks(self._listening, self._listen_failed)
+        web = serverFromString(self.reactor, self.config.web.listen)
+        web.listen(self.site).addCallbacks(self._web_listening, self._web_listen_failed)
+
+    def _web_listening(self, port: IListeningPort) -> None:
+        self.web_port = port
+        address = port.getHost()
+        self.log.info("dashboard on http://{host}:{port}/", host=address.host, port=address.port)
+
+    def _web_listen_failed(self, failure: Failure) -> None:
+        self.log.critical(
+            "cannot listen for the dashboard on {listen}: {error}",
+            listen=self.config.web.listen,
+            error=failure.getErrorMessage(),
+        )
+        self.reactor.stop()
 
     def _listening(self, port: IListeningPort) -> None:
         self.ssh_port = port
@@ -120,8 +149,9 @@ class NekojumpService(MultiService):
         self.watcher.stop()
         for avatar in self.registry.avatars():
             avatar.disconnect("server shutting down")
-        if self.ssh_port is not None:
-            self.ssh_port.stopListening()
+        for port in (self.ssh_port, self.web_port):
+            if port is not None:
+                port.stopListening()
         d = super().stopService()
 
         def stopped(result: object) -> object:

@@ -7,9 +7,11 @@ dedicated thread so the reactor never waits on the disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +26,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from nekojump.keys import PublicKey
-from nekojump.model import KeyRecord, LiveForward, Member, Refused
+from nekojump.model import KeyRecord, LiveForward, Member, Refused, RegisteredPort
+from nekojump.policy import ForwardRules, port_refusal
 
 DB_NAME = "nekojump.sqlite3"
 TIERS = ("basic", "plus", "pro")
@@ -237,6 +240,144 @@ class SQLiteStore:
         ).rowcount
         return changed == 1
 
+    # -- registered ports (inventory only) -------------------------------------
+
+    def add_port(
+        self, member_name: str, port: int, description: str, rules: ForwardRules
+    ) -> RegisteredPort | Refused:
+        """Record that a member runs a service on ``port``; refused if unusable or taken."""
+        member = self.get_member(member_name)
+        if member is None:
+            return Refused("no-such-member", f"there is no member named {member_name!r}")
+        refusal = port_refusal(port, rules)
+        if refusal is not None:
+            return refusal
+        description = description.strip()
+        if len(description) > 200:
+            return Refused("description-too-long", "keep the description under 200 characters")
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO ports (port, member_id, description, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (port, member.id, description, self._clock()),
+                )
+                self._audit(db, "port-registered", member=member_name, detail={"port": port})
+        except sqlite3.IntegrityError:
+            return Refused("port-registered", f"port {port} is already registered")
+        return RegisteredPort(port, member_name, description, self._clock())
+
+    def list_ports(self, member_name: str | None = None) -> list[RegisteredPort]:
+        """Registered ports of one member, or of everyone, by port."""
+        query = (
+            "SELECT p.*, m.name AS member_name FROM ports p JOIN members m ON m.id = p.member_id"
+        )
+        if member_name is None:
+            rows = self._db.execute(query + " ORDER BY p.port")
+        else:
+            rows = self._db.execute(query + " WHERE m.name = ? ORDER BY p.port", (member_name,))
+        return [
+            RegisteredPort(r["port"], r["member_name"], r["description"], r["created_at"])
+            for r in rows
+        ]
+
+    def remove_port(self, member_name: str, port: int) -> RegisteredPort | Refused:
+        """Forget a registration; only its member's (admins pass the owner's name)."""
+        mine = [p for p in self.list_ports(member_name) if p.port == port]
+        if not mine:
+            return Refused("no-such-port", f"you have not registered port {port}")
+        with self._transaction() as db:
+            db.execute("DELETE FROM ports WHERE port = ?", (port,))
+            self._audit(db, "port-unregistered", member=member_name, detail={"port": port})
+        return mine[0]
+
+    # -- dashboard sessions and API tokens ----------------------------------------
+
+    def password_hash(self, name: str) -> str | None:
+        row = self._db.execute(
+            "SELECT password_hash FROM members WHERE name = ? AND active", (name,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def set_password_hash(self, name: str, password_hash: str) -> Member | Refused:
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE members SET password_hash = ? WHERE name = ?", (password_hash, name)
+            ).rowcount
+            if changed:
+                self._audit(db, "password-set", member=name)
+        member = self.get_member(name)
+        if not changed or member is None:
+            return Refused("no-such-member", f"there is no member named {name!r}")
+        return member
+
+    def create_session(self, member_name: str, lifetime: float) -> tuple[str, str]:
+        """A new dashboard session: (cookie token, CSRF token)."""
+        member = self.get_member(member_name)
+        assert member is not None
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now = self._clock()
+        with self._transaction() as db:
+            db.execute("DELETE FROM web_sessions WHERE expires_at < ?", (now,))
+            db.execute(
+                "INSERT INTO web_sessions VALUES (?, ?, ?, ?, ?)",
+                (_digest(token), member.id, csrf, now, now + lifetime),
+            )
+            self._audit(db, "login", member=member_name)
+        return token, csrf
+
+    def session_member(self, token: str) -> tuple[Member, str] | None:
+        """The active member behind a session cookie, with its CSRF token."""
+        row = self._db.execute(
+            "SELECT m.*, s.csrf_token FROM web_sessions s JOIN members m ON m.id = s.member_id"
+            " WHERE s.token_hash = ? AND s.expires_at > ? AND m.active",
+            (_digest(token), self._clock()),
+        ).fetchone()
+        return (_member(row), row["csrf_token"]) if row else None
+
+    def end_session(self, token: str) -> None:
+        self._db.execute("DELETE FROM web_sessions WHERE token_hash = ?", (_digest(token),))
+
+    def create_token(self, member_name: str) -> tuple[int, str] | Refused:
+        """A new API bearer token for a member: (id, token); only its hash is kept."""
+        member = self.get_member(member_name)
+        if member is None:
+            return Refused("no-such-member", f"there is no member named {member_name!r}")
+        token = "nkj_" + secrets.token_urlsafe(32)
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO api_tokens (member_id, token_hash, created_at) VALUES (?, ?, ?)",
+                (member.id, _digest(token), self._clock()),
+            )
+            self._audit(
+                db, "token-created", member=member_name, detail={"token_id": cursor.lastrowid}
+            )
+        return cursor.lastrowid, token
+
+    def revoke_token(self, token_id: int) -> bool:
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (self._clock(), token_id),
+            ).rowcount
+            if changed:
+                self._audit(db, "token-revoked", detail={"token_id": token_id})
+        return bool(changed)
+
+    def token_member(self, token: str) -> Member | None:
+        """The active member a bearer token belongs to, if the token is live."""
+        row = self._db.execute(
+            "SELECT m.*, t.id AS token_id FROM api_tokens t JOIN members m ON m.id = t.member_id"
+            " WHERE t.token_hash = ? AND t.revoked_at IS NULL AND m.active",
+            (_digest(token),),
+        ).fetchone()
+        if row is None:
+            return None
+        self._db.execute(
+            "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (self._clock(), row["token_id"])
+        )
+        return _member(row)
+
     # -- audit -----------------------------------------------------------------
 
     def audit(
@@ -331,6 +472,10 @@ _KEY_SELECT = (
     "SELECT k.*, m.name AS member_name, m.active AS member_active"
     " FROM keys k JOIN members m ON m.id = k.member_id"
 )
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def _member(row: sqlite3.Row) -> Member:

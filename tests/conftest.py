@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -184,6 +185,11 @@ public_hostname = "jump.test"
             what="nekojump to listen",
         )
         assert self.process.poll() is None, self.log_text()
+        match = wait_for(
+            lambda: re.search(r"dashboard on (http://\S+/)", self.log_text()),
+            what="the dashboard to listen",
+        )
+        self.web_url = match.group(1)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -205,8 +211,12 @@ public_hostname = "jump.test"
             timeout=30,
         )
 
-    def add_member(self, name: str, *keys: Path) -> None:
-        assert self.admin("member", "add", name).returncode == 0
+    def add_member(self, name: str, *keys: Path, password: str | None = None) -> None:
+        if password is None:
+            assert self.admin("member", "add", name).returncode == 0
+        else:
+            added = self.admin("member", "add", name, "--password-stdin", stdin=password + "\n")
+            assert added.returncode == 0, added.stderr
         for key in keys:
             result = self.admin("key", "add", name, f"{key}.pub", "--description", key.name)
             assert result.returncode == 0, result.stderr

@@ -1,0 +1,1 @@
+"""The web side of nekojump: the member dashboard and the JSON API."""

@@ -1,0 +1,194 @@
+"""JSON API under ``/api/v1/``: the dashboard's operations for scripts.
+
+Bearer tokens (``nekojump-admin token create NAME``) or a browser session
+(then state changes need the ``X-CSRF-Token`` header).  Errors are
+``{"error": code, "message": text}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+from klein import Klein
+from twisted.web.iweb import IRequest
+
+from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
+from nekojump.web.auth import CSRF_HEADER, Viewer
+from nekojump.web.backend import Backend
+from nekojump.web.openapi import openapi_document
+from nekojump.web.views import key_row, port_row
+
+#: HTTP status for each refusal code; anything else is a 400.
+STATUS = {
+    "unauthenticated": 401,
+    "csrf": 403,
+    "forbidden": 403,
+    "no-such-key": 404,
+    "no-such-port": 404,
+    "no-such-member": 404,
+    "key-exists": 409,
+    "port-registered": 409,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(body, indent=1, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _refused(request: IRequest, refusal: Refused) -> bytes:
+    status = STATUS.get(refusal.code, 400)
+    return _json(request, {"error": refusal.code, "message": refusal.reason}, status)
+
+
+class Api:
+    """Klein routes for ``/api/v1``; each checks who asks, then calls the backend."""
+
+    app = Klein()
+
+    def __init__(self, backend: Backend, viewer: Callable[[IRequest], Awaitable[Viewer | None]]):
+        self.backend = backend
+        self._viewer = viewer
+
+    async def _who(self, request: IRequest, changing: bool = False) -> Viewer:
+        viewer = await self._viewer(request)
+        if viewer is None:
+            raise ApiError("unauthenticated", "log in or send Authorization: Bearer TOKEN")
+        if changing and not viewer.csrf_ok(request.getHeader(CSRF_HEADER)):
+            raise ApiError("csrf", "browser sessions must send the X-CSRF-Token header")
+        return viewer
+
+    async def _subject(self, request: IRequest, viewer: Viewer) -> Member | None:
+        """Whose data: the viewer's; admins may ask ``?member=NAME`` or ``?member=*``."""
+        wanted = request.args.get(b"member", [b""])[0].decode("utf-8", "replace")
+        if not wanted or wanted == viewer.member.name:
+            return viewer.member
+        if not viewer.member.is_admin:
+            raise ApiError("forbidden", "only admins can see other members' data")
+        if wanted == "*":
+            return None
+        member = await self.backend.store.call(self.backend.store.store.get_member, wanted)
+        if member is None:
+            raise ApiError("no-such-member", f"there is no member named {wanted!r}")
+        return member
+
+    @staticmethod
+    def _body(request: IRequest) -> dict[str, Any]:
+        try:
+            body = json.loads(request.content.read() or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("bad-json", "the request body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ApiError("bad-json", "the request body must be a JSON object")
+        return body
+
+    @app.handle_errors(ApiError)
+    def api_error(self, request: IRequest, failure: Any) -> bytes:
+        error = failure.value
+        return _refused(request, Refused(error.code, error.message))
+
+    # -- keys ------------------------------------------------------------------------------
+
+    @app.route("/keys", methods=["GET"])
+    async def list_keys(self, request: IRequest) -> bytes:
+        viewer = await self._who(request)
+        subject = await self._subject(request, viewer)
+        if subject is None:
+            keys = await self.backend.store.call(self.backend.store.store.list_keys)
+        else:
+            keys = await self.backend.keys(subject)
+        return _json(request, {"keys": [key_row(k) for k in keys]})
+
+    @app.route("/keys", methods=["POST"])
+    async def add_key(self, request: IRequest) -> bytes:
+        viewer = await self._who(request, changing=True)
+        body = self._body(request)
+        text, description = body.get("public_key"), body.get("description", "")
+        if not isinstance(text, str) or not isinstance(description, str):
+            raise ApiError("bad-request", "public_key (and description) must be strings")
+        result = await self.backend.add_key(viewer.member, text, description.strip())
+        if isinstance(result, Refused):
+            return _refused(request, result)
+        return _json(request, key_row(result), 201)
+
+    @app.route("/keys/<path:fingerprint>", methods=["DELETE"])
+    async def remove_key(self, request: IRequest, fingerprint: str) -> bytes:
+        viewer = await self._who(request, changing=True)
+        result = await self.backend.remove_key(viewer.member, unquote(fingerprint))
+        if isinstance(result, Refused):
+            return _refused(request, result)
+        assert isinstance(result, KeyRecord)
+        return _json(request, {"removed": key_row(result)})
+
+    # -- ports -----------------------------------------------------------------------------
+
+    @app.route("/ports", methods=["GET"])
+    async def list_ports(self, request: IRequest) -> bytes:
+        viewer = await self._who(request)
+        subject = await self._subject(request, viewer)
+        live = self.backend.live_ports()
+        ports = await self.backend.ports(subject)
+        return _json(request, {"ports": [port_row(p, p.port in live) for p in ports]})
+
+    @app.route("/ports", methods=["POST"])
+    async def add_port(self, request: IRequest) -> bytes:
+        viewer = await self._who(request, changing=True)
+        body = self._body(request)
+        port, description = body.get("port"), body.get("description", "")
+        if isinstance(port, bool) or not isinstance(port, int) or not isinstance(description, str):
+            raise ApiError("bad-request", "port must be a number and description a string")
+        result = await self.backend.add_port(viewer.member, port, description)
+        if isinstance(result, Refused):
+            return _refused(request, result)
+        return _json(request, port_row(result), 201)
+
+    @app.route("/ports/<int:port>", methods=["DELETE"])
+    async def remove_port(self, request: IRequest, port: int) -> bytes:
+        viewer = await self._who(request, changing=True)
+        result = await self.backend.remove_port(viewer.member, port)
+        if isinstance(result, Refused):
+            return _refused(request, result)
+        assert isinstance(result, RegisteredPort)
+        return _json(request, {"removed": port_row(result)})
+
+    # -- live and read-only ----------------------------------------------------------------
+
+    @app.route("/tunnels", methods=["GET"])
+    async def tunnels(self, request: IRequest) -> bytes:
+        viewer = await self._who(request)
+        subject = await self._subject(request, viewer)
+        return _json(request, {"tunnels": self.backend.tunnels(subject)})
+
+    @app.route("/connect", methods=["GET"])
+    async def connect(self, request: IRequest) -> bytes:
+        viewer = await self._who(request)
+        info = await self.backend.connect_info(viewer.member)
+        return _json(
+            request, {**info.as_dict(), "host_key_fingerprint": self.backend.host_key_fingerprint}
+        )
+
+    @app.route("/directory", methods=["GET"])
+    async def directory(self, request: IRequest) -> bytes:
+        await self._who(request)
+        live = self.backend.live_ports()
+        ports = await self.backend.ports(None)
+        return _json(request, {"ports": [port_row(p, p.port in live) for p in ports]})
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        return _json(request, openapi_document())
+
+    @app.route("/", branch=True)
+    def not_found(self, request: IRequest) -> bytes:
+        return _refused(request, Refused("not-found", "no such API path; see /api/v1/openapi.json"))

@@ -1,0 +1,251 @@
+"""The HTML dashboard: login, the Jumphost Tunnel section, the directory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.static import File
+
+from nekojump.model import Member, Refused
+from nekojump.web.api import Api
+from nekojump.web.auth import (
+    SESSION_LIFETIME,
+    Viewer,
+    bearer_token,
+    clear_session_cookie,
+    session_cookie,
+    set_session_cookie,
+)
+from nekojump.web.backend import Backend
+from nekojump.web.render import Renderer
+
+SECURITY_HEADERS = {
+    b"content-security-policy": (
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    b"x-content-type-options": b"nosniff",
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"no-referrer",
+    b"cache-control": b"no-store",
+}
+
+
+def form(request: IRequest, name: str) -> str:
+    values = request.args.get(name.encode("ascii"), [b""])
+    return values[0].decode("utf-8", "replace")
+
+
+def peer(request: IRequest) -> str:
+    return getattr(request.getClientAddress(), "host", "unknown")
+
+
+class Dashboard:
+    """Klein routes for people with browsers; ``/api/v1`` is delegated to ``Api``."""
+
+    app = Klein()
+
+    def __init__(self, backend: Backend, renderer: Renderer | None = None):
+        self.backend = backend
+        self.renderer = renderer or Renderer()
+        self.api = Api(backend, self.viewer)
+
+    def resource(self) -> Resource:
+        return SecureHeaders(self.app.resource())
+
+    async def viewer(self, request: IRequest) -> Viewer | None:
+        """The member behind the session cookie or bearer token, if any."""
+        token = bearer_token(request)
+        if token is not None:
+            return await self.backend.viewer_from_token(token)
+        cookie = session_cookie(request)
+        if cookie is not None:
+            return await self.backend.viewer_from_session(cookie)
+        return None
+
+    # -- login ---------------------------------------------------------------------------
+
+    @app.route("/login", methods=["GET"])
+    def login_page(self, request: IRequest) -> bytes:
+        return self.renderer.page("login.html", error=None, name="")
+
+    @app.route("/login", methods=["POST"])
+    async def login(self, request: IRequest) -> bytes | None:
+        name = form(request, "name").strip()
+        result = await self.backend.login(name, form(request, "password"), peer(request))
+        if isinstance(result, Refused):
+            request.setResponseCode(429 if result.code == "login-throttled" else 401)
+            return self.renderer.page("login.html", error=result.reason, name=name)
+        set_session_cookie(request, result, SESSION_LIFETIME)
+        request.redirect(b"/")
+        return b""
+
+    @app.route("/logout", methods=["POST"])
+    async def logout(self, request: IRequest) -> bytes:
+        viewer = await self.viewer(request)
+        if viewer is not None and viewer.csrf_ok(form(request, "csrf")) and viewer.token:
+            await self.backend.logout(viewer.token)
+        clear_session_cookie(request)
+        request.redirect(b"/login")
+        return b""
+
+    # -- the Jumphost Tunnel section -------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    async def dashboard(self, request: IRequest) -> bytes:
+        viewer = await self.viewer(request)
+        if viewer is None:
+            request.redirect(b"/login")
+            return b""
+        return await self._page(viewer)
+
+    async def _page(self, viewer: Viewer, **extra: Any) -> bytes:
+        member = viewer.member
+        keys = await self.backend.keys(member)
+        ports = await self.backend.ports(member)
+        live = self.backend.live_ports()
+        context = {
+            "member": member,
+            "csrf": viewer.csrf,
+            "keys": keys,
+            "ports": [(p, p.port in live) for p in ports],
+            "tunnels": self.backend.tunnels(member),
+            "connect": await self.backend.connect_info(member) if keys else None,
+            "host_key_fingerprint": self.backend.host_key_fingerprint,
+            "rules": self.backend.config.forwarding.rules,
+            "mesh_address": self.backend.config.forwarding.bind_address,
+            "key_error": None,
+            "key_text": "",
+            "key_description": "",
+            "port_error": None,
+            "port_value": "",
+            "port_description": "",
+            "notice": None,
+        }
+        context.update(extra)
+        return self.renderer.page("dashboard.html", **context)
+
+    async def _form_viewer(self, request: IRequest) -> Viewer | None:
+        """The session behind a form post, or None after answering 403/redirect."""
+        viewer = await self.viewer(request)
+        if viewer is None:
+            request.redirect(b"/login")
+            return None
+        if not viewer.csrf_ok(form(request, "csrf")):
+            request.setResponseCode(403)
+            return None
+        return viewer
+
+    @app.route("/keys", methods=["POST"])
+    async def add_key(self, request: IRequest) -> bytes:
+        viewer = await self._form_viewer(request)
+        if viewer is None:
+            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+        text, description = form(request, "public_key"), form(request, "description").strip()
+        result = await self.backend.add_key(viewer.member, text, description)
+        if isinstance(result, Refused):
+            request.setResponseCode(400)
+            # A pasted private key is never echoed back into the page.
+            keep = "" if result.code == "key-is-private" else text
+            return await self._page(
+                viewer, key_error=result.reason, key_text=keep, key_description=description
+            )
+        request.redirect(b"/#ssh-key-card")
+        return b""
+
+    @app.route("/keys/remove", methods=["POST"])
+    async def remove_key(self, request: IRequest) -> bytes:
+        viewer = await self._form_viewer(request)
+        if viewer is None:
+            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+        result = await self.backend.remove_key(viewer.member, form(request, "fingerprint"))
+        if isinstance(result, Refused):
+            request.setResponseCode(404)
+            return await self._page(viewer, key_error=result.reason)
+        request.redirect(b"/#ssh-key-card")
+        return b""
+
+    @app.route("/ports", methods=["POST"])
+    async def add_port(self, request: IRequest) -> bytes:
+        viewer = await self._form_viewer(request)
+        if viewer is None:
+            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+        port, description = form(request, "port").strip(), form(request, "description")
+        result = await self.backend.add_port(viewer.member, port, description)
+        if isinstance(result, Refused):
+            request.setResponseCode(400)
+            return await self._page(
+                viewer, port_error=result.reason, port_value=port, port_description=description
+            )
+        request.redirect(b"/#ports-card")
+        return b""
+
+    @app.route("/ports/remove", methods=["POST"])
+    async def remove_port(self, request: IRequest) -> bytes:
+        viewer = await self._form_viewer(request)
+        if viewer is None:
+            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+        result = await self.backend.remove_port(viewer.member, form(request, "port"))
+        if isinstance(result, Refused):
+            request.setResponseCode(404)
+            return await self._page(viewer, port_error=result.reason)
+        request.redirect(b"/#ports-card")
+        return b""
+
+    @app.route("/tunnels", methods=["GET"])
+    async def tunnels_fragment(self, request: IRequest) -> bytes:
+        """The Live tunnels table alone, for the page's refresh without a reload."""
+        viewer = await self.viewer(request)
+        if viewer is None:
+            request.setResponseCode(401)
+            return b""
+        return self.renderer.page("tunnels.html", tunnels=self.backend.tunnels(viewer.member))
+
+    @app.route("/directory", methods=["GET"])
+    async def directory(self, request: IRequest) -> bytes:
+        viewer = await self.viewer(request)
+        if viewer is None:
+            request.redirect(b"/login")
+            return b""
+        live = self.backend.live_ports()
+        ports = await self.backend.ports(None)
+        return self.renderer.page(
+            "directory.html",
+            member=viewer.member,
+            csrf=viewer.csrf,
+            ports=[(p, p.port in live) for p in ports],
+            mesh_address=self.backend.config.forwarding.bind_address,
+            hostname=self.backend.config.web.public_hostname,
+        )
+
+    # -- API and static files ----------------------------------------------------------------
+
+    @app.route("/api/v1/", branch=True)
+    def api_branch(self, request: IRequest) -> Resource:
+        return self.api.app.resource()
+
+    @app.route("/static/", branch=True)
+    def static(self, request: IRequest) -> Resource:
+        return File(str(self.renderer.static_dir))
+
+
+class SecureHeaders(Resource):
+    """Adds CSP and friends to every response of the wrapped (Klein) resource."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def render(self, request: IRequest) -> Any:
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        return self.wrapped.render(request)
+
+
+def member_label(member: Member) -> str:
+    return f"{member.name} ({member.tier})"

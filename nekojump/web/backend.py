@@ -1,0 +1,143 @@
+"""The member operations behind both the HTML dashboard and the JSON API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+from twisted.conch.ssh.keys import Key
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from nekojump.config import Config
+from nekojump.hostkey import host_key_fingerprint
+from nekojump.keys import parse_public_key
+from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
+from nekojump.passwords import verify_password
+from nekojump.ssh.registry import TunnelRegistry
+from nekojump.store import DeferredStore
+from nekojump.web.auth import SESSION_LIFETIME, LoginThrottle, Viewer
+from nekojump.web.views import ConnectInfo, suggest_port, tunnel_rows
+
+
+def ssh_port_of(listen: str) -> int:
+    """The TCP port an SSH endpoint string listens on (2222 if it cannot tell)."""
+    endpoint = serverFromString(None, listen)
+    return int(getattr(endpoint, "_port", 2222))
+
+
+@define
+class Backend:
+    """Reads and changes through the store; kills sessions of removed keys at once."""
+
+    config: Config
+    store: DeferredStore
+    registry: TunnelRegistry
+    host_key: Key
+    throttle: LoginThrottle
+    log: Logger = field(factory=Logger)
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return self.store.call(getattr(self.store.store, name), *args, **kwargs)
+
+    # -- who is asking ---------------------------------------------------------------
+
+    async def login(self, name: str, password: str, source: str) -> str | Refused:
+        """A new session token, or why not (bad credentials look alike)."""
+        if self.throttle.blocked(name, source):
+            return Refused("login-throttled", "too many failed logins; wait a few minutes")
+        stored = await self._call("password_hash", name)
+        if not await deferToThread(verify_password, password, stored):
+            self.throttle.failed(name, source)
+            await self._call("audit", "login-failed", member=name, source=source)
+            return Refused("login-failed", "wrong member name or password")
+        self.throttle.succeeded(name)
+        token, _csrf = await self._call("create_session", name, SESSION_LIFETIME)
+        return token
+
+    async def viewer_from_session(self, token: str) -> Viewer | None:
+        found = await self._call("session_member", token)
+        return Viewer(found[0], found[1], token) if found else None
+
+    async def viewer_from_token(self, token: str) -> Viewer | None:
+        member = await self._call("token_member", token)
+        return Viewer(member, None) if member else None
+
+    async def logout(self, token: str) -> None:
+        await self._call("end_session", token)
+
+    # -- keys ----------------------------------------------------------------------------
+
+    async def keys(self, member: Member) -> list[KeyRecord]:
+        return await self._call("list_keys", member.name)
+
+    async def add_key(self, member: Member, text: str, description: str) -> KeyRecord | Refused:
+        key = parse_public_key(text)
+        if isinstance(key, Refused):
+            return key
+        if len(description) > 100:
+            return Refused("description-too-long", "keep the description under 100 characters")
+        return await self._call("add_key", member.name, key, description)
+
+    async def remove_key(self, viewer: Member, fingerprint: str) -> KeyRecord | Refused:
+        """Remove one of the viewer's keys (any key for admins); its sessions end now."""
+        record = await self._call("find_key", fingerprint)
+        if record is None or (record.member_id != viewer.id and not viewer.is_admin):
+            return Refused("no-such-key", f"you have no key {fingerprint}")
+        removed = await self._call("remove_key", fingerprint, actor=viewer.name)
+        if not isinstance(removed, Refused):
+            for avatar in self.registry.avatars_of_key(removed.id):
+                avatar.disconnect("key removed")
+        return removed
+
+    # -- registered ports -----------------------------------------------------------------
+
+    async def ports(self, member: Member | None) -> list[RegisteredPort]:
+        return await self._call("list_ports", member.name if member else None)
+
+    async def add_port(self, member: Member, port: Any, description: str) -> Any:
+        try:
+            number = int(port)
+        except (TypeError, ValueError):
+            return Refused("port-invalid", "the port must be a number")
+        return await self._call(
+            "add_port", member.name, number, description, self.config.forwarding.rules
+        )
+
+    async def remove_port(self, member: Member, port: Any) -> RegisteredPort | Refused:
+        try:
+            number = int(port)
+        except (TypeError, ValueError):
+            return Refused("port-invalid", "the port must be a number")
+        return await self._call("remove_port", member.name, number)
+
+    # -- live state ------------------------------------------------------------------------
+
+    def tunnels(self, member: Member | None) -> list[dict[str, Any]]:
+        forwards = self.registry.forwards()
+        if member is not None:
+            forwards = [f for f in forwards if f.avatar.identity.member_id == member.id]
+        return tunnel_rows(forwards)
+
+    def live_ports(self) -> set[int]:
+        return self.registry.held_ports()
+
+    async def connect_info(self, member: Member) -> ConnectInfo:
+        mine = await self.ports(member)
+        everyone = await self.ports(None)
+        taken = {p.port for p in everyone} | self.registry.held_ports()
+        cfg = self.config
+        return ConnectInfo(
+            hostname=cfg.web.public_hostname,
+            ssh_port=ssh_port_of(cfg.ssh.listen),
+            user=cfg.ssh.user,
+            port=suggest_port(mine, taken, cfg.forwarding.rules),
+            mesh_address=cfg.forwarding.bind_address,
+            host_key=self.host_key.public().toString("OPENSSH").decode("ascii"),
+        )
+
+    @property
+    def host_key_fingerprint(self) -> str:
+        return host_key_fingerprint(self.host_key)

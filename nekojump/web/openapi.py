@@ -1,0 +1,242 @@
+"""The OpenAPI 3 description of ``/api/v1`` (tests check it against the routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nekojump import __version__
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _ok(description: str, schema: dict[str, Any], status: str = "200") -> dict[str, Any]:
+    return {
+        status: {"description": description, "content": {"application/json": {"schema": schema}}}
+    }
+
+
+def _list_of(name: str, ref: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": [name],
+        "properties": {name: {"type": "array", "items": {"$ref": ref}}},
+    }
+
+
+MEMBER_PARAMETER = {
+    "name": "member",
+    "in": "query",
+    "required": False,
+    "description": "admins only: another member's name, or * for everyone",
+    "schema": {"type": "string"},
+}
+UNAUTHENTICATED = {"401": _error("no valid session or bearer token")}
+CHANGE_ERRORS = {**UNAUTHENTICATED, "403": _error("CSRF token missing (browser sessions)")}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The API as OpenAPI 3.0."""
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "nekojump API",
+            "version": __version__,
+            "description": "Manage your SSH keys and registered ports; see your live tunnels.",
+        },
+        "servers": [{"url": "/api/v1"}],
+        "security": [{"bearer": []}, {"session": []}],
+        "paths": {
+            "/keys": {
+                "get": {
+                    "summary": "List your SSH public keys",
+                    "parameters": [MEMBER_PARAMETER],
+                    "responses": {
+                        **_ok("keys", _list_of("keys", "#/components/schemas/Key")),
+                        **UNAUTHENTICATED,
+                    },
+                },
+                "post": {
+                    "summary": "Add an SSH public key (paste the .pub file)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/NewKey"}}
+                        },
+                    },
+                    "responses": {
+                        **_ok("the stored key", {"$ref": "#/components/schemas/Key"}, "201"),
+                        "400": _error("not a usable public key (see message)"),
+                        "409": _error("key already registered"),
+                        **CHANGE_ERRORS,
+                    },
+                },
+            },
+            "/keys/{fingerprint}": {
+                "delete": {
+                    "summary": "Remove a key; its live SSH sessions end within a second",
+                    "parameters": [
+                        {
+                            "name": "fingerprint",
+                            "in": "path",
+                            "required": True,
+                            "description": "SHA256:... as ssh-keygen -l prints it",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        **_ok("removed", {"type": "object"}),
+                        "404": _error("no such key of yours"),
+                        **CHANGE_ERRORS,
+                    },
+                },
+            },
+            "/ports": {
+                "get": {
+                    "summary": "List your registered ports",
+                    "parameters": [MEMBER_PARAMETER],
+                    "responses": {
+                        **_ok("ports", _list_of("ports", "#/components/schemas/Port")),
+                        **UNAUTHENTICATED,
+                    },
+                },
+                "post": {
+                    "summary": "Register a port (inventory only; tunnels are not affected)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/NewPort"}}
+                        },
+                    },
+                    "responses": {
+                        **_ok("registered", {"$ref": "#/components/schemas/Port"}, "201"),
+                        "400": _error("port outside the range or reserved"),
+                        "409": _error("port registered by someone"),
+                        **CHANGE_ERRORS,
+                    },
+                },
+            },
+            "/ports/{port}": {
+                "delete": {
+                    "summary": "Forget one of your registered ports",
+                    "parameters": [
+                        {
+                            "name": "port",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "integer"},
+                        }
+                    ],
+                    "responses": {
+                        **_ok("removed", {"type": "object"}),
+                        "404": _error("not your registered port"),
+                        **CHANGE_ERRORS,
+                    },
+                },
+            },
+            "/tunnels": {
+                "get": {
+                    "summary": "Your live forwards now",
+                    "parameters": [MEMBER_PARAMETER],
+                    "responses": {
+                        **_ok("tunnels", _list_of("tunnels", "#/components/schemas/Tunnel")),
+                        **UNAUTHENTICATED,
+                    },
+                },
+            },
+            "/connect": {
+                "get": {
+                    "summary": "Ready-made ssh, autossh, systemd and ssh_config text",
+                    "responses": {**_ok("commands", {"type": "object"}), **UNAUTHENTICATED},
+                },
+            },
+            "/directory": {
+                "get": {
+                    "summary": "Every member's registered ports, with live state",
+                    "responses": {
+                        **_ok("ports", _list_of("ports", "#/components/schemas/Port")),
+                        **UNAUTHENTICATED,
+                    },
+                },
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "security": [],
+                    "responses": _ok("OpenAPI document", {"type": "object"}),
+                },
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "nekojump-admin token create NAME",
+                },
+                "session": {"type": "apiKey", "in": "cookie", "name": "nekojump_session"},
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "message"],
+                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                },
+                "NewKey": {
+                    "type": "object",
+                    "required": ["public_key"],
+                    "properties": {
+                        "public_key": {"type": "string"},
+                        "description": {"type": "string"},
+                    },
+                },
+                "Key": {
+                    "type": "object",
+                    "properties": {
+                        "fingerprint": {"type": "string"},
+                        "type": {"type": "string"},
+                        "description": {"type": "string"},
+                        "member": {"type": "string"},
+                        "added_at": {"type": "number"},
+                        "last_used_at": {"type": "number", "nullable": True},
+                    },
+                },
+                "NewPort": {
+                    "type": "object",
+                    "required": ["port"],
+                    "properties": {"port": {"type": "integer"}, "description": {"type": "string"}},
+                },
+                "Port": {
+                    "type": "object",
+                    "properties": {
+                        "port": {"type": "integer"},
+                        "member": {"type": "string"},
+                        "description": {"type": "string"},
+                        "registered_at": {"type": "number"},
+                        "live": {"type": "boolean"},
+                    },
+                },
+                "Tunnel": {
+                    "type": "object",
+                    "properties": {
+                        "port": {"type": "integer"},
+                        "bind_address": {"type": "string"},
+                        "member": {"type": "string"},
+                        "key": {"type": "string"},
+                        "key_fingerprint": {"type": "string"},
+                        "source": {"type": "string"},
+                        "since": {"type": "number"},
+                        "open_connections": {"type": "integer"},
+                        "connections_total": {"type": "integer"},
+                        "bytes_in": {"type": "integer"},
+                        "bytes_out": {"type": "integer"},
+                        "last_error": {"type": "string", "nullable": True},
+                    },
+                },
+            },
+        },
+    }
