@@ -21,7 +21,7 @@ setup(
         "jinja2",
     ],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "ruff", "treq", "selenium"],
+        "test": ["pytest", "pytest-twisted", "ruff", "treq", "selenium", "openapi-spec-validator"],
     },
     entry_points={
         "console_scripts": ["nekojump-admin = nekojump.admin:main"],

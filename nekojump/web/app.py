@@ -39,6 +39,13 @@ def form(request: IRequest, name: str) -> str:
     return values[0].decode("utf-8", "replace")
 
 
+def see_other(request: IRequest, location: bytes) -> bytes:
+    """Answer a form post with 303, so reloading the next page never re-posts."""
+    request.setResponseCode(303)
+    request.setHeader(b"location", location)
+    return b""
+
+
 def peer(request: IRequest) -> str:
     return getattr(request.getClientAddress(), "host", "unknown")
 
@@ -80,8 +87,7 @@ class Dashboard:
             request.setResponseCode(429 if result.code == "login-throttled" else 401)
             return self.renderer.page("login.html", error=result.reason, name=name)
         set_session_cookie(request, result, SESSION_LIFETIME)
-        request.redirect(b"/")
-        return b""
+        return see_other(request, b"/")
 
     @app.route("/logout", methods=["POST"])
     async def logout(self, request: IRequest) -> bytes:
@@ -89,8 +95,7 @@ class Dashboard:
         if viewer is not None and viewer.csrf_ok(form(request, "csrf")) and viewer.token:
             await self.backend.logout(viewer.token)
         clear_session_cookie(request)
-        request.redirect(b"/login")
-        return b""
+        return see_other(request, b"/login")
 
     # -- the Jumphost Tunnel section -------------------------------------------------------
 
@@ -98,8 +103,7 @@ class Dashboard:
     async def dashboard(self, request: IRequest) -> bytes:
         viewer = await self.viewer(request)
         if viewer is None:
-            request.redirect(b"/login")
-            return b""
+            return see_other(request, b"/login")
         return await self._page(viewer)
 
     async def _page(self, viewer: Viewer, **extra: Any) -> bytes:
@@ -153,8 +157,7 @@ class Dashboard:
             return await self._page(
                 viewer, key_error=result.reason, key_text=keep, key_description=description
             )
-        request.redirect(b"/#ssh-key-card")
-        return b""
+        return see_other(request, b"/#ssh-key-card")
 
     @app.route("/keys/remove", methods=["POST"])
     async def remove_key(self, request: IRequest) -> bytes:
@@ -165,8 +168,7 @@ class Dashboard:
         if isinstance(result, Refused):
             request.setResponseCode(404)
             return await self._page(viewer, key_error=result.reason)
-        request.redirect(b"/#ssh-key-card")
-        return b""
+        return see_other(request, b"/#ssh-key-card")
 
     @app.route("/ports", methods=["POST"])
     async def add_port(self, request: IRequest) -> bytes:
@@ -180,8 +182,7 @@ class Dashboard:
             return await self._page(
                 viewer, port_error=result.reason, port_value=port, port_description=description
             )
-        request.redirect(b"/#ports-card")
-        return b""
+        return see_other(request, b"/#ports-card")
 
     @app.route("/ports/remove", methods=["POST"])
     async def remove_port(self, request: IRequest) -> bytes:
@@ -192,8 +193,7 @@ class Dashboard:
         if isinstance(result, Refused):
             request.setResponseCode(404)
             return await self._page(viewer, port_error=result.reason)
-        request.redirect(b"/#ports-card")
-        return b""
+        return see_other(request, b"/#ports-card")
 
     @app.route("/tunnels", methods=["GET"])
     async def tunnels_fragment(self, request: IRequest) -> bytes:
@@ -208,8 +208,7 @@ class Dashboard:
     async def directory(self, request: IRequest) -> bytes:
         viewer = await self.viewer(request)
         if viewer is None:
-            request.redirect(b"/login")
-            return b""
+            return see_other(request, b"/login")
         live = self.backend.live_ports()
         ports = await self.backend.ports(None)
         return self.renderer.page(

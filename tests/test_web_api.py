@@ -1,0 +1,306 @@
+"""The JSON API in memory: real routes, real SQLite, no sockets (treq's StubTreq)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from treq.testing import StubTreq
+from twisted.conch.ssh.keys import Key
+from twisted.internet.task import Clock
+
+from nekojump.config import parse_config
+from nekojump.ssh.registry import TunnelRegistry
+from nekojump.store import ImmediateStore, SQLiteStore
+from nekojump.web.app import Dashboard
+from nekojump.web.auth import LoginThrottle
+from nekojump.web.backend import Backend
+from nekojump.web.openapi import openapi_document
+
+BASE = "http://jump.test/api/v1"
+
+
+def public_key_text(comment: str = "me@laptop") -> str:
+    private = ed25519.Ed25519PrivateKey.generate()
+    return (
+        private.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+        + f" {comment}"
+    )
+
+
+def private_key_text() -> str:
+    return (
+        ed25519.Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+
+
+class Client:
+    """Synchronous requests against the in-memory site."""
+
+    def __init__(self, treq: StubTreq, headers: dict[str, str]):
+        self.treq = treq
+        self.headers = headers
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        all_headers = {**self.headers, **(headers or {})}
+        results: list[Any] = []
+        self.treq.request(method, BASE + path, data=data, headers=all_headers).addBoth(
+            results.append
+        )
+        self.treq.flush()
+        (response,) = results
+        if not hasattr(response, "code"):
+            response.raiseException()
+        contents: list[bytes] = []
+        response.content().addBoth(contents.append)
+        self.treq.flush()
+        text = contents[0]
+        return response.code, json.loads(text) if text else None
+
+    def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any, **kw: Any) -> tuple[int, Any]:
+        return self.request("POST", path, body, **kw)
+
+    def delete(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return self.request("DELETE", path, **kw)
+
+
+@pytest.fixture
+def site(tmp_path):
+    store = SQLiteStore.open(tmp_path)
+    config = parse_config(
+        {"forwarding": {"port_min": 10000, "port_max": 10999, "reserved_ports": [10022]}}
+    )
+    backend = Backend(
+        config=config,
+        store=ImmediateStore(store),
+        registry=TunnelRegistry(),
+        host_key=Key(ed25519.Ed25519PrivateKey.generate()),
+        throttle=LoginThrottle(clock=Clock().seconds),
+    )
+    treq = StubTreq(Dashboard(backend).resource())
+    store.add_member("alice")
+    store.add_member("bob")
+    store.add_member("root", is_admin=True)
+
+    def client(name: str | None, via: str = "token") -> Client:
+        if name is None:
+            return Client(treq, {})
+        if via == "token":
+            _id, token = store.create_token(name)
+            return Client(treq, {"Authorization": f"Bearer {token}"})
+        cookie, csrf = store.create_session(name, 3600)
+        return Client(treq, {"Cookie": f"nekojump_session={cookie}"}), csrf
+
+    yield store, client
+    store.close()
+
+
+def test_keys_round_trip(site):
+    _store, client = site
+    alice = client("alice")
+    text = public_key_text()
+    code, created = alice.post("/keys", {"public_key": text, "description": "pi"})
+    assert code == 201
+    assert created["fingerprint"].startswith("SHA256:")
+    assert created["description"] == "pi"
+    code, listing = alice.get("/keys")
+    assert code == 200
+    assert [k["fingerprint"] for k in listing["keys"]] == [created["fingerprint"]]
+    # Fingerprints contain "/" and "+": the path takes them URL-encoded.
+    encoded = created["fingerprint"].replace("/", "%2F").replace("+", "%2B")
+    code, removed = alice.delete(f"/keys/{encoded}")
+    assert code == 200, removed
+    assert alice.get("/keys")[1]["keys"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "words"),
+    [
+        (private_key_text(), "key-is-private", "paste the .pub file"),
+        ("not a key", "key-malformed", "does not look like"),
+        ("", "key-empty", "paste your public key"),
+    ],
+)
+def test_key_validation_errors_are_json_400(site, text, code, words):
+    _store, client = site
+    status, body = client("alice").post("/keys", {"public_key": text})
+    assert status == 400
+    assert body["error"] == code
+    assert words in body["message"]
+
+
+def test_duplicate_key_is_409_even_across_members(site):
+    _store, client = site
+    text = public_key_text()
+    assert client("alice").post("/keys", {"public_key": text})[0] == 201
+    status, body = client("bob").post("/keys", {"public_key": text})
+    assert (status, body["error"]) == (409, "key-exists")
+
+
+def test_members_cannot_touch_each_others_keys_or_ports(site):
+    _store, client = site
+    alice, bob = client("alice"), client("bob")
+    fingerprint = alice.post("/keys", {"public_key": public_key_text()})[1]["fingerprint"]
+    alice.post("/ports", {"port": 10080, "description": "web"})
+    assert bob.get("/keys")[1]["keys"] == []
+    assert bob.get("/ports")[1]["ports"] == []
+    assert bob.get("/keys?member=alice")[0] == 403
+    assert bob.delete(f"/keys/{fingerprint}")[0] == 404
+    assert bob.delete("/ports/10080")[0] == 404
+    assert len(alice.get("/keys")[1]["keys"]) == 1
+    # ... but the directory shows everyone's registered services.
+    assert [p["port"] for p in bob.get("/directory")[1]["ports"]] == [10080]
+
+
+def test_admins_can_see_and_remove_other_members_keys(site):
+    _store, client = site
+    alice, root = client("alice"), client("root")
+    fingerprint = alice.post("/keys", {"public_key": public_key_text()})[1]["fingerprint"]
+    assert [k["member"] for k in root.get("/keys?member=alice")[1]["keys"]] == ["alice"]
+    assert len(root.get("/keys?member=*")[1]["keys"]) == 1
+    assert root.delete(f"/keys/{fingerprint}")[0] == 200
+    assert alice.get("/keys")[1]["keys"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        ({"port": 80}, 400, "port-out-of-range"),
+        ({"port": 10022}, 400, "port-reserved"),
+        ({"port": "10080"}, 400, "bad-request"),
+        ({"port": 10080, "description": "x" * 201}, 400, "description-too-long"),
+    ],
+)
+def test_port_registration_errors(site, body, status, error):
+    _store, client = site
+    code, answer = client("alice").post("/ports", body)
+    assert (code, answer["error"]) == (status, error)
+
+
+def test_a_port_registered_by_someone_cannot_be_registered_again(site):
+    _store, client = site
+    assert client("alice").post("/ports", {"port": 10080})[0] == 201
+    code, body = client("bob").post("/ports", {"port": 10080})
+    assert (code, body["error"]) == (409, "port-registered")
+
+
+def test_unauthenticated_requests_get_401_json(site):
+    _store, client = site
+    anonymous = client(None)
+    for path in ["/keys", "/ports", "/tunnels", "/connect", "/directory"]:
+        code, body = anonymous.get(path)
+        assert code == 401, path
+        assert body["error"] == "unauthenticated"
+
+
+def test_revoked_and_bogus_tokens_are_refused(site):
+    store, client = site
+    token_id, token = store.create_token("alice")
+    alice = Client(client(None).treq, {"Authorization": f"Bearer {token}"})
+    assert alice.get("/keys")[0] == 200
+    assert store.revoke_token(token_id)
+    assert alice.get("/keys")[0] == 401
+    bogus = Client(client(None).treq, {"Authorization": "Bearer nkj_bogus"})
+    assert bogus.get("/keys")[0] == 401
+
+
+def test_disabled_members_tokens_stop_working(site):
+    store, client = site
+    alice = client("alice")
+    store.set_member_active("alice", False)
+    assert alice.get("/keys")[0] == 401
+
+
+def test_browser_sessions_need_the_csrf_header_to_change_things(site):
+    _store, client = site
+    session, csrf = client("alice", via="session")
+    assert session.get("/keys")[0] == 200  # reading needs no token
+    code, body = session.post("/keys", {"public_key": public_key_text()})
+    assert (code, body["error"]) == (403, "csrf")
+    code, _ = session.post(
+        "/keys", {"public_key": public_key_text()}, headers={"X-CSRF-Token": "wrong"}
+    )
+    assert code == 403
+    code, _ = session.post(
+        "/keys", {"public_key": public_key_text()}, headers={"X-CSRF-Token": csrf}
+    )
+    assert code == 201
+
+
+def test_connect_info_is_filled_in(site):
+    _store, client = site
+    alice = client("alice")
+    alice.post("/ports", {"port": 10443, "description": "https"})
+    code, info = alice.get("/connect")
+    assert code == 200
+    assert info["ssh"] == (
+        "ssh -N -p 2222 -R 10443:localhost:8000 -i ~/.ssh/nekotopia_jump tunnel@localhost"
+    )
+    assert "autossh -M 0" in info["autossh"]
+    assert "ExecStart=/usr/bin/autossh" in info["systemd_unit"]
+    assert info["known_hosts"].startswith("[localhost]:2222 ssh-ed25519 AAAA")
+    assert info["host_key_fingerprint"].startswith("SHA256:")
+
+
+def test_bad_json_is_a_400(site):
+    _store, client = site
+    alice = client("alice")
+    results: list[Any] = []
+    alice.treq.request("POST", BASE + "/keys", data=b"{nope", headers=alice.headers).addBoth(
+        results.append
+    )
+    alice.treq.flush()
+    assert results[0].code == 400
+
+
+def test_openapi_document_matches_the_routes(site):
+    """Every documented path answers (not 404), and every API route is documented."""
+    _store, client = site
+    code, document = client(None).get("/openapi.json")
+    assert code == 200
+    assert document == json.loads(json.dumps(openapi_document()))
+    assert document["openapi"].startswith("3.")
+    alice = client("alice")
+    for path, operations in document["paths"].items():
+        concrete = path.replace("{fingerprint}", "SHA256:x").replace("{port}", "10080")
+        for method in operations:
+            status, body = alice.request(
+                method.upper(), concrete, body={} if method == "post" else None
+            )
+            assert status != 404 or body["error"] in ("no-such-key", "no-such-port"), (
+                method,
+                path,
+                body,
+            )
+    from nekojump.web.api import Api
+
+    routed = {rule.rule for rule in Api.app.url_map.iter_rules()}
+    documented = {"/" + p.lstrip("/") for p in document["paths"]}
+    normalised = {
+        r.replace("<path:fingerprint>", "{fingerprint}").replace("<int:port>", "{port}")
+        for r in routed
+        if r not in ("/", "/<path:__rest__>")
+    }
+    assert normalised == documented
+
+
+def test_openapi_document_is_valid(site):
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(openapi_document())

@@ -1,0 +1,174 @@
+"""The HTML dashboard in memory: forms, CSRF, messages, security headers."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from twisted.internet.task import Clock
+
+from nekojump.web.auth import LoginThrottle
+from tests.test_web_api import private_key_text, public_key_text, site  # noqa: F401
+
+URL = "http://jump.test"
+
+
+def fetch(
+    treq, method: str, path: str, headers: dict[str, str], form: dict[str, str] | None = None
+) -> tuple[int, dict[bytes, list[bytes]], str]:
+    data = None
+    headers = dict(headers)
+    if form is not None:
+        data = urlencode(form).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    results: list[Any] = []
+    treq.request(method, URL + path, data=data, headers=headers, allow_redirects=False).addBoth(
+        results.append
+    )
+    treq.flush()
+    response = results[0]
+    if not hasattr(response, "code"):
+        response.raiseException()
+    body: list[bytes] = []
+    response.content().addBoth(body.append)
+    treq.flush()
+    return response.code, dict(response.headers.getAllRawHeaders()), body[0].decode()
+
+
+@pytest.fixture
+def alice_session(site):  # noqa: F811
+    store, client = site
+    session, csrf = client("alice", via="session")
+    return store, session.treq, session.headers, csrf
+
+
+def test_anonymous_visitors_are_sent_to_login(site):  # noqa: F811
+    _store, client = site
+    treq = client(None).treq
+    code, headers, _ = fetch(treq, "GET", "/", {})
+    assert code == 303
+    assert headers[b"Location"] == [b"/login"]
+    code, headers, body = fetch(treq, "GET", "/login", {})
+    assert code == 200
+    assert 'name="password"' in body
+
+
+def test_every_page_carries_security_headers(alice_session):
+    _store, treq, cookie, _csrf = alice_session
+    _code, headers, _body = fetch(treq, "GET", "/", cookie)
+    csp = headers[b"Content-Security-Policy"][0]
+    assert b"default-src 'self'" in csp and b"frame-ancestors 'none'" in csp
+    assert headers[b"X-Content-Type-Options"] == [b"nosniff"]
+    assert headers[b"X-Frame-Options"] == [b"DENY"]
+
+
+def test_unconfigured_page_shows_the_key_card_only(alice_session):
+    _store, treq, cookie, _csrf = alice_session
+    code, _headers, body = fetch(treq, "GET", "/", cookie)
+    assert code == 200
+    assert 'id="reverse-tunnel-section"' in body
+    assert "NOT CONFIGURED" in body
+    assert "ssh-keygen -t ed25519 -f ~/.ssh/nekotopia_jump" in body
+    assert 'id="connect-card"' not in body and 'id="ports-card"' not in body
+    assert "Reachability" in body and "Jumphost Tunnel" in body
+
+
+def test_saving_a_key_configures_the_page(alice_session):
+    _store, treq, cookie, csrf = alice_session
+    code, _headers, _ = fetch(
+        treq,
+        "POST",
+        "/keys",
+        cookie,
+        {"csrf": csrf, "public_key": public_key_text(), "description": "pi"},
+    )
+    assert code == 303
+    _code, _headers, body = fetch(treq, "GET", "/", cookie)
+    assert ">CONFIGURED<" in body
+    assert 'id="connect-card"' in body and 'id="ports-card"' in body
+    assert "ssh -N -p 2222 -R 10080:localhost:8000" in body
+
+
+def test_form_posts_without_the_csrf_token_change_nothing(alice_session):
+    store, treq, cookie, _csrf = alice_session
+    for form in (
+        {"public_key": public_key_text()},
+        {"csrf": "forged", "public_key": public_key_text()},
+    ):
+        code, _headers, _body = fetch(treq, "POST", "/keys", cookie, form)
+        assert code == 403
+    assert store.list_keys("alice") == []
+
+
+def test_private_key_is_refused_and_not_echoed_back(alice_session):
+    store, treq, cookie, csrf = alice_session
+    private = private_key_text()
+    code, _headers, body = fetch(
+        treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": private}
+    )
+    assert code == 400
+    assert "this is a private key" in body
+    assert private.splitlines()[1] not in body
+    assert store.list_keys("alice") == []
+
+
+def test_bad_key_text_is_kept_for_correction(alice_session):
+    _store, treq, cookie, csrf = alice_session
+    code, _headers, body = fetch(
+        treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": "ssh-ed25519 AAAAbroken"}
+    )
+    assert code == 400
+    assert 'id="key-error"' in body
+    assert "ssh-ed25519 AAAAbroken</textarea>" in body
+
+
+def test_html_is_escaped(alice_session):
+    _store, treq, cookie, csrf = alice_session
+    fetch(
+        treq,
+        "POST",
+        "/keys",
+        cookie,
+        {"csrf": csrf, "public_key": public_key_text(), "description": "<script>alert(1)</script>"},
+    )
+    _code, _headers, body = fetch(treq, "GET", "/", cookie)
+    assert "<script>alert(1)</script>" not in body
+    assert "&lt;script&gt;" in body
+
+
+def test_register_and_delete_a_port(alice_session):
+    store, treq, cookie, csrf = alice_session
+    fetch(treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": public_key_text()})
+    code, _h, _b = fetch(
+        treq, "POST", "/ports", cookie, {"csrf": csrf, "port": "10080", "description": "Web (HTTP)"}
+    )
+    assert code == 303
+    _code, _headers, body = fetch(treq, "GET", "/", cookie)
+    assert 'data-port="10080"' in body and "Web (HTTP)" in body
+    code, _h, body = fetch(treq, "POST", "/ports", cookie, {"csrf": csrf, "port": "99"})
+    assert code == 400 and 'id="port-error"' in body and "outside the allowed range" in body
+    fetch(treq, "POST", "/ports/remove", cookie, {"csrf": csrf, "port": "10080"})
+    assert store.list_ports("alice") == []
+
+
+def test_directory_lists_everyones_ports(site):  # noqa: F811
+    store, client = site
+    from nekojump.policy import ForwardRules
+
+    store.add_port("bob", 10555, "bob's wiki", ForwardRules(10000, 10999))
+    session, _csrf = client("alice", via="session")
+    _code, _headers, body = fetch(session.treq, "GET", "/directory", session.headers)
+    assert "bob&#39;s wiki" in body and "10555" in body
+
+
+def test_login_throttle_blocks_per_account_and_per_source():
+    clock = Clock()
+    throttle = LoginThrottle(clock=clock.seconds, limit=3, window=60)
+    for _ in range(3):
+        throttle.failed("alice", "127.0.0.9")
+    assert throttle.blocked("alice", "127.0.0.1")  # the account, from anywhere
+    assert throttle.blocked("bob", "127.0.0.9")  # the source, for any account
+    assert not throttle.blocked("bob", "127.0.0.1")
+    clock.advance(61)
+    assert not throttle.blocked("alice", "127.0.0.9")
