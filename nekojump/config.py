@@ -60,6 +60,8 @@ class ForwardingConfig:
 class WebConfig:
     listen: str
     public_hostname: str
+    sso_header: str
+    trusted_proxies: tuple[IPNetwork, ...]
 
 
 @frozen
@@ -124,6 +126,22 @@ def _ip_address(value: Any) -> str:
 def _networks(value: Any) -> tuple[IPNetwork, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError('must be a non-empty list of CIDRs, e.g. ["10.0.0.0/8"]')
+    return _cidrs(value)
+
+
+def _optional_networks(value: Any) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise ValueError('must be a list of CIDRs, e.g. ["127.0.0.1/32"]')
+    return _cidrs(value)
+
+
+def _optional_string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _cidrs(value: list[Any]) -> tuple[IPNetwork, ...]:
     networks = []
     for item in value:
         try:
@@ -173,6 +191,10 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
     "web": {
         "listen": (_endpoint, "tcp:8080:interface=127.0.0.1"),
         "public_hostname": (_string, "localhost"),
+        # Single sign-on: a reverse proxy at one of trusted_proxies names the
+        # member in this header; the header is ignored from anyone else.
+        "sso_header": (_optional_string, ""),
+        "trusted_proxies": (_optional_networks, []),
     },
 }
 
@@ -207,6 +229,12 @@ def parse_config(document: Mapping[str, Any], source: str = "built-in defaults")
         raise ConfigError(
             f"{source}: [forwarding] port_min ({forwarding['port_min']}) is greater "
             f"than port_max ({forwarding['port_max']})"
+        )
+    web = values["web"]
+    if web["sso_header"] and not web["trusted_proxies"]:
+        raise ConfigError(
+            f"{source}: [web] trusted_proxies: must list the proxy addresses when "
+            "sso_header is set"
         )
     return Config(
         data_dir=Path(values["storage"]["data_dir"]),

@@ -172,3 +172,42 @@ def test_login_throttle_blocks_per_account_and_per_source():
     assert not throttle.blocked("bob", "127.0.0.1")
     clock.advance(61)
     assert not throttle.blocked("alice", "127.0.0.9")
+
+
+def sso_site(tmp_path, trusted: str):
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from treq.testing import StubTreq
+    from twisted.conch.ssh.keys import Key
+
+    from nekojump.config import parse_config
+    from nekojump.ssh.registry import TunnelRegistry
+    from nekojump.store import ImmediateStore, SQLiteStore
+    from nekojump.web.app import Dashboard
+    from nekojump.web.backend import Backend
+
+    store = SQLiteStore.open(tmp_path)
+    store.add_member("alice")
+    config = parse_config({"web": {"sso_header": "X-Forwarded-User",
+                                   "trusted_proxies": [trusted]}})
+    backend = Backend(config=config, store=ImmediateStore(store), registry=TunnelRegistry(),
+                      host_key=Key(ed25519.Ed25519PrivateKey.generate()),
+                      throttle=LoginThrottle(clock=Clock().seconds))
+    return StubTreq(Dashboard(backend).resource())
+
+
+def test_sso_header_from_a_trusted_proxy_logs_the_member_in(tmp_path):
+    # StubTreq's requests come from 127.0.0.1.
+    treq = sso_site(tmp_path, "127.0.0.1/32")
+    code, headers, body = fetch(treq, "GET", "/", {"X-Forwarded-User": "alice"})
+    assert code == 200
+    assert "alice" in body
+    assert any(b"nekojump_session=" in c for c in headers[b"Set-Cookie"])
+    code, _h, _b = fetch(treq, "GET", "/", {"X-Forwarded-User": "mallory"})
+    assert code == 303  # unknown members get nothing
+
+
+def test_sso_header_from_anyone_else_is_ignored(tmp_path):
+    treq = sso_site(tmp_path, "127.0.0.9/32")
+    code, headers, _body = fetch(treq, "GET", "/", {"X-Forwarded-User": "alice"})
+    assert code == 303
+    assert headers[b"Location"] == [b"/login"]

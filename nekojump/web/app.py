@@ -10,6 +10,7 @@ from twisted.web.resource import Resource
 from twisted.web.static import File
 
 from nekojump.model import Member, Refused
+from nekojump.policy import source_allowed
 from nekojump.web.api import Api
 from nekojump.web.auth import (
     SESSION_LIFETIME,
@@ -69,9 +70,23 @@ class Dashboard:
         if token is not None:
             return await self.backend.viewer_from_token(token)
         cookie = session_cookie(request)
-        if cookie is not None:
-            return await self.backend.viewer_from_session(cookie)
-        return None
+        viewer = await self.backend.viewer_from_session(cookie) if cookie else None
+        sso_name = self._sso_name(request)
+        if sso_name is not None and (viewer is None or viewer.member.name != sso_name):
+            # The proxy says who this is: give them a session of their own,
+            # so forms carry a CSRF token like everyone else's.
+            viewer = await self.backend.viewer_from_sso(sso_name)
+            if viewer is not None and viewer.token:
+                set_session_cookie(request, viewer.token, SESSION_LIFETIME)
+        return viewer
+
+    def _sso_name(self, request: IRequest) -> str | None:
+        """The member a trusted reverse proxy names in the SSO header, if any."""
+        web = self.backend.config.web
+        if not web.sso_header or not source_allowed(peer(request), web.trusted_proxies):
+            return None
+        value = request.getHeader(web.sso_header.encode("ascii"))
+        return value.decode("utf-8", "replace").strip() if value else None
 
     # -- login ---------------------------------------------------------------------------
 

@@ -65,6 +65,14 @@ class Backend:
         member = await self._call("token_member", token)
         return Viewer(member, None) if member else None
 
+    async def viewer_from_sso(self, name: str) -> Viewer | None:
+        """A new session for a member named by the trusted SSO proxy, if active."""
+        member = await self._call("get_member", name)
+        if member is None or not member.active:
+            return None
+        token, csrf = await self._call("create_session", name, SESSION_LIFETIME)
+        return Viewer(member, csrf, token)
+
     async def logout(self, token: str) -> None:
         await self._call("end_session", token)
 

@@ -1,0 +1,331 @@
+"""The seed's dashboard flow in a real headless Chromium against a real nekojump.
+
+Log in, paste a private key by mistake, paste the public key, register a port,
+watch ``ssh -N -R`` appear under Live tunnels without a reload, remove the key
+and see the tunnel die.  Screenshots (desktop and phone) go to ``tmp_path`` and,
+when ``NEKOJUMP_SCREENSHOTS`` names a directory, are copied there for a human.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    MESH_ADDRESS,
+    can_connect,
+    exchange,
+    exited_within,
+    fingerprint,
+    wait_for,
+)
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException, WebDriverException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.remote.webelement import WebElement
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    pytest.skip("selenium is not installed", allow_module_level=True)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+for _needed in (CHROMIUM, CHROMEDRIVER):
+    if not _needed.exists():
+        pytest.skip(f"{_needed} is not installed", allow_module_level=True)
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "correct horse battery staple"
+DESKTOP = (1280, 900)
+PHONE = (390, 844)
+
+
+# -- the browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    """Headless Chromium with a fresh profile; always quits, even when the test fails."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--window-size={DESKTOP[0]},{DESKTOP[1]}",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(
+        executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")
+    )
+    try:
+        driver = webdriver.Chrome(options=options, service=service)
+    except WebDriverException as error:  # pragma: no cover - depends on the machine
+        pytest.skip(f"headless Chromium did not start: {error.msg}")
+    driver.set_page_load_timeout(15)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait(driver: WebDriver, timeout: float = 5.0) -> WebDriverWait:
+    return WebDriverWait(driver, timeout, poll_frequency=0.05)
+
+
+def find(driver: WebDriver, css: str) -> WebElement:
+    return driver.find_element(By.CSS_SELECTOR, css)
+
+
+def absent(driver: WebDriver, css: str) -> bool:
+    return not driver.find_elements(By.CSS_SELECTOR, css)
+
+
+def submit(driver: WebDriver, form_css: str) -> None:
+    """Click the form's submit button and wait for the page it leads to."""
+    old_body = find(driver, "body")
+    find(driver, f"{form_css} button[type=submit]").click()
+    wait(driver, 10).until(expected_conditions.staleness_of(old_body))
+    wait(driver, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def badge(driver: WebDriver) -> str:
+    return find(driver, "#ssh-key-card .card-header .badge").text
+
+
+def navigation_redirect_end(driver: WebDriver) -> float:
+    """Wall-clock time (seconds) the last redirect response of this page's load arrived."""
+    timing = driver.execute_script(
+        "const n = performance.getEntriesByType('navigation')[0];"
+        "return {origin: performance.timeOrigin, count: n.redirectCount, end: n.redirectEnd};"
+    )
+    assert timing["count"] == 1, f"expected POST → redirect → GET, got {timing}"
+    assert timing["end"] > 0, timing
+    return (timing["origin"] + timing["end"]) / 1000.0
+
+
+def screenshot(driver: WebDriver, directory: Path, name: str, size: tuple[int, int]) -> Path:
+    """A full-page PNG at ``size`` (CSS px); phones get mobile emulation (meta viewport on)."""
+    width, height = size
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
+    )
+    wait(driver).until(lambda d: d.execute_script("return window.innerWidth") == width)
+    full_height = driver.execute_script("return document.documentElement.scrollHeight")
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": width, "height": full_height, "scale": 1},
+        },
+    )
+    path = directory / f"{name}.png"
+    path.write_bytes(base64.b64decode(shot["data"]))
+    if target := os.environ.get("NEKOJUMP_SCREENSHOTS"):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(target) / path.name)
+    return path
+
+
+def horizontal_overflow(driver: WebDriver) -> dict[str, object] | None:
+    """None if the page fits its viewport's width, else the widths and the widest culprits."""
+    return driver.execute_script(
+        """
+        const width = window.innerWidth;
+        const scroll = document.documentElement.scrollWidth;
+        if (scroll <= width) return null;
+        const wide = [...document.querySelectorAll('body *')]
+          .filter(e => e.getBoundingClientRect().right > width + 0.5)
+          .slice(0, 5)
+          .map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') +
+                    (e.className && typeof e.className === 'string'
+                       ? '.' + e.className.trim().split(/\\s+/).join('.') : '') +
+                    ' right=' + Math.round(e.getBoundingClientRect().right));
+        return {innerWidth: width, scrollWidth: scroll, culprits: wide};
+        """
+    )
+
+
+def browser_errors(driver: WebDriver) -> list[str]:
+    """SEVERE console entries (CSP violations, script errors), minus expected ones."""
+    expected = ("favicon.ico", "status of 400")  # the refused-key page is a 400 on purpose
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE" and not any(word in entry["message"] for word in expected)
+    ]
+
+
+# -- the flow ------------------------------------------------------------------------------------
+
+
+def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
+    jumphost.add_member("alice", password=PASSWORD)
+    jumphost.start()
+    port = jumphost.port_min + 7
+    public_key = Path(f"{keys['alice']}.pub").read_text().strip()
+    private_key = keys["stranger"].read_text()
+    private_body = [line for line in private_key.splitlines() if "PRIVATE KEY" not in line]
+
+    # 1. Log in; an anonymous visit to / lands on the login form.
+    browser.get(jumphost.web_url)
+    wait(browser).until(expected_conditions.url_contains("/login"))
+    find(browser, "#name").send_keys("alice")
+    find(browser, "#password").send_keys(PASSWORD)
+    submit(browser, "form[action='/login']")
+    assert browser.current_url.rstrip("/") == jumphost.web_url.rstrip("/")
+    assert find(browser, "#reverse-tunnel-section h1").text == "Jumphost Tunnel"
+    assert badge(browser) == "NOT CONFIGURED"
+    assert absent(browser, "#connect-card") and absent(browser, "#ports-card")
+    assert "ssh-keygen -t ed25519 -f ~/.ssh/nekotopia_jump" in find(browser, "pre.hint").text
+
+    # 3 (first, as a newcomer would): a pasted PRIVATE key is refused next to the field,
+    # not stored, and not echoed back anywhere in the page.
+    find(browser, "#public_key").send_keys(private_key)
+    find(browser, "#description").send_keys("oops")
+    submit(browser, "form.key-form")
+    error = find(browser, "#key-error")
+    assert "private key" in error.text
+    assert error.is_displayed()
+    next_to = browser.execute_script(
+        "const e = document.getElementById('key-error');"
+        "return [e.closest('form').className, e.previousElementSibling.id];"
+    )
+    assert next_to == ["key-form", "public_key"]
+    assert find(browser, "#public_key").get_attribute("value") == ""
+    source = browser.page_source
+    assert "PRIVATE KEY" not in source
+    assert not [line for line in private_body if line in source]
+    assert badge(browser) == "NOT CONFIGURED"  # nothing stored
+
+    # 2. Paste the public half: CONFIGURED, and the two new cards appear.
+    find(browser, "#public_key").send_keys(public_key)
+    description = find(browser, "#description")
+    description.clear()
+    description.send_keys("laptop (browser test)")
+    submit(browser, "form.key-form")
+    assert badge(browser) == "CONFIGURED"
+    assert absent(browser, "#key-error")
+    row = find(browser, "#ssh-key-card .key-row")
+    assert "laptop (browser test)" in row.text
+    assert "ssh-ed25519" in row.text
+    assert find(browser, "#ssh-key-card .fingerprint").text == fingerprint(keys["alice"])
+    assert find(browser, "#connect-card h2").text == "How to Connect"
+    assert find(browser, "#ports-card h2").text == "Registered Ports"
+    ssh_command = find(browser, "#cmd-ssh").text
+    assert f"-p {jumphost.ssh_port}" in ssh_command and "tunnel@jump.test" in ssh_command
+
+    # 4. Register a port; it is listed, and the connect commands now use it.
+    summary = browser.find_element(
+        By.XPATH, "//*[@id='ports-card']//details/summary[normalize-space()='+ Register Port']"
+    )
+    if summary.find_element(By.XPATH, "..").get_attribute("open") is None:
+        summary.click()
+    find(browser, "#port").send_keys(str(port))
+    find(browser, "#port-description").send_keys("Echo (browser test)")
+    submit(browser, "form.port-form")
+    assert absent(browser, "#port-error")
+    registered = find(browser, f"#ports-table tr[data-port='{port}']")
+    assert "Echo (browser test)" in registered.text
+    assert "DOWN" in registered.text
+    assert f"-R {port}:localhost:8000" in find(browser, "#cmd-ssh").text
+
+    # 5. A real ssh -N -R shows up under Live tunnels through the page's own refresh.
+    assert find(browser, "#tunnels-empty").is_displayed()
+    browser.execute_script("window.nekojumpSamePage = true;")  # gone if the page reloads
+    ssh = jumphost.forward(keys["alice"], port, echo.port)
+    payload = b"through the tunnel"
+    assert exchange(MESH_ADDRESS, port, payload) == payload
+    live_row = f"#tunnels-table tr[data-port='{port}']"
+    counted = f"{len(payload)} B / {len(payload)} B"  # forward()'s probe carries no bytes
+    try:
+        wait(browser, 8).until(
+            lambda d: not absent(d, live_row) and counted in find(d, live_row).text
+        )
+    except TimeoutException:
+        pytest.fail(
+            "the tunnel did not appear under Live tunnels without a reload; the card shows "
+            f"{find(browser, '#live-tunnels-card').get_attribute('outerHTML')}\n"
+            f"browser console: {browser.get_log('browser')}"
+        )
+    assert browser.execute_script("return window.nekojumpSamePage === true")
+    live = find(browser, live_row).text
+    assert f"{MESH_ADDRESS}:{port}" in live
+    assert "laptop (browser test)" in live
+    assert find(browser, "#tunnels-updated").text.startswith("updated")
+
+    # 7. Screenshots of the fullest page, desktop and phone; neither scrolls sideways.
+    desktop = screenshot(browser, tmp_path, "dashboard-desktop", DESKTOP)
+    assert horizontal_overflow(browser) is None, horizontal_overflow(browser)
+    phone = screenshot(browser, tmp_path, "dashboard-phone", PHONE)
+    overflow = horizontal_overflow(browser)
+    assert overflow is None, f"the phone-size page scrolls sideways: {overflow}"
+    assert desktop.stat().st_size > 10_000 and phone.stat().st_size > 10_000
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+    # 6. Remove Key (accepting its confirm()): ssh ends within 1 s of the response.
+    exit_times: list[float] = []
+    watcher = threading.Thread(
+        target=lambda: (ssh.wait(), exit_times.append(time.time())), daemon=True
+    )
+    watcher.start()
+    remove = find(browser, "form[action='/keys/remove'] button[type=submit]")
+    assert remove.text == "Remove Key"
+    old_body = find(browser, "body")
+    remove.click()
+    dialog = wait(browser).until(expected_conditions.alert_is_present())
+    assert "Remove this key" in dialog.text
+    dialog.accept()
+    wait(browser, 10).until(expected_conditions.staleness_of(old_body))
+    wait(browser, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    responded_at = navigation_redirect_end(browser)
+    watcher.join(timeout=max(0.0, responded_at + 1.0 - time.time()))
+    assert exit_times, "ssh was still running 1 s after the Remove Key response"
+    assert exit_times[0] - responded_at <= 1.0
+    assert exited_within(ssh, 0)
+    wait_for(lambda: not can_connect(MESH_ADDRESS, port), timeout=2, what="the port to close")
+    assert badge(browser) == "NOT CONFIGURED"
+    assert absent(browser, "#connect-card") and absent(browser, "#ports-card")
+    wait(browser, 5).until(
+        lambda d: not absent(d, "#tunnels-empty"), message="Live tunnels to empty out"
+    )
+
+    # The private key was never stored or logged either.
+    leaked = [
+        path
+        for path in [jumphost.log, *jumphost.data_dir.rglob("*")]
+        if path.is_file() and any(line.encode() in path.read_bytes() for line in private_body)
+    ]
+    assert not leaked, f"private key material found in {leaked}"
+    assert browser_errors(browser) == []
+
+
+def test_phone_login_page_fits(jumphost, browser, tmp_path):
+    """The first thing a member sees on a phone does not scroll sideways either."""
+    jumphost.start()
+    browser.get(jumphost.web_url + "login")
+    screenshot(browser, tmp_path, "login-phone", PHONE)
+    overflow = horizontal_overflow(browser)
+    assert overflow is None, f"the phone-size login page scrolls sideways: {overflow}"
+    assert find(browser, "#name").is_displayed() and find(browser, "#password").is_displayed()
