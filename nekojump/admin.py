@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         member_sub,
-        "password",
+        "reset-password",
         member_password,
         "set a member's dashboard password from the first line of stdin",
     )

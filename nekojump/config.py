@@ -233,8 +233,7 @@ def parse_config(document: Mapping[str, Any], source: str = "built-in defaults")
     web = values["web"]
     if web["sso_header"] and not web["trusted_proxies"]:
         raise ConfigError(
-            f"{source}: [web] trusted_proxies: must list the proxy addresses when "
-            "sso_header is set"
+            f"{source}: [web] trusted_proxies: must list the proxy addresses when sso_header is set"
         )
     return Config(
         data_dir=Path(values["storage"]["data_dir"]),

@@ -131,6 +131,8 @@ def screenshot(driver: WebDriver, directory: Path, name: str, size: tuple[int, i
         {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
     )
     wait(driver).until(lambda d: d.execute_script("return window.innerWidth") == width)
+    # From the top, so the sticky sidebar is drawn where a visitor first sees it.
+    driver.execute_script("window.scrollTo(0, 0)")
     full_height = driver.execute_script("return document.documentElement.scrollHeight")
     shot = driver.execute_cdp_cmd(
         "Page.captureScreenshot",
@@ -163,6 +165,21 @@ def horizontal_overflow(driver: WebDriver) -> dict[str, object] | None:
                        ? '.' + e.className.trim().split(/\\s+/).join('.') : '') +
                     ' right=' + Math.round(e.getBoundingClientRect().right));
         return {innerWidth: width, scrollWidth: scroll, culprits: wide};
+        """
+    )
+
+
+def wrapped_copy_buttons(driver: WebDriver) -> list[str]:
+    """Copy buttons whose one-word label is broken over several lines (squeezed flat)."""
+    return driver.execute_script(
+        """
+        return [...document.querySelectorAll('button.copy')].filter(button => {
+          const range = document.createRange();
+          range.selectNodeContents(button);
+          return range.getClientRects().length > 1;
+        }).map(button => button.dataset.copy + ' ' +
+               Math.round(button.getBoundingClientRect().width) + 'x' +
+               Math.round(button.getBoundingClientRect().height));
         """
     )
 
@@ -218,6 +235,8 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     assert "PRIVATE KEY" not in source
     assert not [line for line in private_body if line in source]
     assert badge(browser) == "NOT CONFIGURED"  # nothing stored
+    screenshot(browser, tmp_path, "key-error-desktop", DESKTOP)
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
     # 2. Paste the public half: CONFIGURED, and the two new cards appear.
     find(browser, "#public_key").send_keys(public_key)
@@ -281,6 +300,8 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     phone = screenshot(browser, tmp_path, "dashboard-phone", PHONE)
     overflow = horizontal_overflow(browser)
     assert overflow is None, f"the phone-size page scrolls sideways: {overflow}"
+    squeezed = wrapped_copy_buttons(browser)
+    assert squeezed == [], f"Copy buttons squeezed to one letter per line on a phone: {squeezed}"
     assert desktop.stat().st_size > 10_000 and phone.stat().st_size > 10_000
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
@@ -303,6 +324,7 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     watcher.join(timeout=max(0.0, responded_at + 1.0 - time.time()))
     assert exit_times, "ssh was still running 1 s after the Remove Key response"
     assert exit_times[0] - responded_at <= 1.0
+    print(f"ssh exited {exit_times[0] - responded_at:+.3f}s after the Remove Key response")
     assert exited_within(ssh, 0)
     wait_for(lambda: not can_connect(MESH_ADDRESS, port), timeout=2, what="the port to close")
     assert badge(browser) == "NOT CONFIGURED"

@@ -211,3 +211,22 @@ def test_sso_header_from_anyone_else_is_ignored(tmp_path):
     code, headers, _body = fetch(treq, "GET", "/", {"X-Forwarded-User": "alice"})
     assert code == 303
     assert headers[b"Location"] == [b"/login"]
+
+
+def test_admin_view_is_for_admins_only(site):  # noqa: F811
+    store, client = site
+    session, _csrf = client("alice", via="session")
+    code, _h, _b = fetch(session.treq, "GET", "/admin", session.headers)
+    assert code == 403
+    from nekojump.keys import parse_public_key
+
+    store.add_key("alice", parse_public_key(public_key_text()), "pi")
+    root, root_csrf = client("root", via="session")
+    code, _h, body = fetch(root.treq, "GET", "/admin", root.headers)
+    assert code == 200
+    assert "alice" in body and "pi" in body
+    fingerprint = store.list_keys("alice")[0].fingerprint
+    code, headers, _ = fetch(root.treq, "POST", "/keys/remove", root.headers,
+                             {"csrf": root_csrf, "fingerprint": fingerprint, "back": "/admin"})
+    assert (code, headers[b"Location"]) == (303, [b"/admin"])
+    assert store.list_keys("alice") == []

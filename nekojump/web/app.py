@@ -183,6 +183,8 @@ class Dashboard:
         if isinstance(result, Refused):
             request.setResponseCode(404)
             return await self._page(viewer, key_error=result.reason)
+        if form(request, "back") == "/admin" and viewer.member.is_admin:
+            return see_other(request, b"/admin")
         return see_other(request, b"/#ssh-key-card")
 
     @app.route("/ports", methods=["POST"])
@@ -233,6 +235,23 @@ class Dashboard:
             ports=[(p, p.port in live) for p in ports],
             mesh_address=self.backend.config.forwarding.bind_address,
             hostname=self.backend.config.web.public_hostname,
+        )
+
+    @app.route("/admin", methods=["GET"])
+    async def admin(self, request: IRequest) -> bytes:
+        viewer = await self.viewer(request)
+        if viewer is None:
+            return see_other(request, b"/login")
+        if not viewer.member.is_admin:
+            request.setResponseCode(403)
+            return b"admins only"
+        keys = await self.backend.store.call(self.backend.store.store.list_keys)
+        return self.renderer.page(
+            "admin.html",
+            member=viewer.member,
+            csrf=viewer.csrf,
+            keys=keys,
+            tunnels=self.backend.tunnels(None),
         )
 
     # -- API and static files ----------------------------------------------------------------
