@@ -126,7 +126,7 @@ class NekojumpService(MultiService):
         if not self.store.store.list_members():
             self.log.info(
                 "No members yet. Add the first one and their key:\n"
-                "    nekojump-admin{config} member add NAME\n"
+                "    nekojump-admin{config} member add NAME --password-stdin\n"
                 "    nekojump-admin{config} key add NAME ~/.ssh/nekotopia_jump.pub\n"
                 "then connect: ssh -N -p {port} -R {example}:localhost:8000 "
                 "-i ~/.ssh/nekotopia_jump {user}@{host}",

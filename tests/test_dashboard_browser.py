@@ -108,6 +108,16 @@ def submit(driver: WebDriver, form_css: str) -> None:
     wait(driver, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
+def log_in(driver: WebDriver, jumphost, name: str) -> None:
+    """Visit the dashboard anonymously, get sent to /login, log in, land on the dashboard."""
+    driver.get(jumphost.web_url)
+    wait(driver).until(expected_conditions.url_contains("/login"))
+    find(driver, "#name").send_keys(name)
+    find(driver, "#password").send_keys(PASSWORD)
+    submit(driver, "form[action='/login']")
+    assert driver.current_url.rstrip("/") == jumphost.web_url.rstrip("/")
+
+
 def badge(driver: WebDriver) -> str:
     return find(driver, "#ssh-key-card .card-header .badge").text
 
@@ -123,14 +133,20 @@ def navigation_redirect_end(driver: WebDriver) -> float:
     return (timing["origin"] + timing["end"]) / 1000.0
 
 
-def screenshot(driver: WebDriver, directory: Path, name: str, size: tuple[int, int]) -> Path:
-    """A full-page PNG at ``size`` (CSS px); phones get mobile emulation (meta viewport on)."""
+def emulate(driver: WebDriver, size: tuple[int, int]) -> None:
+    """A viewport of ``size`` CSS px; phone widths get mobile emulation (meta viewport on)."""
     width, height = size
     driver.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride",
         {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
     )
     wait(driver).until(lambda d: d.execute_script("return window.innerWidth") == width)
+
+
+def screenshot(driver: WebDriver, directory: Path, name: str, size: tuple[int, int]) -> Path:
+    """A full-page PNG at viewport ``size``, also copied to $NEKOJUMP_SCREENSHOTS if set."""
+    emulate(driver, size)
+    width = size[0]
     # From the top, so the sticky sidebar is drawn where a visitor first sees it.
     driver.execute_script("window.scrollTo(0, 0)")
     full_height = driver.execute_script("return document.documentElement.scrollHeight")
@@ -206,12 +222,7 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     private_body = [line for line in private_key.splitlines() if "PRIVATE KEY" not in line]
 
     # 1. Log in; an anonymous visit to / lands on the login form.
-    browser.get(jumphost.web_url)
-    wait(browser).until(expected_conditions.url_contains("/login"))
-    find(browser, "#name").send_keys("alice")
-    find(browser, "#password").send_keys(PASSWORD)
-    submit(browser, "form[action='/login']")
-    assert browser.current_url.rstrip("/") == jumphost.web_url.rstrip("/")
+    log_in(browser, jumphost, "alice")
     assert find(browser, "#reverse-tunnel-section h1").text == "Jumphost Tunnel"
     assert badge(browser) == "NOT CONFIGURED"
     assert absent(browser, "#connect-card") and absent(browser, "#ports-card")
@@ -300,8 +311,6 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     phone = screenshot(browser, tmp_path, "dashboard-phone", PHONE)
     overflow = horizontal_overflow(browser)
     assert overflow is None, f"the phone-size page scrolls sideways: {overflow}"
-    squeezed = wrapped_copy_buttons(browser)
-    assert squeezed == [], f"Copy buttons squeezed to one letter per line on a phone: {squeezed}"
     assert desktop.stat().st_size > 10_000 and phone.stat().st_size > 10_000
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
@@ -343,11 +352,22 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     assert browser_errors(browser) == []
 
 
-def test_phone_login_page_fits(jumphost, browser, tmp_path):
-    """The first thing a member sees on a phone does not scroll sideways either."""
+def test_phone_layout(jumphost, keys, browser, tmp_path):
+    """On a phone: the login page and a configured dashboard fit the screen's width,
+    and each Copy button keeps its label on one line."""
+    jumphost.add_member("alice", keys["alice"], password=PASSWORD)
     jumphost.start()
+    emulate(browser, PHONE)
     browser.get(jumphost.web_url + "login")
     screenshot(browser, tmp_path, "login-phone", PHONE)
     overflow = horizontal_overflow(browser)
     assert overflow is None, f"the phone-size login page scrolls sideways: {overflow}"
     assert find(browser, "#name").is_displayed() and find(browser, "#password").is_displayed()
+
+    log_in(browser, jumphost, "alice")
+    assert badge(browser) == "CONFIGURED"
+    overflow = horizontal_overflow(browser)
+    assert overflow is None, f"the phone-size dashboard scrolls sideways: {overflow}"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#connect-card button.copy")) == 5
+    squeezed = wrapped_copy_buttons(browser)
+    assert squeezed == [], f"Copy buttons squeezed to one letter per line: {squeezed}"
