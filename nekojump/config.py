@@ -16,7 +16,7 @@ from typing import Any
 from attrs import frozen
 from twisted.internet.endpoints import serverFromString
 
-from nekojump.policy import ForwardRules, IPNetwork
+from nekojump.policy import ForwardRules, IPNetwork, StartupLimits
 
 DEFAULT_DATA_DIR = "nekojump-data"
 TAKEOVER_MODES = ("same-key", "same-member", "never")
@@ -35,6 +35,12 @@ class SSHConfig:
     login_grace_time: float
     client_alive_interval: float
     client_alive_count_max: int
+    max_startups: int
+    max_startups_per_source: int
+
+    @property
+    def limits(self) -> StartupLimits:
+        return StartupLimits(total=self.max_startups, per_source=self.max_startups_per_source)
 
 
 @frozen
@@ -44,6 +50,7 @@ class ForwardingConfig:
     port_max: int
     reserved_ports: frozenset[int]
     takeover: str
+    max_forwards_per_member: int
 
     @property
     def rules(self) -> ForwardRules:
@@ -53,6 +60,7 @@ class ForwardingConfig:
             port_max=self.port_max,
             reserved_ports=self.reserved_ports,
             takeover=self.takeover,  # type: ignore[arg-type]
+            max_per_member=self.max_forwards_per_member,
         )
 
 
@@ -180,6 +188,8 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "login_grace_time": (_seconds, 30),
         "client_alive_interval": (_seconds, 15),
         "client_alive_count_max": (_integer(1, 100), 3),
+        "max_startups": (_integer(1, 100000), 100),
+        "max_startups_per_source": (_integer(1, 100000), 10),
     },
     "forwarding": {
         "bind_address": (_ip_address, "127.0.0.1"),
@@ -187,6 +197,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "port_max": (_integer(1, 65535), 60000),
         "reserved_ports": (_ports, []),
         "takeover": (_choice(*TAKEOVER_MODES), "same-key"),
+        "max_forwards_per_member": (_integer(1, 65535), 1000),
     },
     "web": {
         "listen": (_endpoint, "tcp:8080:interface=127.0.0.1"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Literal
 
 from attrs import frozen
@@ -35,6 +35,28 @@ def source_allowed(host: str, networks: Iterable[IPNetwork]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
+
+
+@frozen
+class StartupLimits:
+    """Caps on connections that have not authenticated yet (OpenSSH MaxStartups)."""
+
+    total: int = 100
+    per_source: int = 10
+
+
+def startup_refusal(
+    source: str, startups: Mapping[str, int], limits: StartupLimits
+) -> Refused | None:
+    """None if one more unauthenticated connection from ``source`` may start."""
+    if sum(startups.values()) >= limits.total:
+        return Refused("too-many-startups", "too many unauthenticated connections")
+    if startups.get(source, 0) >= limits.per_source:
+        return Refused(
+            "too-many-startups-from-source",
+            f"too many unauthenticated connections from {source}",
+        )
+    return None
 
 
 # -- channels and requests -----------------------------------------------------
@@ -76,6 +98,8 @@ class ForwardRules:
     port_max: int
     reserved_ports: frozenset[int] = frozenset()
     takeover: TakeoverMode = "same-key"
+    #: A safety ceiling, not a quota: the seed promises no enforced cap.
+    max_per_member: int = 1000
 
 
 @frozen

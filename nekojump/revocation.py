@@ -44,12 +44,12 @@ class RevocationWatcher:
             version = await self.store.call(self.store.store.data_version)
             if version == self._version:
                 return 0
-            self._version = version
             usable = await self.store.call(self.store.store.usable_key_ids)
+            killed = self.registry.disconnect_unusable(usable, "key removed")
         except Exception:  # noqa: BLE001 - keep watching after a bad moment
             self.log.failure("revocation check failed")
             return 0
-        killed = self.registry.disconnect_unusable(usable, "key removed")
+        self._version = version  # only once this change has been acted on
         if killed:
             self.log.info("ended {count} connection(s) of removed keys", count=killed)
         return killed

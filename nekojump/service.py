@@ -82,26 +82,38 @@ class NekojumpService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # Ports first: without them there is nothing to run (and no thread to stop).
+        self._listen(self.config.ssh.listen, self.factory, "SSH", self._listening)
+        self._listen(self.config.web.listen, self.site, "the dashboard", self._web_listening)
         self.store.store.start_server(os.getpid())
         self.store.start()
         self.watcher.start()
-        endpoint = serverFromString(self.reactor, self.config.ssh.listen)
-        endpoint.listen(self.factory).addCallbacks(self._listening, self._listen_failed)
-        web = serverFromString(self.reactor, self.config.web.listen)
-        web.listen(self.site).addCallbacks(self._web_listening, self._web_listen_failed)
+
+    def _listen(self, description: str, factory, what: str, listening) -> None:
+        """Listen, or stop the process with one clear message if the port can't be had."""
+        failures: list[Failure] = []
+        d = serverFromString(self.reactor, description).listen(factory)
+        d.addCallbacks(listening, failures.append)
+        if failures:  # TCP listens fail at once: refuse to start without the port
+            raise SystemExit(
+                f"nekojump: cannot listen for {what} on {description}: "
+                f"{failures[0].getErrorMessage()}"
+            )
+        d.addErrback(lambda f: self._late_listen_failure(what, description, f))
+
+    def _late_listen_failure(self, what: str, description: str, failure: Failure) -> None:
+        self.log.critical(
+            "cannot listen for {what} on {listen}: {error}",
+            what=what,
+            listen=description,
+            error=failure.getErrorMessage(),
+        )
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     def _web_listening(self, port: IListeningPort) -> None:
         self.web_port = port
         address = port.getHost()
         self.log.info("dashboard on http://{host}:{port}/", host=address.host, port=address.port)
-
-    def _web_listen_failed(self, failure: Failure) -> None:
-        self.log.critical(
-            "cannot listen for the dashboard on {listen}: {error}",
-            listen=self.config.web.listen,
-            error=failure.getErrorMessage(),
-        )
-        self.reactor.stop()
 
     def _listening(self, port: IListeningPort) -> None:
         self.ssh_port = port
@@ -123,7 +135,11 @@ class NekojumpService(MultiService):
         self.log.info(
             "host key {fingerprint} (ED25519)", fingerprint=host_key_fingerprint(self.host_key)
         )
-        if not self.store.store.list_members():
+        self.store.call(self.store.store.list_members).addCallback(self._first_start_hint, address)
+
+    def _first_start_hint(self, members: list[object], address) -> None:
+        cfg = self.config
+        if not members:
             self.log.info(
                 "No members yet. Add the first one and their key:\n"
                 "    nekojump-admin{config} member add NAME --password-stdin\n"
@@ -136,14 +152,6 @@ class NekojumpService(MultiService):
                 user=cfg.ssh.user,
                 host=address.host,
             )
-
-    def _listen_failed(self, failure: Failure) -> None:
-        self.log.critical(
-            "cannot listen for SSH on {listen}: {error}",
-            listen=self.config.ssh.listen,
-            error=failure.getErrorMessage(),
-        )
-        self.reactor.stop()
 
     def stopService(self):
         self.watcher.stop()

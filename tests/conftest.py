@@ -139,10 +139,16 @@ def fingerprint(key: Path) -> str:
 class Jumphost:
     """A ``twistd -n nekojump`` process with its own config and data directory."""
 
-    def __init__(self, directory: Path, ssh_extra: str = "", forwarding_extra: str = "") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ssh_extra: str = "",
+        forwarding_extra: str = "",
+        ssh_port: int | None = None,
+    ) -> None:
         self.directory = directory
         self.data_dir = directory / "data"
-        self.ssh_port = free_port(SSH_HOST)
+        self.ssh_port = ssh_port or free_port(SSH_HOST)
         self.port_min = random.randrange(20000, 50000, 100)
         self.port_max = self.port_min + 99
         self.reserved = self.port_min + 22
@@ -154,8 +160,7 @@ data_dir = "{self.data_dir}"
 [ssh]
 listen = "tcp:{self.ssh_port}:interface={SSH_HOST}"
 allowed_sources = ["127.0.0.0/8"]
-login_grace_time = 5
-{ssh_extra}
+{ssh_extra or "login_grace_time = 5"}
 [forwarding]
 bind_address = "{MESH_ADDRESS}"
 port_min = {self.port_min}

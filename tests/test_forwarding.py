@@ -185,3 +185,25 @@ def test_eof_from_the_member_half_closes_even_while_the_socket_is_full():
     conn.ssh_CHANNEL_EOF(struct.pack(">L", channel.id))
     assert socket.producer is None
     assert socket.write_closed
+
+
+def test_a_full_member_socket_pauses_every_mesh_reader_of_that_connection():
+    """However large the window the member grants, the server's SSH socket buffer stays bounded."""
+    conn, _mesh, socket, channel, _forward, confirm = setup(remote_window=2**32 - 1)
+    confirm()
+    assert socket.producerState == "producing"
+    conn.pauseProducing()  # the member's SSH socket buffer is full
+    assert socket.producerState == "paused"
+    conn.resumeProducing()
+    assert socket.producerState == "producing"
+
+
+def test_resuming_the_member_socket_keeps_window_blocked_readers_paused():
+    conn, mesh, socket, channel, _forward, confirm = setup(remote_window=100)
+    confirm()
+    mesh.dataReceived(b"z" * 500)  # uses up the member's window
+    conn.pauseProducing()
+    conn.resumeProducing()
+    assert socket.producerState == "paused"
+    channel.addWindowBytes(10_000)
+    assert socket.producerState == "producing"

@@ -187,11 +187,14 @@ def sso_site(tmp_path, trusted: str):
 
     store = SQLiteStore.open(tmp_path)
     store.add_member("alice")
-    config = parse_config({"web": {"sso_header": "X-Forwarded-User",
-                                   "trusted_proxies": [trusted]}})
-    backend = Backend(config=config, store=ImmediateStore(store), registry=TunnelRegistry(),
-                      host_key=Key(ed25519.Ed25519PrivateKey.generate()),
-                      throttle=LoginThrottle(clock=Clock().seconds))
+    config = parse_config({"web": {"sso_header": "X-Forwarded-User", "trusted_proxies": [trusted]}})
+    backend = Backend(
+        config=config,
+        store=ImmediateStore(store),
+        registry=TunnelRegistry(),
+        host_key=Key(ed25519.Ed25519PrivateKey.generate()),
+        throttle=LoginThrottle(clock=Clock().seconds),
+    )
     return StubTreq(Dashboard(backend).resource())
 
 
@@ -226,7 +229,12 @@ def test_admin_view_is_for_admins_only(site):  # noqa: F811
     assert code == 200
     assert "alice" in body and "pi" in body
     fingerprint = store.list_keys("alice")[0].fingerprint
-    code, headers, _ = fetch(root.treq, "POST", "/keys/remove", root.headers,
-                             {"csrf": root_csrf, "fingerprint": fingerprint, "back": "/admin"})
+    code, headers, _ = fetch(
+        root.treq,
+        "POST",
+        "/keys/remove",
+        root.headers,
+        {"csrf": root_csrf, "fingerprint": fingerprint, "back": "/admin"},
+    )
     assert (code, headers[b"Location"]) == (303, [b"/admin"])
     assert store.list_keys("alice") == []

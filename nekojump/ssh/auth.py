@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import userauth
 from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.keys import BadKeyError, Key
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
@@ -97,10 +99,56 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
 
     _log = conch_logger("nekojump.ssh.auth", LogLevel.warn)
 
+    #: Requests a client may pipeline while one is being checked.
+    max_queued = 8
+
     def serviceStarted(self) -> None:
         factory = self.transport.factory
         self.loginTimeout = factory.config.ssh.login_grace_time
         # Conch disconnects once attempts exceed this number.
         self.attemptsBeforeDisconnect = factory.config.ssh.max_auth_tries - 1
         self.clock = factory.reactor
+        self._pending = False
+        self._succeeded = False
+        self._stopped = False
+        self._queue: deque[bytes] = deque()
         super().serviceStarted()
+
+    def serviceStopped(self) -> None:
+        self._stopped = True
+        super().serviceStopped()
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes):
+        # Our key checker answers asynchronously; one request at a time, in
+        # order, so two successes can never race each other.
+        if self._succeeded:
+            return None
+        if self._pending:
+            if len(self._queue) >= self.max_queued:
+                self.transport.sendDisconnect(
+                    DISCONNECT_PROTOCOL_ERROR, b"too many pipelined auth requests"
+                )
+                return None
+            self._queue.append(packet)
+            return None
+        d = super().ssh_USERAUTH_REQUEST(packet)
+        if d is not None:
+            self._pending = True
+            d.addBoth(self._request_done)
+        return d
+
+    def _request_done(self, result: object) -> object:
+        self._pending = False
+        if self._queue and not self._succeeded and not self._stopped:
+            self.ssh_USERAUTH_REQUEST(self._queue.popleft())
+        return result
+
+    def _cbFinishedAuth(self, result) -> None:
+        _interface, _avatar, logout = result
+        if self._succeeded or self._stopped:
+            logout()  # the client left (or already got in) while we checked
+            return
+        self._succeeded = True
+        self._queue.clear()
+        self.transport.authentication_succeeded()
+        super()._cbFinishedAuth(result)

@@ -14,6 +14,7 @@ from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from nekojump import policy
 from nekojump.model import Identity, Refused
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
     from nekojump.config import Config
     from nekojump.ssh.connection import TunnelConnection
     from nekojump.store import DeferredStore
+
+#: Refused forward requests one connection may make before it is dropped.
+MAX_REFUSALS = 20
+#: Longest bind address a client may send in tcpip-forward.
+MAX_HOST_LENGTH = 255
 
 #: Give the disconnect message this long to leave before the socket is cut.
 DISCONNECT_GRACE = 0.3
@@ -64,6 +70,7 @@ class TunnelAvatar(ConchUser):
         self.source = "unknown"
         self.forwards: dict[int, ActiveForward] = {}
         self.gone = False
+        self.refusals = 0
         self.channelLookup[b"session"] = TunnelSession
 
     # -- life cycle ----------------------------------------------------------------
@@ -82,13 +89,20 @@ class TunnelAvatar(ConchUser):
         )
         # A key removed between the auth lookup and now would escape the
         # revocation watcher; this second look closes that window.
-        self.store.call(self.store.store.confirm_login, self.identity.key_id).addCallback(
-            self._confirmed
+        self.store.call(self.store.store.confirm_login, self.identity.key_id).addCallbacks(
+            self._confirmed, self._confirm_failed
         )
 
     def _confirmed(self, usable: bool) -> None:
         if not usable:
             self.disconnect("key removed")
+
+    def _confirm_failed(self, failure: Failure) -> None:
+        # Can't tell whether the key is still good: fail closed.
+        self.log.failure(
+            "could not re-check the key of {member}", failure, member=self.identity.member_name
+        )
+        self.disconnect("internal error checking the key")
 
     def logout(self) -> None:
         """The connection is gone: release every port at once."""
@@ -149,6 +163,11 @@ class TunnelAvatar(ConchUser):
                 member=self.identity.member_name,
                 code=result.code,
             )
+            self.refusals += 1
+            if self.refusals > MAX_REFUSALS:
+                # A client looping on refused binds would flood the audit trail.
+                self.disconnect("too many refused forward requests")
+                return 0
             self._audit("bind-refused", port=port, code=result.code)
             return 0
         self._audit("bind", port=result.port, requested_host=requested_host)
@@ -158,6 +177,14 @@ class TunnelAvatar(ConchUser):
 
     def _bind(self, requested_host: str, port: int) -> ActiveForward | Refused:
         rules = self.config.forwarding.rules
+        if len(requested_host) > MAX_HOST_LENGTH:
+            return Refused("bad-host", "the requested bind address is too long")
+        held = self.registry.count_for_member(self.identity.member_id)
+        if self.registry.holder_of(port) is None and held >= rules.max_per_member:
+            return Refused(
+                "too-many-forwards",
+                f"you already hold {held} forwards (the limit is {rules.max_per_member})",
+            )
         if port == 0:
             forward = None
 
@@ -192,11 +219,20 @@ class TunnelAvatar(ConchUser):
             avatar=self,
             since=self.clock.seconds(),
         )
-        factory = ForwardListenerFactory(forward, self.config.ssh.allowed_sources)
-        try:
-            forward.listener = self.reactor.listenTCP(port, factory, interface=bind_address)
-        except CannotListenError:
-            return None
+        parked = self.registry.unpark(port)
+        if parked is not None:
+            # Released a moment ago and not closed yet: reuse the socket.
+            forward.listener, forward.factory = parked.listener, parked.factory
+            assert forward.factory is not None
+            forward.factory.forward = forward
+        else:
+            forward.factory = ForwardListenerFactory(forward, self.config.ssh.allowed_sources)
+            try:
+                forward.listener = self.reactor.listenTCP(
+                    port, forward.factory, interface=bind_address
+                )
+            except CannotListenError:
+                return None
         self.forwards[port] = forward
         self.registry.add_forward(forward)
         return forward
@@ -241,7 +277,9 @@ class TunnelAvatar(ConchUser):
         self.forwards.pop(forward.port, None)
         self.registry.remove_forward(forward)
         if forward.listener is not None and forward.avatar is self:
-            forward.listener.stopListening()
+            # The socket closes on the next reactor turn; until then a bind
+            # for this port (a reconnecting client) gets it back at once.
+            self.registry.park(forward, self.clock)
 
     def forward_failed(self, forward: ActiveForward, message: str) -> None:
         """A mesh connection could not be handed to the member; remember why."""

@@ -12,10 +12,14 @@ from twisted.conch.ssh.connection import (
     OPEN_RESOURCE_SHORTAGE,
     SSHConnection,
 )
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger, LogLevel
+from zope.interface import implementer
 
 from nekojump import policy
 from nekojump.logs import conch_logger
+from nekojump.ssh.forwarding import ForwardedChannel
 from nekojump.ssh.keepalive import Keepalive
 from nekojump.ssh.session import TunnelSession
 
@@ -25,6 +29,7 @@ KEEPALIVE_REQUEST = b"keepalive@openssh.com"
 MAX_SESSIONS = 10
 
 
+@implementer(IPushProducer)
 class TunnelConnection(SSHConnection):
     """Refuses unwanted channels quietly and withholds window from paused channels."""
 
@@ -46,6 +51,30 @@ class TunnelConnection(SSHConnection):
             on_dead=lambda: avatar.disconnect("client stopped answering keepalives"),
         )
         self.keepalive.start()
+        socket = self.transport.transport
+        if getattr(socket, "producer", True) is None:
+            socket.registerProducer(self, True)
+
+    #: True while the member's SSH socket has more queued than it should:
+    #: every forwarded connection stops reading its mesh socket meanwhile.
+    output_paused = False
+
+    def forwarded_channels(self) -> list[ForwardedChannel]:
+        return [c for c in self.channels.values() if isinstance(c, ForwardedChannel)]
+
+    # IPushProducer, registered on the member's SSH socket.
+    def pauseProducing(self) -> None:
+        self.output_paused = True
+        for channel in self.forwarded_channels():
+            channel.update_reading()
+
+    def resumeProducing(self) -> None:
+        self.output_paused = False
+        for channel in self.forwarded_channels():
+            channel.update_reading()
+
+    def stopProducing(self) -> None:
+        pass
 
     def serviceStopped(self) -> None:
         if self.keepalive is not None:
@@ -53,8 +82,13 @@ class TunnelConnection(SSHConnection):
         super().serviceStopped()
 
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
-        channel_type, rest = common.getNS(packet)
-        (sender,) = struct.unpack(">L", rest[:4])
+        try:
+            channel_type, rest = common.getNS(packet)
+            (sender,) = struct.unpack(">L", rest[:4])
+        except (struct.error, ValueError, IndexError):
+            self.log.info("malformed channel open; disconnecting")
+            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"malformed channel open")
+            return
         refusal = policy.channel_allowed(channel_type)
         if refusal is not None:
             avatar = self.transport.avatar

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from twisted.conch.ssh.factory import SSHFactory
 from twisted.conch.ssh.keys import Key
 from twisted.cred.portal import Portal
@@ -10,7 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from nekojump.config import Config
-from nekojump.policy import source_allowed
+from nekojump.policy import source_allowed, startup_refusal
 from nekojump.ssh.auth import TunnelUserAuthServer
 from nekojump.ssh.connection import TunnelConnection
 from nekojump.ssh.transport import TunnelServerTransport
@@ -34,12 +36,21 @@ class TunnelSSHFactory(SSHFactory):
         self.privateKeys = {host_key.sshType(): host_key}
         self.publicKeys = {host_key.sshType(): host_key.public()}
         self.primes = None
+        #: Unauthenticated connections per source address (OpenSSH's MaxStartups).
+        self.startups: Counter[str] = Counter()
+        self._in_startup: set[TunnelServerTransport] = set()
 
     def buildProtocol(self, addr: IAddress) -> TunnelServerTransport | None:
         host = getattr(addr, "host", "")
         if not source_allowed(host, self.config.ssh.allowed_sources):
             self.log.info(
                 "refused SSH connection from {source}: not an allowed source", source=host
+            )
+            return None
+        refusal = startup_refusal(host, self.startups, self.config.ssh.limits)
+        if refusal is not None:
+            self.log.info(
+                "refused SSH connection from {source}: {reason}", source=host, reason=refusal.reason
             )
             return None
         # Factory.buildProtocol, not SSHFactory's: our transport already lists
@@ -52,4 +63,16 @@ class TunnelSSHFactory(SSHFactory):
             for algorithm in key.supportedSignatureAlgorithms()
             if algorithm != b"ssh-rsa"
         ]
+        self.startups[host] += 1
+        self._in_startup.add(transport)
+        transport.startup_source = host
         return transport
+
+    def preauth_ended(self, transport: TunnelServerTransport) -> None:
+        """A connection authenticated or went away: it no longer counts as a startup."""
+        if transport in self._in_startup:
+            self._in_startup.discard(transport)
+            source = transport.startup_source
+            self.startups[source] -= 1
+            if self.startups[source] <= 0:
+                del self.startups[source]

@@ -42,10 +42,13 @@ class ForwardListenerFactory(Factory):
     log = Logger()
 
     def __init__(self, forward: ActiveForward, allowed_sources: Iterable[IPNetwork]):
-        self.forward = forward
+        #: None while the listener is released and about to close.
+        self.forward: ActiveForward | None = forward
         self.allowed_sources = tuple(allowed_sources)
 
     def buildProtocol(self, addr: IAddress) -> MeshConnection | None:
+        if self.forward is None:
+            return None
         host = getattr(addr, "host", "")
         if not source_allowed(host, self.allowed_sources):
             self.log.info(
@@ -129,6 +132,7 @@ class ForwardedChannel(SSHChannel):
         self.is_open = False
         self.mesh_closed = False
         self.eof_sent = False
+        self.window_blocked = False
         #: True while the mesh socket cannot take more: grant no window then.
         self.reading_paused = False
 
@@ -140,13 +144,15 @@ class ForwardedChannel(SSHChannel):
             self.loseConnection()
             return
         self.mesh.transport.registerProducer(self, True)
-        self.mesh.resume_reading()
+        self.update_reading()
 
     def openFailed(self, reason: Failure | Exception) -> None:
         error = reason.value if isinstance(reason, Failure) else reason
         if isinstance(error, ConchError):
             code = error.data
-            text = error.value if isinstance(error.value, str) else repr(error.value)
+            text = error.value
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", "replace")
             if code == connection.OPEN_CONNECT_FAILED:
                 message = LOCAL_SERVICE_REFUSED
             else:
@@ -189,10 +195,19 @@ class ForwardedChannel(SSHChannel):
 
     # Conch calls these when the member's window is used up / open again.
     def stopWriting(self) -> None:
-        self.mesh.pause_reading()
+        self.window_blocked = True
+        self.update_reading()
 
     def startWriting(self) -> None:
-        self.mesh.resume_reading()
+        self.window_blocked = False
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        """Read the mesh socket only while the member has window and the SSH socket room."""
+        if self.is_open and not self.window_blocked and not self.conn.output_paused:
+            self.mesh.resume_reading()
+        else:
+            self.mesh.pause_reading()
 
     # -- IPushProducer, for the mesh socket's write buffer ------------------------
 

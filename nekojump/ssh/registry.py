@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from attrs import define, field
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.logger import Logger
 
 from nekojump.model import Identity, LiveForward
@@ -15,6 +15,7 @@ from nekojump.policy import Holder
 
 if TYPE_CHECKING:
     from nekojump.ssh.avatar import TunnelAvatar
+    from nekojump.ssh.forwarding import ForwardListenerFactory
 
 
 @define(eq=False)
@@ -27,6 +28,7 @@ class ActiveForward:
     avatar: TunnelAvatar
     since: float
     listener: IListeningPort | None = None
+    factory: ForwardListenerFactory | None = None
     open_connections: int = 0
     connections_total: int = 0
     bytes_to_member: int = 0
@@ -60,6 +62,7 @@ class TunnelRegistry:
     _forwards: dict[int, ActiveForward] = field(factory=dict)
     _avatars: dict[int, TunnelAvatar] = field(factory=dict)
     _ids: Iterable[int] = field(factory=lambda: itertools.count(1))
+    _parked: dict[int, tuple[ActiveForward, IDelayedCall]] = field(factory=dict)
     on_change: Callable[[ActiveForward | None, int], None] | None = None
 
     log = Logger()
@@ -105,6 +108,33 @@ class TunnelRegistry:
 
     def forwards_of(self, identity: Identity) -> list[ActiveForward]:
         return [f for f in self.forwards() if f.avatar.identity == identity]
+
+    def count_for_member(self, member_id: int) -> int:
+        return sum(1 for f in self._forwards.values() if f.holder.member_id == member_id)
+
+    # -- released listeners, closing on the next reactor turn -----------------------
+
+    def park(self, forward: ActiveForward, clock: IReactorTime) -> None:
+        """Stop taking connections on a released forward's listener; close it on the
+        next reactor turn unless ``unpark`` claims it first."""
+        assert forward.listener is not None and forward.factory is not None
+        forward.factory.forward = None
+        call = clock.callLater(0, self._close_parked, forward.port)
+        self._parked[forward.port] = (forward, call)
+
+    def unpark(self, port: int) -> ActiveForward | None:
+        """The released forward still listening on ``port``, now no longer closing."""
+        parked = self._parked.pop(port, None)
+        if parked is None:
+            return None
+        forward, call = parked
+        call.cancel()
+        return forward
+
+    def _close_parked(self, port: int) -> None:
+        forward, _call = self._parked.pop(port)
+        assert forward.listener is not None
+        forward.listener.stopListening()
 
     def add_forward(self, forward: ActiveForward) -> None:
         self._forwards[forward.port] = forward

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from twisted.conch.ssh import _kex
-from twisted.conch.ssh.transport import SSHServerTransport
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR, SSHServerTransport
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from nekojump import __version__
@@ -50,6 +51,54 @@ class TunnelServerTransport(SSHServerTransport):
     supportedMACs = _available(MACS, SSHServerTransport.supportedMACs)
     supportedCompressions = [b"none"]
 
+    #: Bytes an unauthenticated client may have buffered in the server; every
+    #: legitimate pre-auth packet (kex, userauth with a 4096-bit RSA
+    #: signature) is a few KiB.
+    preauth_buffer_limit = 64 * 1024
+
+    authenticated = False
+    _grace: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        ssh = self.factory.config.ssh
+        # login_grace_time runs from the first byte, not from userauth: a
+        # client that never finishes the version or kex is dropped too.
+        self._grace = self.factory.reactor.callLater(ssh.login_grace_time, self._grace_expired)
+
+    def _grace_expired(self) -> None:
+        self._grace = None
+        self._log.info("{peer} did not authenticate in time", peer=self._peer())
+        self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"authentication timeout")
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if not self.authenticated and len(self.buf) > self.preauth_buffer_limit:
+            self._log.info(
+                "{peer} sent an oversized packet before authenticating", peer=self._peer()
+            )
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"packet too large")
+            self.transport.abortConnection()
+
+    def authentication_succeeded(self) -> None:
+        """Userauth is done: stop the grace timer and leave the startup count."""
+        self.authenticated = True
+        self._end_preauth()
+
+    def _end_preauth(self) -> None:
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self._grace = None
+        self.factory.preauth_ended(self)
+
+    def connectionLost(self, reason=None) -> None:
+        self._end_preauth()
+        super().connectionLost(reason)
+
+    def _peer(self) -> str:
+        return getattr(self.transport.getPeer(), "host", "unknown")
+
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         extensions = [
             (name, b",".join(USER_SIGNATURE_ALGORITHMS) if name == b"server-sig-algs" else value)
@@ -57,7 +106,19 @@ class TunnelServerTransport(SSHServerTransport):
         ]
         super().sendExtInfo(extensions)
 
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        self._release_socket_producer()
+        super().sendDisconnect(reason, desc)
+
+    def _release_socket_producer(self) -> None:
+        # A paused producer on the socket would keep loseConnection from ever
+        # closing it (Twisted resumes the producer instead of closing).
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+
     def receiveError(self, reasonCode: int, description: bytes) -> None:
+        # ssh_DISCONNECT calls loseConnection right after this.
+        self._release_socket_producer()
         # Every client that quits sends "disconnected by user"; that is no error.
         self._log.debug(
             "client disconnected: code {code}: {description!r}",

@@ -1,0 +1,91 @@
+"""Limits a hostile or broken client runs into, against a real server on loopback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import MESH_ADDRESS, SSH_HOST, Jumphost, exchange, tool, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def closed_by_server(s: socket.socket, within: float) -> bool:
+    s.settimeout(within)
+    try:
+        while s.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
+
+
+@pytest.fixture
+def strict_host(tmp_path, keys):
+    host = Jumphost(
+        tmp_path,
+        ssh_extra="login_grace_time = 1\nmax_startups = 6\nmax_startups_per_source = 3",
+    )
+    host.add_member("alice", keys["alice"])
+    host.start()
+    yield host
+    host.close_clients()
+    host.stop()
+
+
+def test_clients_that_never_authenticate_are_dropped_after_the_grace_time(strict_host):
+    silent = socket.create_connection((SSH_HOST, strict_host.ssh_port))
+    version_only = socket.create_connection((SSH_HOST, strict_host.ssh_port))
+    version_only.sendall(b"SSH-2.0-stuck\r\n")
+    started = time.monotonic()
+    for s in (silent, version_only):
+        assert closed_by_server(s, within=5)
+        s.close()
+    assert time.monotonic() - started < 5
+
+
+def test_unauthenticated_connections_are_capped_per_source_and_in_total(strict_host, keys, echo):
+    held = []
+    for _ in range(3):
+        s = socket.socket()
+        s.bind(("127.0.0.5", 0))
+        s.connect((SSH_HOST, strict_host.ssh_port))
+        held.append(s)
+    wait_for(lambda: all(s.recv(4, socket.MSG_PEEK) for s in held), what="banners")
+    extra = socket.socket()
+    extra.bind(("127.0.0.5", 0))
+    extra.connect((SSH_HOST, strict_host.ssh_port))
+    assert closed_by_server(extra, within=2)  # a 4th from the same source: refused
+    # Another source still gets in, and a real member can log in and forward.
+    port = strict_host.port_min + 1
+    strict_host.forward(keys["alice"], port, echo.port)
+    assert exchange(MESH_ADDRESS, port, b"still works") == b"still works"
+    for s in held:
+        s.close()
+
+
+def test_oversized_packets_before_auth_are_refused(strict_host):
+    s = socket.create_connection((SSH_HOST, strict_host.ssh_port))
+    s.sendall(b"SSH-2.0-x\r\n" + (1_000_000).to_bytes(4, "big") + b"\x04" + b"\x00" * 200_000)
+    assert closed_by_server(s, within=3)
+
+
+def test_a_taken_ssh_port_stops_the_start_with_one_message(tmp_path):
+    blocker = socket.create_server((SSH_HOST, 0))
+    host = Jumphost(tmp_path, ssh_port=blocker.getsockname()[1])
+    result = subprocess.run(
+        [tool("twistd"), "-n", "--pidfile=", "nekojump", "--config", str(host.config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    blocker.close()
+    assert result.returncode != 0
+    assert f"cannot listen for SSH on tcp:{host.ssh_port}" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

@@ -1,0 +1,290 @@
+"""The SSH server in memory: a Conch client and nekojump's server joined by iosim.
+
+No sockets, no sleeps: a ``MemoryReactorClock`` stands in for the reactor (it
+records listens instead of binding), and ``pump.flush()`` moves bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh import common, service, transport
+from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.keys import Key
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test import iosim
+
+from nekojump.config import parse_config
+from nekojump.keys import parse_public_key
+from nekojump.model import Identity
+from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
+from nekojump.ssh.avatar import MAX_REFUSALS, TunnelAvatar
+from nekojump.ssh.factory import TunnelSSHFactory
+from nekojump.ssh.registry import TunnelRegistry
+from nekojump.store import ImmediateStore, SQLiteStore
+
+MSG_USERAUTH_REQUEST = 50
+MSG_USERAUTH_SUCCESS = 52
+MSG_GLOBAL_REQUEST = 80
+MSG_REQUEST_SUCCESS = 81
+MSG_REQUEST_FAILURE = 82
+MSG_CHANNEL_OPEN = 90
+
+
+class Recorder(service.SSHService):
+    """Client side: sends raw packets and records every message it gets back."""
+
+    name = b"ssh-userauth"
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, bytes]] = []
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        self.got.append((messageNum, packet))
+
+    def count(self, number: int) -> int:
+        return sum(1 for n, _ in self.got if n == number)
+
+    def send(self, number: int, payload: bytes) -> None:
+        self.transport.sendPacket(number, payload)
+
+    def signed_auth(self, key: Key, user: bytes = b"tunnel") -> bytes:
+        blob, alg, service_name = key.public().blob(), b"ssh-ed25519", b"ssh-connection"
+        signed = (
+            NS(self.transport.sessionID)
+            + bytes((MSG_USERAUTH_REQUEST,))
+            + NS(user)
+            + NS(service_name)
+            + NS(b"publickey")
+            + b"\x01"
+            + NS(alg)
+            + NS(blob)
+        )
+        return (
+            NS(user)
+            + NS(service_name)
+            + NS(b"publickey")
+            + b"\x01"
+            + NS(alg)
+            + NS(blob)
+            + NS(key.sign(signed))
+        )
+
+
+class Client(transport.SSHClientTransport):
+    def verifyHostKey(self, hostKey: bytes, fingerprint: str) -> Any:
+        return succeed(True)
+
+    def connectionSecure(self) -> None:
+        self.requestService(self.factory.recorder)
+
+
+def forward_request(port: int, name: bytes = b"tcpip-forward") -> bytes:
+    return NS(name) + b"\x01" + NS(b"localhost") + struct.pack(">L", port)
+
+
+class Port:
+    """A listening port that remembers whether it was stopped."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stopped = False
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+class Reactor(MemoryReactorClock):
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        super().listenTCP(port, factory, backlog, interface)
+        return Port(port)
+
+
+class World:
+    def __init__(self, tmp_path) -> None:
+        self.reactor = Reactor()
+        self.store = SQLiteStore.open(tmp_path)
+        self.key = Key(ed25519.Ed25519PrivateKey.generate())
+        self.store.add_member("alice")
+        self.store.add_key(
+            "alice", parse_public_key(self.key.public().toString("OPENSSH").decode()), "laptop"
+        )
+        self.config = parse_config(
+            {
+                "ssh": {"login_grace_time": 30},
+                "forwarding": {"bind_address": "127.0.0.2", "port_min": 20000, "port_max": 20099},
+            }
+        )
+        self.registry = TunnelRegistry()
+        deferred_store = ImmediateStore(self.store)
+
+        def make_avatar(identity: Identity) -> TunnelAvatar:
+            return TunnelAvatar(
+                identity,
+                registry=self.registry,
+                config=self.config,
+                store=deferred_store,
+                reactor=self.reactor,
+            )
+
+        portal = Portal(
+            TunnelRealm(make_avatar), [TunnelKeyChecker(deferred_store, self.config.ssh.user)]
+        )
+        host_key = Key(ed25519.Ed25519PrivateKey.generate())
+        self.factory = TunnelSSHFactory(portal, host_key, self.config, self.reactor)
+        self.factory.startFactory()
+
+    def connect(self) -> tuple[Recorder, Any, Any]:
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        server = self.factory.buildProtocol(peer)
+        factory = ClientFactory()
+        factory.recorder = Recorder()
+        client = Client()
+        client.factory = factory
+        pump = iosim.connect(
+            server,
+            iosim.FakeTransport(server, isServer=True, peerAddress=peer),
+            client,
+            iosim.FakeTransport(client, isServer=False),
+        )
+        pump.flush()
+        assert client.isEncrypted("both"), "key exchange did not finish"
+        return factory.recorder, pump, server
+
+    def logged_in(self) -> tuple[Recorder, Any, Any]:
+        recorder, pump, server = self.connect()
+        recorder.send(MSG_USERAUTH_REQUEST, recorder.signed_auth(self.key))
+        pump.flush()
+        assert recorder.count(MSG_USERAUTH_SUCCESS) == 1
+        return recorder, pump, server
+
+    def listens(self, port: int) -> int:
+        return sum(1 for p, *_ in self.reactor.tcpServers if p == port)
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    yield w
+    w.store.close()
+
+
+def test_pipelined_auth_requests_log_in_once(world):
+    """Five signed requests in one burst: one success, one live connection."""
+    recorder, pump, _server = world.connect()
+    request = recorder.signed_auth(world.key)
+    for _ in range(5):
+        recorder.send(MSG_USERAUTH_REQUEST, request)
+    pump.flush()
+    assert recorder.count(MSG_USERAUTH_SUCCESS) == 1
+    assert len(world.registry.avatars()) == 1
+
+
+def test_unauthenticated_connections_count_as_startups_until_auth(world):
+    _recorder, pump, server = world.connect()
+    assert world.factory.startups == {"127.0.0.1": 1}
+    world.logged_in()
+    assert world.factory.startups == {"127.0.0.1": 1}  # only the first one now
+    server.transport.loseConnection()
+    pump.flush()
+    assert world.factory.startups == {}
+
+
+def test_grace_time_runs_from_the_first_byte(world):
+    _recorder, pump, server = world.connect()
+    world.reactor.advance(31)
+    pump.flush()
+    assert server.transport.disconnecting or server.transport.disconnected
+
+
+def test_forward_request_binds_on_the_mesh_address_and_answers(world):
+    recorder, pump, _server = world.logged_in()
+    recorder.send(MSG_GLOBAL_REQUEST, forward_request(20080))
+    pump.flush()
+    assert recorder.count(MSG_REQUEST_SUCCESS) == 1
+    port, _factory, _backlog, interface = world.reactor.tcpServers[-1]
+    assert (port, interface) == (20080, "127.0.0.2")
+
+
+def test_cancel_then_rebind_in_one_burst_reuses_the_socket(world):
+    """The port is free "at once": no window where a rebind fails."""
+    recorder, pump, _server = world.logged_in()
+    recorder.send(MSG_GLOBAL_REQUEST, forward_request(20081))
+    pump.flush()
+    recorder.send(MSG_GLOBAL_REQUEST, forward_request(20081, b"cancel-tcpip-forward"))
+    recorder.send(MSG_GLOBAL_REQUEST, forward_request(20081))
+    pump.flush()
+    assert recorder.count(MSG_REQUEST_SUCCESS) == 3
+    assert world.listens(20081) == 1
+    assert world.registry.held_ports() == {20081}
+    world.reactor.advance(0)  # nothing was left parked to close
+    assert not world.registry.forward_on(20081).listener.stopped
+
+
+def test_released_port_closes_on_the_next_turn(world):
+    recorder, pump, _server = world.logged_in()
+    recorder.send(MSG_GLOBAL_REQUEST, forward_request(20082))
+    pump.flush()
+    listener = world.registry.forward_on(20082).listener
+    recorder.send(MSG_GLOBAL_REQUEST, forward_request(20082, b"cancel-tcpip-forward"))
+    pump.flush()
+    assert world.registry.held_ports() == set()
+    assert not listener.stopped  # still parked for this turn
+    world.reactor.advance(0)
+    assert listener.stopped
+
+
+def test_a_client_looping_on_refused_binds_is_disconnected(world):
+    recorder, pump, server = world.logged_in()
+    for _ in range(MAX_REFUSALS + 1):
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(80))
+    pump.flush()
+    assert recorder.count(MSG_REQUEST_FAILURE) == MAX_REFUSALS  # then the disconnect
+    assert server.transport.disconnecting or server.transport.disconnected
+    assert len(world.store.audit_events(1000)) < MAX_REFUSALS + 10
+
+
+def test_overlong_bind_address_is_refused(world):
+    recorder, pump, _server = world.logged_in()
+    payload = NS(b"tcpip-forward") + b"\x01" + NS(b"h" * 5000) + struct.pack(">L", 20083)
+    recorder.send(MSG_GLOBAL_REQUEST, payload)
+    pump.flush()
+    assert recorder.count(MSG_REQUEST_FAILURE) == 1
+    assert world.registry.held_ports() == set()
+
+
+def test_malformed_channel_open_ends_only_that_connection(world):
+    recorder, pump, server = world.logged_in()
+    other, pump2, _ = world.logged_in()
+    recorder.send(MSG_CHANNEL_OPEN, NS(b"session")[:3])
+    pump.flush()
+    assert server.transport.disconnecting or server.transport.disconnected
+    other.send(MSG_GLOBAL_REQUEST, forward_request(20084))
+    pump2.flush()
+    assert other.count(MSG_REQUEST_SUCCESS) == 1
+
+
+def test_direct_tcpip_is_administratively_prohibited(world):
+    recorder, pump, _server = world.logged_in()
+    open_packet = (
+        NS(b"direct-tcpip")
+        + struct.pack(">3L", 0, 65536, 32768)
+        + NS(b"127.0.0.1")
+        + struct.pack(">L", 22)
+        + NS(b"127.0.0.1")
+        + struct.pack(">L", 1234)
+    )
+    recorder.send(MSG_CHANNEL_OPEN, open_packet)
+    pump.flush()
+    failures = [p for n, p in recorder.got if n == 92]  # CHANNEL_OPEN_FAILURE
+    assert len(failures) == 1
+    (_recipient, reason) = struct.unpack(">2L", failures[0][:8])
+    assert reason == 1  # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+    assert b"only hold remote forwards" in common.getNS(failures[0][8:])[0]
