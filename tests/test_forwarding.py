@@ -189,7 +189,7 @@ def test_eof_from_the_member_half_closes_even_while_the_socket_is_full():
 
 def test_a_full_member_socket_pauses_every_mesh_reader_of_that_connection():
     """However large the window the member grants, the server's SSH socket buffer stays bounded."""
-    conn, _mesh, socket, channel, _forward, confirm = setup(remote_window=2**32 - 1)
+    conn, _mesh, socket, _channel, _forward, confirm = setup(remote_window=2**32 - 1)
     confirm()
     assert socket.producerState == "producing"
     conn.pauseProducing()  # the member's SSH socket buffer is full
