@@ -307,6 +307,9 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     assert f"{MESH_ADDRESS}:{port}" in live
     assert "laptop (browser test)" in live
     assert find(browser, "#tunnels-updated").text.startswith("updated")
+    # The Registered Ports card follows along: the port is UP now, still without a reload.
+    state = f"#ports-table tr[data-port='{port}'] .port-state"
+    wait(browser, 5).until(lambda d: find(d, state).text == "UP")
 
     # 7. Screenshots of the fullest page, desktop and phone; neither scrolls sideways.
     desktop = screenshot(browser, tmp_path, "dashboard-desktop", DESKTOP)

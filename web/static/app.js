@@ -38,9 +38,19 @@ document.addEventListener("DOMContentLoaded", () => {
         if (response.ok) {
           tunnels.innerHTML = await response.text();
           updated.textContent = "updated " + new Date().toLocaleTimeString();
+          updatePortStates();
         }
       } catch (error) {
         updated.textContent = "offline";
+      }
+    };
+    // Registered Ports: UP while a tunnel holds the port.
+    const updatePortStates = () => {
+      const live = new Set(Array.from(tunnels.querySelectorAll("tr[data-port]"),
+                                      (row) => row.dataset.port));
+      for (const cell of document.querySelectorAll("#ports-table tr[data-port] .port-state")) {
+        const up = live.has(cell.parentElement.dataset.port);
+        cell.innerHTML = up ? '<span class="badge ok">UP</span>' : '<span class="badge">DOWN</span>';
       }
     };
     setInterval(refresh, 2000);
