@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -175,6 +176,108 @@ def tunnels(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
     _table(rows, out)
 
 
+def tunnels_kill(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    target = args.target
+    if target.isdigit():
+        live = [f for f in store.list_live_forwards() if f.port == int(target)]
+        if not live:
+            raise CommandError(f"no live tunnel on port {target}")
+        action = "kill-port"
+    else:
+        if store.get_member(target) is None:
+            raise CommandError(f"there is no member named {target!r}")
+        action = "kill-member"
+    pid = store.server_pid()
+    if pid is None or not _running(pid):
+        raise CommandError("the server is not running; there is nothing to kill")
+    store.request_kill(action, target, actor="nekojump-admin")
+    store.audit(
+        "kill-requested",
+        member=None if target.isdigit() else target,
+        actor="nekojump-admin",
+        detail={"target": target},
+    )
+    out.write(f"asked the server to end the tunnels of {target}\n")
+
+
+def member_set_tier(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    member = _ok(store.set_member_tier(args.name, args.tier))
+    out.write(f"{member.name} is now {member.tier}\n")
+
+
+def ports_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    if args.name is not None and store.get_member(args.name) is None:
+        raise CommandError(f"there is no member named {args.name!r}")
+    ports = store.list_ports(args.name)
+    if not ports:
+        out.write("no registered ports\n")
+        return
+    rows = [["PORT", "MEMBER", "DESCRIPTION", "REGISTERED"]]
+    for p in ports:
+        rows.append([str(p.port), p.member_name, p.description, _when(p.created_at)])
+    _table(rows, out)
+
+
+def audit(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    since = parse_since(args.since, time.time()) if args.since else None
+    events = store.audit_events(args.limit, member=args.member, since=since)
+    if not events:
+        out.write("no audit events\n")
+        return
+    rows = [["WHEN", "EVENT", "MEMBER", "ACTOR", "SOURCE", "DETAIL"]]
+    for e in reversed(events):
+        detail = " ".join(f"{k}={v}" for k, v in sorted(e["detail"].items()))
+        rows.append(
+            [
+                _when(e["at"]),
+                e["event"],
+                e["member"] or "",
+                e["actor"] or "",
+                e["source"] or "",
+                detail,
+            ]
+        )
+    _table(rows, out)
+
+
+def parse_since(text: str, now: float) -> float:
+    """A time from ``2026-11-25``, ``2026-11-25T10:00`` (UTC) or a span: ``90m``, ``6h``, ``2d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return now - int(text[:-1]) * units[text[-1]]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(
+            f"--since {text!r}: use a date (2026-11-25), a time (2026-11-25T10:00) or a span "
+            "(90m, 6h, 2d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def check_config(args: argparse.Namespace, out: TextIO) -> int:
+    """Validate a config file without touching its data directory."""
+    path = args.file or args.config
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        sys.stderr.write(f"nekojump-admin: {error}\n")
+        return 1
+    fwd = config.forwarding
+    out.write(
+        f"{config.source}: OK\n"
+        f"  SSH on {config.ssh.listen} for user {config.ssh.user!r}, "
+        f"sources {', '.join(map(str, config.ssh.allowed_sources))}\n"
+        f"  forwards bind on {fwd.bind_address}, ports {fwd.port_min}-{fwd.port_max}, "
+        f"takeover {fwd.takeover}\n"
+        f"  dashboard on {config.web.listen} as {config.web.public_hostname}\n"
+        f"  data in {config.data_dir}\n"
+    )
+    return 0
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -253,15 +356,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(token_sub, "revoke", token_revoke, "revoke an API token by id")
     p.add_argument("token_id", type=int)
 
-    command(topics, "tunnels", tunnels, "list the running server's live forwards")
+    p = command(member_sub, "set-tier", member_set_tier, "change a member's tier")
+    p.add_argument("name")
+    p.add_argument("tier", choices=TIERS)
+
+    p = command(topics, "ports", ports_list, "list registered ports, of everyone or one member")
+    p.add_argument("name", nargs="?")
+
+    p = command(topics, "audit", audit, "show the audit trail, newest last")
+    p.add_argument("--member", help="only this member's events")
+    p.add_argument("--since", help="2026-11-25, 2026-11-25T10:00 (UTC), or 90m / 6h / 2d")
+    p.add_argument("--limit", type=int, default=200, help="at most this many (default 200)")
+
+    p = topics.add_parser("check-config", help="validate a config file without starting")
+    p.add_argument("file", nargs="?", help="the file (default: --config)")
+    p.set_defaults(run=None)
+
+    tunnel = command(topics, "tunnels", tunnels, "list the running server's live forwards")
+    tunnel_sub = tunnel.add_subparsers(dest="action", required=False, metavar="ACTION")
+    p = command(tunnel_sub, "kill", tunnels_kill, "end the tunnel on PORT, or all of MEMBER's")
+    p.add_argument("target", metavar="PORT|MEMBER")
     return parser
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     """Run one admin command; 0 on success, 1 with a message on bad input."""
     args = build_parser().parse_args(argv)
+    if args.topic == "check-config":
+        return check_config(args, out)
     try:
         config: Config = load_config(args.config, args.data_dir)
+        if args.config is None and args.data_dir is None and not config.data_dir.exists():
+            sys.stderr.write(
+                f"nekojump-admin: no --config given: creating a new data directory "
+                f"{config.data_dir.resolve()} (is that what you meant?)\n"
+            )
         store = SQLiteStore.open(config.data_dir)
     except ConfigError as error:
         sys.stderr.write(f"nekojump-admin: {error}\n")

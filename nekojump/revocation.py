@@ -1,4 +1,8 @@
-"""Ends live sessions of keys removed (or members disabled) in another process."""
+"""Carries the admin CLI's changes to the running server.
+
+Removed keys and disabled members lose their sessions; ``tunnels kill``
+requests end the tunnels they name.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ class RevocationWatcher:
                 return 0
             usable = await self.store.call(self.store.store.usable_key_ids)
             killed = self.registry.disconnect_unusable(usable, "key removed")
+            for action, target in await self.store.call(self.store.store.take_control_requests):
+                killed += self.registry.kill(action, target)
         except Exception:  # noqa: BLE001 - keep watching after a bad moment
             self.log.failure("revocation check failed")
             return 0

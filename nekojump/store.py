@@ -378,6 +378,44 @@ class SQLiteStore:
         )
         return _member(row)
 
+    # -- requests from the CLI to the running server --------------------------------
+
+    def request_kill(self, action: str, target: str, actor: str | None = None) -> int:
+        """Ask the running server to end tunnels (``kill-port`` or ``kill-member``)."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO control_requests (action, target, actor, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (action, target, actor, self._clock()),
+            )
+        return cursor.lastrowid
+
+    def take_control_requests(self) -> list[tuple[str, str]]:
+        """Pending requests, oldest first, marked done as they are handed out."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, action, target FROM control_requests WHERE done_at IS NULL ORDER BY id"
+            ).fetchall()
+            db.executemany(
+                "UPDATE control_requests SET done_at = ? WHERE id = ?",
+                [(self._clock(), row["id"]) for row in rows],
+            )
+        return [(row["action"], row["target"]) for row in rows]
+
+    def set_member_tier(self, name: str, tier: str) -> Member | Refused:
+        if tier not in TIERS:
+            return Refused("tier-invalid", f"tier must be one of {', '.join(TIERS)}")
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE members SET tier = ? WHERE name = ?", (tier, name)
+            ).rowcount
+            if changed:
+                self._audit(db, "member-tier", member=name, detail={"tier": tier})
+        member = self.get_member(name)
+        if not changed or member is None:
+            return Refused("no-such-member", f"there is no member named {name!r}")
+        return member
+
     # -- audit -----------------------------------------------------------------
 
     def audit(
@@ -406,10 +444,23 @@ class SQLiteStore:
             (self._clock(), event, member, actor, source, json.dumps(detail or {}, sort_keys=True)),
         )
 
-    def audit_events(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The newest audit events, newest first."""
-        rows = self._db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+    def audit_events(
+        self, limit: int = 100, member: str | None = None, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest audit events (of one member, after a time), newest first."""
+        query, args = "SELECT * FROM audit WHERE 1", []
+        if member is not None:
+            query += " AND member = ?"
+            args.append(member)
+        if since is not None:
+            query += " AND at >= ?"
+            args.append(since)
+        rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit))
         return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+
+    def prune_audit(self, older_than: float) -> int:
+        """Forget audit events before a time; returns how many."""
+        return self._db.execute("DELETE FROM audit WHERE at < ?", (older_than,)).rowcount
 
     # -- live forwards (written by the running server) -------------------------
 

@@ -149,3 +149,38 @@ def test_console_script_is_installed_and_exits_1(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.startswith("nekojump-admin: no key has fingerprint")
+
+
+def test_check_config_validates_without_touching_anything(tmp_path, capsys):
+    out = io.StringIO()
+    assert main(["check-config", "etc/nekojump.toml"], out=out) == 0
+    assert "10.255.9.241" in out.getvalue() and "OK" in out.getvalue()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[forwarding]\nport_min = 70000\n")
+    assert main(["check-config", str(bad)], out=io.StringIO()) == 1
+    assert "[forwarding] port_min: must be between 1 and 65535" in capsys.readouterr().err
+    assert not (tmp_path / "nekojump-data").exists()
+
+
+def test_set_tier_ports_and_audit(run, pubkey):
+    run("member", "add", "alice")
+    assert run("member", "set-tier", "alice", "pro")[0] == 0
+    assert "pro" in run("member", "list")[1]
+    assert run("member", "set-tier", "nobody", "pro")[0] == 1
+    run("key", "add", "alice", str(pubkey))
+    code, out, _ = run("audit", "--member", "alice")
+    assert code == 0
+    assert "member-added" in out and "member-tier" in out and "key-added" in out
+    assert "no audit events" in run("audit", "--member", "bob")[1]
+    assert run("audit", "--since", "1h")[0] == 0
+    code, _out, err = run("audit", "--since", "yesterday-ish")
+    assert code == 1 and "use a date" in err
+    assert "no registered ports" in run("ports")[1]
+
+
+def test_tunnels_kill_needs_a_running_server(run):
+    run("member", "add", "alice")
+    code, _out, err = run("tunnels", "kill", "alice")
+    assert code == 1 and "not running" in err
+    code, _out, err = run("tunnels", "kill", "nobody")
+    assert code == 1 and "no member named 'nobody'" in err

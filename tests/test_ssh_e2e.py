@@ -378,3 +378,20 @@ def test_local_service_down_closes_the_mesh_side_and_says_why(running, keys):
         what="the reason in the tunnels listing",
     )
     assert "your local service refused the connection" in listing
+
+
+def test_operator_kills_a_tunnel_by_port_and_by_member(running, keys, echo):
+    by_port = running.forward(keys["alice"], running.port_min + 95, echo.port)
+    spared = running.forward(keys["alice2"], running.port_min + 96, echo.port)
+    bob = running.forward(keys["bob"], running.port_min + 97, echo.port)
+    result = running.admin("tunnels", "kill", str(running.port_min + 95))
+    assert result.returncode == 0, result.stderr
+    assert exited_within(by_port, 1.5)
+    assert spared.poll() is None
+    assert running.admin("tunnels", "kill", "bob").returncode == 0
+    assert exited_within(bob, 1.5)
+    assert spared.poll() is None
+    audit = running.admin("audit", "--member", "bob").stdout
+    for event in ("ssh-login", "bind", "disconnect"):
+        assert event in audit
+    assert "ended by the operator" in audit

@@ -87,6 +87,7 @@ class TunnelAvatar(ConchUser):
             source=self.source,
             fingerprint=self.identity.fingerprint,
         )
+        self._audit("ssh-login")
         # A key removed between the auth lookup and now would escape the
         # revocation watcher; this second look closes that window.
         self.store.call(self.store.store.confirm_login, self.identity.key_id).addCallbacks(
@@ -124,6 +125,7 @@ class TunnelAvatar(ConchUser):
             reason=reason,
         )
         transport = self.conn.transport
+        self._audit("disconnect", reason=reason)
         self.logout()
         transport.sendDisconnect(DISCONNECT_BY_APPLICATION, reason.encode("utf-8"))
         tcp = transport.transport

@@ -91,6 +91,17 @@ class TunnelRegistry:
             avatar.disconnect(reason)
         return len(doomed)
 
+    def kill(self, action: str, target: str) -> int:
+        """End the connection holding a port (``kill-port``) or a member's (``kill-member``)."""
+        if action == "kill-port":
+            forward = self._forwards.get(int(target)) if target.isdigit() else None
+            doomed = [forward.avatar] if forward else []
+        else:
+            doomed = [a for a in self._avatars.values() if a.identity.member_name == target]
+        for avatar in doomed:
+            avatar.disconnect("ended by the operator")
+        return len(doomed)
+
     # -- forwards ----------------------------------------------------------------
 
     def holder_of(self, port: int) -> Holder | None:
