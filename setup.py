@@ -19,6 +19,7 @@ setup(
         "klein",
         "attrs",
         "jinja2",
+        "prometheus-client",
     ],
     extras_require={
         "test": ["pytest", "pytest-twisted", "ruff", "treq", "selenium", "openapi-spec-validator"],

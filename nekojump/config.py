@@ -73,6 +73,11 @@ class WebConfig:
 
 
 @frozen
+class MetricsConfig:
+    listen: str  # "" turns the Prometheus endpoint off
+
+
+@frozen
 class Config:
     """Everything nekojump reads from its config file."""
 
@@ -80,6 +85,7 @@ class Config:
     ssh: SSHConfig
     forwarding: ForwardingConfig
     web: WebConfig
+    metrics: MetricsConfig
     source: str = "built-in defaults"
 
 
@@ -121,6 +127,10 @@ def _endpoint(value: Any) -> str:
             f'(e.g. "tcp:2222:interface=0.0.0.0"): {error}'
         ) from None
     return text
+
+
+def _optional_endpoint(value: Any) -> str:
+    return "" if value == "" else _endpoint(value)
 
 
 def _ip_address(value: Any) -> str:
@@ -207,6 +217,10 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "sso_header": (_optional_string, ""),
         "trusted_proxies": (_optional_networks, []),
     },
+    "metrics": {
+        # Prometheus exposition at /metrics; "" turns it off.
+        "listen": (_optional_endpoint, "tcp:9108:interface=127.0.0.1"),
+    },
 }
 
 
@@ -251,6 +265,7 @@ def parse_config(document: Mapping[str, Any], source: str = "built-in defaults")
         ssh=SSHConfig(**values["ssh"]),
         forwarding=ForwardingConfig(**forwarding),
         web=WebConfig(**values["web"]),
+        metrics=MetricsConfig(**values["metrics"]),
         source=source,
     )
 

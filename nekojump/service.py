@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 
+from prometheus_client.twisted import MetricsResource
 from twisted.application.service import MultiService
 from twisted.conch.ssh.keys import Key
 from twisted.cred.portal import Portal
@@ -12,11 +13,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from nekojump import __version__
 from nekojump.config import Config
 from nekojump.hostkey import host_key_fingerprint, load_or_create_host_key
+from nekojump.metrics import Metrics
 from nekojump.model import Identity
 from nekojump.revocation import RevocationWatcher
 from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
@@ -41,19 +44,23 @@ class NekojumpService(MultiService):
         self.store = DeferredStore.with_own_thread(store, reactor)
         self.host_key = host_key
         self.registry = TunnelRegistry(on_change=self._forward_changed)
+        self.metrics = Metrics()
         self.rng = random.Random()
         realm = TunnelRealm(self._make_avatar)
-        portal = Portal(realm, [TunnelKeyChecker(self.store, config.ssh.user)])
-        self.factory = TunnelSSHFactory(portal, host_key, config, reactor)
+        portal = Portal(realm, [TunnelKeyChecker(self.store, config.ssh.user, self.metrics)])
+        self.factory = TunnelSSHFactory(portal, host_key, config, reactor, self.metrics)
+        self.metrics.watch(self.registry, lambda: sum(self.factory.startups.values()))
         self.watcher = RevocationWatcher(self.store, self.registry, reactor)
         self.ssh_port: IListeningPort | None = None
         self.web_port: IListeningPort | None = None
+        self.listening: list[IListeningPort] = []
         backend = Backend(
             config=config,
             store=self.store,
             registry=self.registry,
             host_key=host_key,
             throttle=LoginThrottle(clock=reactor.seconds),
+            metrics=self.metrics,
         )
         self.site = Site(Dashboard(backend).resource())
         self.site.noisy = False
@@ -66,6 +73,7 @@ class NekojumpService(MultiService):
             store=self.store,
             reactor=self.reactor,
             rng=self.rng,
+            metrics=self.metrics,
         )
 
     def _forward_changed(self, forward: ActiveForward | None, port: int) -> None:
@@ -85,6 +93,15 @@ class NekojumpService(MultiService):
         # Ports first: without them there is nothing to run (and no thread to stop).
         self._listen(self.config.ssh.listen, self.factory, "SSH", self._listening)
         self._listen(self.config.web.listen, self.site, "the dashboard", self._web_listening)
+        if self.config.metrics.listen:
+            root = Resource()
+            root.putChild(b"metrics", MetricsResource(registry=self.metrics.registry))
+            metrics_site = Site(root)
+            metrics_site.noisy = False
+            metrics_site.log = lambda request: None  # scrapes would flood the access log
+            self._listen(
+                self.config.metrics.listen, metrics_site, "metrics", self._metrics_listening
+            )
         self.store.store.start_server(os.getpid())
         self.store.start()
         self.watcher.start()
@@ -109,6 +126,13 @@ class NekojumpService(MultiService):
             error=failure.getErrorMessage(),
         )
         self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _metrics_listening(self, port: IListeningPort) -> None:
+        self.listening.append(port)
+        address = port.getHost()
+        self.log.info(
+            "metrics on http://{host}:{port}/metrics", host=address.host, port=address.port
+        )
 
     def _web_listening(self, port: IListeningPort) -> None:
         self.web_port = port
@@ -157,7 +181,7 @@ class NekojumpService(MultiService):
         self.watcher.stop()
         for avatar in self.registry.avatars():
             avatar.disconnect("server shutting down")
-        for port in (self.ssh_port, self.web_port):
+        for port in [self.ssh_port, self.web_port, *self.listening]:
             if port is not None:
                 port.stopListening()
         d = super().stopService()

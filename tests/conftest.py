@@ -6,6 +6,7 @@ Everything listens on loopback.  The SSH listener is on 127.0.0.1 and the
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -129,6 +130,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return made
 
 
+@functools.cache
 def fingerprint(key: Path) -> str:
     out = subprocess.run(
         [tool("ssh-keygen"), "-lf", f"{key}.pub"], check=True, capture_output=True, text=True
@@ -170,6 +172,8 @@ reserved_ports = [{self.reserved}]
 [web]
 listen = "tcp:0:interface=127.0.0.1"
 public_hostname = "jump.test"
+[metrics]
+listen = "tcp:0:interface=127.0.0.1"
 """
         )
         self.log = directory / "twistd.log"
@@ -195,7 +199,23 @@ public_hostname = "jump.test"
             what="the dashboard to listen",
         )
         self.web_url = match.group(1)
+        match = wait_for(lambda: re.search(r"metrics on (http://\S+/metrics)", self.log_text()),
+                         what="the metrics endpoint to listen")
+        self.metrics_url = match.group(1)
         return self
+
+    def metrics(self) -> dict[str, float]:
+        """The Prometheus endpoint's samples, as {'name{labels}': value}."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -291,14 +311,32 @@ public_hostname = "jump.test"
         return process
 
     def forward(self, key: Path, port: int, target_port: int) -> subprocess.Popen[bytes]:
-        """``ssh -N -R port:127.0.0.1:target_port``, waiting until the port answers."""
+        """``ssh -N -R port:127.0.0.1:target_port``, waiting until this key holds the port.
+
+        Whether the port accepts connections is no proof: a listener that was
+        just released may still be closing.  The server's live-forwards table is.
+        """
         process = self.ssh_background(key, "-R", f"{port}:127.0.0.1:{target_port}")
+        expected = fingerprint(key)
         wait_for(
-            lambda: process.poll() is not None or can_connect(MESH_ADDRESS, port),
+            lambda: process.poll() is not None or self.holder_of(port) == expected,
             what=f"forward on {port}",
         )
         assert process.poll() is None, process.stderr.read().decode()
         return process
+
+    def holder_of(self, port: int) -> str | None:
+        """The key fingerprint the running server says holds ``port``."""
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.data_dir / 'nekojump.sqlite3'}?mode=ro", uri=True)
+        try:
+            row = db.execute(
+                "SELECT key_fingerprint FROM live_forwards WHERE port = ?", (port,)
+            ).fetchone()
+        finally:
+            db.close()
+        return row[0] if row else None
 
     def autossh(self, key: Path, port: int, target_port: int, via: int | None = None):
         """The seed's systemd-unit autossh line, optionally through a proxy port."""

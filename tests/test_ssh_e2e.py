@@ -297,7 +297,8 @@ def test_host_key_is_stable_across_restart(running):
 
 def test_start_log_tells_what_a_newcomer_needs(jumphost):
     jumphost.start()
-    log = jumphost.log_text()
+    log = wait_for(lambda: "member add NAME" in (text := jumphost.log_text()) and text,
+                   what="the first-start hint")
     assert f"SSH on {SSH_HOST}:{jumphost.ssh_port}" in log
     assert f"forwards bind on {MESH_ADDRESS}" in log
     assert re.search(r"host key SHA256:[A-Za-z0-9+/]{43} \(ED25519\)", log)
@@ -395,3 +396,26 @@ def test_operator_kills_a_tunnel_by_port_and_by_member(running, keys, echo):
     for event in ("ssh-login", "bind", "disconnect"):
         assert event in audit
     assert "ended by the operator" in audit
+
+
+def test_metrics_follow_a_real_tunnel(running, keys, echo):
+    before = running.metrics()
+    assert before["nekojump_forwards"] == 0
+    port = running.port_min + 98
+    process = running.forward(keys["alice"], port, echo.port)
+    payload = os.urandom(100_000)
+    assert exchange(MESH_ADDRESS, port, payload) == payload
+    during = running.metrics()
+    assert during["nekojump_forwards"] == 1
+    assert during['nekojump_ssh_connections{state="authenticated"}'] == 1
+    assert during['nekojump_forwarded_bytes_total{direction="to_member"}'] >= 100_000
+    assert during['nekojump_forwarded_bytes_total{direction="from_member"}'] >= 100_000
+    assert during['nekojump_ssh_auth_total{result="success"}'] >= 1
+    running.ssh(keys["bob"], "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:9")
+    process.terminate()
+    process.wait(timeout=5)
+    after = wait_for(lambda: (m := running.metrics())["nekojump_forwards"] == 0 and m,
+                     what="the forward to go")
+    assert after['nekojump_refused_binds_total{reason="port-in-use"}'] == 1
+    assert after['nekojump_forwarded_bytes_total{direction="to_member"}'] >= 100_000  # kept
+    assert after['nekojump_ssh_connections{state="authenticated"}'] == 0

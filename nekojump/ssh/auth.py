@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from nekojump.keys import fingerprint_of_blob
 from nekojump.logs import conch_logger
+from nekojump.metrics import Metrics
 from nekojump.model import Identity
 from nekojump.ssh.avatar import TunnelAvatar
 from nekojump.ssh.transport import USER_SIGNATURE_ALGORITHMS
@@ -43,9 +44,10 @@ class TunnelKeyChecker:
     credentialInterfaces = (ISSHPrivateKey,)
     log = Logger()
 
-    def __init__(self, store: DeferredStore, user: str):
+    def __init__(self, store: DeferredStore, user: str, metrics: Metrics | None = None):
         self.store = store
         self.user = user.encode("utf-8")
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Identity]:
         return Deferred.fromCoroutine(self._check(credentials))
@@ -58,6 +60,8 @@ class TunnelKeyChecker:
             raise UnauthorizedLogin(_DENIED) from None
         record = await self.store.call(self.store.store.find_key, fingerprint)
         if credentials.username != self.user or record is None or not record.usable:
+            if credentials.signature:
+                self.metrics.auth.labels("unknown_key_or_user").inc()
             raise UnauthorizedLogin(_DENIED)
         if not credentials.signature:
             raise ValidPublicKey()
@@ -70,7 +74,9 @@ class TunnelKeyChecker:
             or signature_algorithm not in USER_SIGNATURE_ALGORITHMS
             or not key.verify(credentials.signature, credentials.sigData)
         ):
+            self.metrics.auth.labels("bad_signature").inc()
             raise UnauthorizedLogin(_DENIED)
+        self.metrics.auth.labels("success").inc()
         return Identity(
             member_id=record.member_id,
             member_name=record.member_name,

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nekojump import policy
+from nekojump.metrics import Metrics
 from nekojump.model import Identity, Refused
 from nekojump.policy import Bind, Holder, Takeover
 from nekojump.ssh.forwarding import ForwardListenerFactory
@@ -32,6 +33,16 @@ if TYPE_CHECKING:
 MAX_REFUSALS = 20
 #: Longest bind address a client may send in tcpip-forward.
 MAX_HOST_LENGTH = 255
+
+#: Metric labels for the reasons the server ends a connection.
+DISCONNECT_LABELS = {
+    "key removed": "key_removed",
+    "client stopped answering keepalives": "keepalive_timeout",
+    "port taken over by a newer connection of the same key": "taken_over",
+    "ended by the operator": "operator",
+    "server shutting down": "shutdown",
+    "too many refused forward requests": "too_many_refusals",
+}
 
 #: Give the disconnect message this long to leave before the socket is cut.
 DISCONNECT_GRACE = 0.3
@@ -56,6 +67,7 @@ class TunnelAvatar(ConchUser):
         store: DeferredStore,
         reactor: IReactorTCP,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ):
         super().__init__()
         self.identity = identity
@@ -65,6 +77,7 @@ class TunnelAvatar(ConchUser):
         self.reactor = reactor
         self.clock: IReactorTime = reactor  # type: ignore[assignment]
         self.rng = rng or random.Random()
+        self.metrics = metrics if metrics is not None else Metrics()
         self.connection_id = registry.next_connection_id()
         self.holder = Holder(identity.key_id, identity.member_id, self.connection_id)
         self.source = "unknown"
@@ -125,6 +138,7 @@ class TunnelAvatar(ConchUser):
             reason=reason,
         )
         transport = self.conn.transport
+        self.metrics.disconnects.labels(DISCONNECT_LABELS.get(reason, "other")).inc()
         self._audit("disconnect", reason=reason)
         self.logout()
         transport.sendDisconnect(DISCONNECT_BY_APPLICATION, reason.encode("utf-8"))
@@ -165,6 +179,7 @@ class TunnelAvatar(ConchUser):
                 member=self.identity.member_name,
                 code=result.code,
             )
+            self.metrics.refused_binds.labels(result.code).inc()
             self.refusals += 1
             if self.refusals > MAX_REFUSALS:
                 # A client looping on refused binds would flood the audit trail.
@@ -228,7 +243,9 @@ class TunnelAvatar(ConchUser):
             assert forward.factory is not None
             forward.factory.forward = forward
         else:
-            forward.factory = ForwardListenerFactory(forward, self.config.ssh.allowed_sources)
+            forward.factory = ForwardListenerFactory(
+                forward, self.config.ssh.allowed_sources, self.metrics
+            )
             try:
                 forward.listener = self.reactor.listenTCP(
                     port, forward.factory, interface=bind_address
@@ -258,6 +275,7 @@ class TunnelAvatar(ConchUser):
             previous=previous.connection_id,
         )
         self._audit("takeover", port=forward.port)
+        self.metrics.takeovers.inc()
         if not previous.forwards:
             previous.disconnect("port taken over by a newer connection of the same key")
         return forward

@@ -12,6 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from nekojump.config import Config
+from nekojump.metrics import Metrics
 from nekojump.policy import source_allowed, startup_refusal
 from nekojump.ssh.auth import TunnelUserAuthServer
 from nekojump.ssh.connection import TunnelConnection
@@ -29,7 +30,15 @@ class TunnelSSHFactory(SSHFactory):
         b"ssh-connection": TunnelConnection,
     }
 
-    def __init__(self, portal: Portal, host_key: Key, config: Config, reactor: object):
+    def __init__(
+        self,
+        portal: Portal,
+        host_key: Key,
+        config: Config,
+        reactor: object,
+        metrics: Metrics | None = None,
+    ):
+        self.metrics = metrics if metrics is not None else Metrics()
         self.portal = portal
         self.config = config
         self.reactor = reactor
@@ -46,12 +55,14 @@ class TunnelSSHFactory(SSHFactory):
             self.log.info(
                 "refused SSH connection from {source}: not an allowed source", source=host
             )
+            self.metrics.refused_connections.labels("ssh", "source").inc()
             return None
         refusal = startup_refusal(host, self.startups, self.config.ssh.limits)
         if refusal is not None:
             self.log.info(
                 "refused SSH connection from {source}: {reason}", source=host, reason=refusal.reason
             )
+            self.metrics.refused_connections.labels("ssh", refusal.code).inc()
             return None
         # Factory.buildProtocol, not SSHFactory's: our transport already lists
         # only fixed-group key exchanges, and host key algorithms come from

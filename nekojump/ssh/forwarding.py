@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nekojump.logs import conch_logger
+from nekojump.metrics import Metrics
 from nekojump.policy import IPNetwork, source_allowed
 from nekojump.ssh.registry import ActiveForward
 
@@ -41,10 +42,16 @@ class ForwardListenerFactory(Factory):
     noisy = False
     log = Logger()
 
-    def __init__(self, forward: ActiveForward, allowed_sources: Iterable[IPNetwork]):
+    def __init__(
+        self,
+        forward: ActiveForward,
+        allowed_sources: Iterable[IPNetwork],
+        metrics: Metrics | None = None,
+    ):
         #: None while the listener is released and about to close.
         self.forward: ActiveForward | None = forward
         self.allowed_sources = tuple(allowed_sources)
+        self.metrics = metrics
 
     def buildProtocol(self, addr: IAddress) -> MeshConnection | None:
         if self.forward is None:
@@ -56,6 +63,8 @@ class ForwardListenerFactory(Factory):
                 source=host,
                 port=self.forward.port,
             )
+            if self.metrics is not None:
+                self.metrics.refused_connections.labels("forward", "source").inc()
             return None
         return MeshConnection(self.forward)
 

@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.logger import Logger
 
@@ -55,6 +55,22 @@ class ActiveForward:
         )
 
 
+@frozen
+class Totals:
+    """Connections and bytes through all forwards since the server started."""
+
+    connections: int = 0
+    bytes_to_member: int = 0
+    bytes_from_member: int = 0
+
+    def plus(self, forward: ActiveForward) -> Totals:
+        return Totals(
+            self.connections + forward.connections_total,
+            self.bytes_to_member + forward.bytes_to_member,
+            self.bytes_from_member + forward.bytes_from_member,
+        )
+
+
 @define
 class TunnelRegistry:
     """Every authenticated tunnel connection and every port it holds."""
@@ -63,6 +79,7 @@ class TunnelRegistry:
     _avatars: dict[int, TunnelAvatar] = field(factory=dict)
     _ids: Iterable[int] = field(factory=lambda: itertools.count(1))
     _parked: dict[int, tuple[ActiveForward, IDelayedCall]] = field(factory=dict)
+    _closed_totals: Totals = field(factory=lambda: Totals())
     on_change: Callable[[ActiveForward | None, int], None] | None = None
 
     log = Logger()
@@ -151,9 +168,17 @@ class TunnelRegistry:
         self._forwards[forward.port] = forward
         self._changed(forward, forward.port)
 
+    def totals(self) -> Totals:
+        """Totals of closed forwards plus the live ones."""
+        result = self._closed_totals
+        for forward in self._forwards.values():
+            result = result.plus(forward)
+        return result
+
     def remove_forward(self, forward: ActiveForward) -> None:
         if self._forwards.get(forward.port) is forward:
             del self._forwards[forward.port]
+            self._closed_totals = self._closed_totals.plus(forward)
             self._changed(None, forward.port)
 
     def forward_changed(self, forward: ActiveForward) -> None:

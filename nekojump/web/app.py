@@ -9,6 +9,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.static import File
 
+from nekojump.metrics import Metrics
 from nekojump.model import Member, Refused
 from nekojump.policy import source_allowed
 from nekojump.web.api import Api
@@ -62,7 +63,7 @@ class Dashboard:
         self.api = Api(backend, self.viewer)
 
     def resource(self) -> Resource:
-        return SecureHeaders(self.app.resource())
+        return SecureHeaders(self.app.resource(), self.backend.metrics)
 
     async def viewer(self, request: IRequest) -> Viewer | None:
         """The member behind the session cookie or bearer token, if any."""
@@ -270,14 +271,19 @@ class SecureHeaders(Resource):
 
     isLeaf = True
 
-    def __init__(self, wrapped: Resource):
+    def __init__(self, wrapped: Resource, metrics: Metrics):
         super().__init__()
         self.wrapped = wrapped
+        self.metrics = metrics
 
     def render(self, request: IRequest) -> Any:
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
+        request.notifyFinish().addBoth(self._count, request)
         return self.wrapped.render(request)
+
+    def _count(self, _result: object, request: IRequest) -> None:
+        self.metrics.web_requests.labels(f"{request.code // 100}xx").inc()
 
 
 def member_label(member: Member) -> str:

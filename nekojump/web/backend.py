@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from nekojump.config import Config
 from nekojump.hostkey import host_key_fingerprint
 from nekojump.keys import parse_public_key
+from nekojump.metrics import Metrics
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.passwords import verify_password
 from nekojump.ssh.registry import TunnelRegistry
@@ -37,6 +38,7 @@ class Backend:
     registry: TunnelRegistry
     host_key: Key
     throttle: LoginThrottle
+    metrics: Metrics = field(factory=Metrics)
     log: Logger = field(factory=Logger)
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -96,6 +98,7 @@ class Backend:
             return Refused("no-such-key", f"you have no key {fingerprint}")
         removed = await self._call("remove_key", fingerprint, actor=viewer.name)
         if not isinstance(removed, Refused):
+            self.metrics.key_removals.inc()
             for avatar in self.registry.avatars_of_key(removed.id):
                 avatar.disconnect("key removed")
         return removed
