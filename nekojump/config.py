@@ -78,6 +78,11 @@ class MetricsConfig:
 
 
 @frozen
+class AuditConfig:
+    retention_days: int
+
+
+@frozen
 class Config:
     """Everything nekojump reads from its config file."""
 
@@ -86,6 +91,7 @@ class Config:
     forwarding: ForwardingConfig
     web: WebConfig
     metrics: MetricsConfig
+    audit: AuditConfig
     source: str = "built-in defaults"
 
 
@@ -221,6 +227,10 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         # Prometheus exposition at /metrics; "" turns it off.
         "listen": (_optional_endpoint, "tcp:9108:interface=127.0.0.1"),
     },
+    "audit": {
+        # Audit events older than this are deleted (checked at start and daily).
+        "retention_days": (_integer(1, 36500), 400),
+    },
 }
 
 
@@ -266,6 +276,7 @@ def parse_config(document: Mapping[str, Any], source: str = "built-in defaults")
         forwarding=ForwardingConfig(**forwarding),
         web=WebConfig(**values["web"]),
         metrics=MetricsConfig(**values["metrics"]),
+        audit=AuditConfig(**values["audit"]),
         source=source,
     )
 

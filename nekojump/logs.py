@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogPublisher,
+    jsonFileLogObserver,
 )
 
 
@@ -22,3 +26,13 @@ def conch_logger(namespace: str, level: LogLevel = LogLevel.info) -> Logger:
         namespace=namespace,
         observer=FilteringLogObserver(globalLogPublisher, [predicate]),
     )
+
+
+def json_observer() -> ILogObserver:
+    """JSON lines on stdout for log shippers: ``twistd --logger=nekojump.logs.json_observer``.
+
+    Each line is one event with stable fields (``log_namespace``,
+    ``log_level``, ``log_format`` and the event's own keys such as ``member``,
+    ``port``, ``code``).  Nothing secret is ever put in an event.
+    """
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")

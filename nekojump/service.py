@@ -11,6 +11,7 @@ from twisted.conch.ssh.keys import Key
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -105,6 +106,15 @@ class NekojumpService(MultiService):
         self.store.store.start_server(os.getpid())
         self.store.start()
         self.watcher.start()
+        self.pruner = LoopingCall(self._prune_audit)
+        self.pruner.clock = self.reactor
+        self.pruner.start(24 * 3600, now=True)
+
+    def _prune_audit(self) -> None:
+        cutoff = self.reactor.seconds() - self.config.audit.retention_days * 86400
+        d = self.store.call(self.store.store.prune_audit, cutoff)
+        d.addCallback(lambda n: n and self.log.info("pruned {n} old audit events", n=n))
+        d.addErrback(lambda f: self.log.failure("audit pruning failed", f))
 
     def _listen(self, description: str, factory, what: str, listening) -> None:
         """Listen, or stop the process with one clear message if the port can't be had."""
@@ -179,6 +189,8 @@ class NekojumpService(MultiService):
 
     def stopService(self):
         self.watcher.stop()
+        if self.pruner.running:
+            self.pruner.stop()
         for avatar in self.registry.avatars():
             avatar.disconnect("server shutting down")
         for port in [self.ssh_port, self.web_port, *self.listening]:

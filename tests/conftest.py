@@ -7,6 +7,7 @@ Everything listens on loopback.  The SSH listener is on 127.0.0.1 and the
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import re
@@ -180,11 +181,19 @@ listen = "tcp:0:interface=127.0.0.1"
         self.process: subprocess.Popen[bytes] | None = None
         self.clients: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> Jumphost:
+    def start(self, *twistd_options: str) -> Jumphost:
         self.log.write_text("")
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [tool("twistd"), "-n", "--pidfile=", "nekojump", "--config", str(self.config)],
+                [
+                    tool("twistd"),
+                    "-n",
+                    "--pidfile=",
+                    *twistd_options,
+                    "nekojump",
+                    "--config",
+                    str(self.config),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
@@ -194,15 +203,22 @@ listen = "tcp:0:interface=127.0.0.1"
             what="nekojump to listen",
         )
         assert self.process.poll() is None, self.log_text()
-        match = wait_for(
-            lambda: re.search(r"dashboard on (http://\S+/)", self.log_text()),
-            what="the dashboard to listen",
-        )
-        self.web_url = match.group(1)
-        match = wait_for(lambda: re.search(r"metrics on (http://\S+/metrics)", self.log_text()),
-                         what="the metrics endpoint to listen")
-        self.metrics_url = match.group(1)
+        self.web_url = wait_for(lambda: self._logged_url("dashboard on"),
+                                what="the dashboard to listen")
+        self.metrics_url = wait_for(lambda: self._logged_url("metrics on"),
+                                    what="the metrics endpoint to listen") + "metrics"
         return self
+
+    def _logged_url(self, what: str) -> str | None:
+        """``http://host:port/`` from the start log, in text or JSON form."""
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if event.get("log_format", "").startswith(what):
+                    return f"http://{event['host']}:{event['port']}/"
+            elif match := re.search(what + r" (http://[^/\s]+/)", line):
+                return match.group(1)
+        return None
 
     def metrics(self) -> dict[str, float]:
         """The Prometheus endpoint's samples, as {'name{labels}': value}."""

@@ -297,8 +297,10 @@ def test_host_key_is_stable_across_restart(running):
 
 def test_start_log_tells_what_a_newcomer_needs(jumphost):
     jumphost.start()
-    log = wait_for(lambda: "member add NAME" in (text := jumphost.log_text()) and text,
-                   what="the first-start hint")
+    log = wait_for(
+        lambda: "member add NAME" in (text := jumphost.log_text()) and text,
+        what="the first-start hint",
+    )
     assert f"SSH on {SSH_HOST}:{jumphost.ssh_port}" in log
     assert f"forwards bind on {MESH_ADDRESS}" in log
     assert re.search(r"host key SHA256:[A-Za-z0-9+/]{43} \(ED25519\)", log)
@@ -414,8 +416,9 @@ def test_metrics_follow_a_real_tunnel(running, keys, echo):
     running.ssh(keys["bob"], "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:9")
     process.terminate()
     process.wait(timeout=5)
-    after = wait_for(lambda: (m := running.metrics())["nekojump_forwards"] == 0 and m,
-                     what="the forward to go")
+    after = wait_for(
+        lambda: (m := running.metrics())["nekojump_forwards"] == 0 and m, what="the forward to go"
+    )
     assert after['nekojump_refused_binds_total{reason="port-in-use"}'] == 1
     assert after['nekojump_forwarded_bytes_total{direction="to_member"}'] >= 100_000  # kept
     assert after['nekojump_ssh_connections{state="authenticated"}'] == 0
