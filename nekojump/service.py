@@ -62,6 +62,7 @@ class NekojumpService(MultiService):
             host_key=host_key,
             throttle=LoginThrottle(clock=reactor.seconds),
             metrics=self.metrics,
+            clock=reactor,
         )
         self.site = Site(Dashboard(backend).resource())
         self.site.noisy = False

@@ -422,3 +422,63 @@ def test_metrics_follow_a_real_tunnel(running, keys, echo):
     assert after['nekojump_refused_binds_total{reason="port-in-use"}'] == 1
     assert after['nekojump_forwarded_bytes_total{direction="to_member"}'] >= 100_000  # kept
     assert after['nekojump_ssh_connections{state="authenticated"}'] == 0
+
+
+def test_check_tells_each_troubleshooting_case(running, keys, echo):
+    """The seed's Troubleshooting section, answered by the jumphost for the member."""
+    import http.server
+    import json
+    import threading
+    import urllib.request
+
+    token = running.admin("token", "create", "alice").stdout.strip()
+
+    def check(port: int) -> dict:
+        request = urllib.request.Request(f"{running.web_url}api/v1/check/{port}",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=15) as response:
+            return json.load(response)
+
+    registered = running.port_min + 60
+    request = urllib.request.Request(
+        f"{running.web_url}api/v1/ports", data=json.dumps({"port": registered}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).read()
+    assert check(registered)["case"] == "no-tunnel"
+
+    dead = running.port_min + 61
+    running.forward(keys["alice"], dead, free_port())
+    result = check(dead)
+    assert result["case"] == "local-service-refused"
+    assert "nothing listens" in result["message"]
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        seen_hosts: list[str] = []
+
+        def do_HEAD(self) -> None:
+            Hello.seen_hosts.append(self.headers["Host"])
+            self.send_response(502)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    web = http.server.HTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        http_port = running.port_min + 62
+        running.forward(keys["alice"], http_port, web.server_address[1])
+        result = check(http_port)
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert result["case"] == "reachable"
+    assert result["http_status"].startswith("HTTP/1.0 502")
+    assert result["rtt_ms"] is not None and result["rtt_ms"] >= 0
+    assert Hello.seen_hosts == [f"{MESH_ADDRESS}:{http_port}"]
+    assert "own hostname" in result["message"]
+    assert result["viewer_allowed"] is True  # we browse from 127.0.0.1, inside the sources
+
+    tcp_port = running.port_min + 63
+    running.forward(keys["alice"], tcp_port, echo.port)
+    assert check(tcp_port)["case"] == "reachable"

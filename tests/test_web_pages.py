@@ -238,3 +238,18 @@ def test_admin_view_is_for_admins_only(site):  # noqa: F811
     )
     assert (code, headers[b"Location"]) == (303, [b"/admin"])
     assert store.list_keys("alice") == []
+
+
+def test_check_button_explains_a_port_without_a_tunnel(alice_session):
+    _store, treq, cookie, csrf = alice_session
+    fetch(treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": public_key_text()})
+    fetch(treq, "POST", "/ports", cookie, {"csrf": csrf, "port": "10080"})
+    _code, _headers, body = fetch(treq, "GET", "/", cookie)
+    assert 'action="/check"' in body
+    code, _headers, body = fetch(treq, "POST", "/check", cookie, {"csrf": csrf, "port": "10080"})
+    assert code == 200
+    assert 'id="check-card"' in body and "NO TUNNEL" in body
+    assert "ssh -N -R 10080:localhost:LOCALPORT" in body
+    assert "You are browsing from 127.0.0.1" in body
+    code, _headers, _body = fetch(treq, "POST", "/check", cookie, {"csrf": csrf, "port": "10999"})
+    assert code == 404  # not a port of alice's

@@ -185,6 +185,15 @@ class Api:
         ports = await self.backend.ports(None)
         return _json(request, {"ports": [port_row(p, p.port in live) for p in ports]})
 
+    @app.route("/check/<int:port>", methods=["GET"])
+    async def check(self, request: IRequest, port: int) -> bytes:
+        viewer = await self._who(request)
+        address = getattr(request.getClientAddress(), "host", "unknown")
+        result = await self.backend.check(viewer.member, port, address)
+        if isinstance(result, Refused):
+            return _refused(request, result)
+        return _json(request, result.as_dict())
+
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
         return _json(request, openapi_document())

@@ -144,6 +144,7 @@ class Dashboard:
             "port_value": "",
             "port_description": "",
             "notice": None,
+            "check": None,
         }
         context.update(extra)
         return self.renderer.page("dashboard.html", **context)
@@ -213,6 +214,17 @@ class Dashboard:
             return await self._page(viewer, port_error=result.reason)
         return see_other(request, b"/#ports-card")
 
+    @app.route("/check", methods=["POST"])
+    async def check(self, request: IRequest) -> bytes:
+        viewer = await self._form_viewer(request)
+        if viewer is None:
+            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+        result = await self.backend.check(viewer.member, form(request, "port"), peer(request))
+        if isinstance(result, Refused):
+            request.setResponseCode(404)
+            return await self._page(viewer, port_error=result.reason)
+        return await self._page(viewer, check=result)
+
     @app.route("/tunnels", methods=["GET"])
     async def tunnels_fragment(self, request: IRequest) -> bytes:
         """The Live tunnels table alone, for the page's refresh without a reload."""
@@ -220,7 +232,9 @@ class Dashboard:
         if viewer is None:
             request.setResponseCode(401)
             return b""
-        return self.renderer.page("tunnels.html", tunnels=self.backend.tunnels(viewer.member))
+        return self.renderer.page(
+            "tunnels.html", tunnels=self.backend.tunnels(viewer.member), csrf=viewer.csrf
+        )
 
     @app.route("/directory", methods=["GET"])
     async def directory(self, request: IRequest) -> bytes:

@@ -8,19 +8,28 @@ from attrs import define, field
 from twisted.conch.ssh.keys import Key
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from nekojump.config import Config
+from nekojump.diagnosis import Diagnosis, diagnose, probe_forward
 from nekojump.hostkey import host_key_fingerprint
 from nekojump.keys import parse_public_key
 from nekojump.metrics import Metrics
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.passwords import verify_password
+from nekojump.policy import source_allowed
 from nekojump.ssh.registry import TunnelRegistry
 from nekojump.store import DeferredStore
 from nekojump.web.auth import SESSION_LIFETIME, LoginThrottle, Viewer
 from nekojump.web.views import ConnectInfo, suggest_port, tunnel_rows
+
+
+def _default_clock() -> IReactorTime:
+    from twisted.internet import reactor
+
+    return reactor  # type: ignore[return-value]
 
 
 def ssh_port_of(listen: str) -> int:
@@ -39,6 +48,7 @@ class Backend:
     host_key: Key
     throttle: LoginThrottle
     metrics: Metrics = field(factory=Metrics)
+    clock: IReactorTime = field(factory=lambda: _default_clock())
     log: Logger = field(factory=Logger)
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -123,6 +133,35 @@ class Backend:
         except (TypeError, ValueError):
             return Refused("port-invalid", "the port must be a number")
         return await self._call("remove_port", member.name, number)
+
+    # -- self-diagnosis ----------------------------------------------------------------------
+
+    async def check(self, viewer: Member, port: Any, viewer_address: str) -> Diagnosis | Refused:
+        """Which troubleshooting case applies to one of the viewer's ports."""
+        try:
+            number = int(port)
+        except (TypeError, ValueError):
+            return Refused("port-invalid", "the port must be a number")
+        forward = self.registry.forward_on(number)
+        mine = forward is not None and forward.avatar.identity.member_id == viewer.id
+        if not mine and not viewer.is_admin:
+            registered = {p.port for p in await self.ports(viewer)}
+            if number not in registered:
+                return Refused(
+                    "no-such-port", f"port {number} is neither forwarded nor registered by you"
+                )
+            forward = None if forward is not None and not mine else forward
+        mesh = self.config.forwarding.bind_address
+        probe = await probe_forward(forward, mesh, self.clock) if forward else None
+        return diagnose(
+            number,
+            forward_exists=forward is not None,
+            probe=probe,
+            last_error=forward.last_error if forward else None,
+            viewer_address=viewer_address,
+            viewer_allowed=source_allowed(viewer_address, self.config.ssh.allowed_sources),
+            mesh_address=mesh,
+        )
 
     # -- live state ------------------------------------------------------------------------
 

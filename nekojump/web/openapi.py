@@ -163,6 +163,25 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/check/{port}": {
+                "get": {
+                    "summary": "Troubleshoot one of your ports: is a tunnel up, does your local "
+                    "service answer, can you reach the jumphost from where you are?",
+                    "parameters": [
+                        {
+                            "name": "port",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "integer"},
+                        }
+                    ],
+                    "responses": {
+                        **_ok("diagnosis", {"$ref": "#/components/schemas/Check"}),
+                        "404": _error("not your port"),
+                        **UNAUTHENTICATED,
+                    },
+                },
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -181,6 +200,23 @@ def openapi_document() -> dict[str, Any]:
                 "session": {"type": "apiKey", "in": "cookie", "name": "nekojump_session"},
             },
             "schemas": {
+                "Check": {
+                    "type": "object",
+                    "required": ["case", "message", "port"],
+                    "properties": {
+                        "case": {
+                            "type": "string",
+                            "enum": ["no-tunnel", "local-service-refused", "timeout", "reachable"],
+                        },
+                        "message": {"type": "string"},
+                        "port": {"type": "integer"},
+                        "rtt_ms": {"type": "number", "nullable": True},
+                        "http_status": {"type": "string", "nullable": True},
+                        "last_error": {"type": "string", "nullable": True},
+                        "viewer_address": {"type": "string", "nullable": True},
+                        "viewer_allowed": {"type": "boolean", "nullable": True},
+                    },
+                },
                 "Error": {
                     "type": "object",
                     "required": ["error", "message"],
