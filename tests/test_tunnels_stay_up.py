@@ -135,3 +135,22 @@ def test_tunnel_comes_back_after_a_server_restart(host_factory, keys, echo, sig)
 
 def test_autossh_is_installed():
     assert tool("autossh")
+
+
+def test_check_reports_a_member_that_stopped_answering(host_factory, keys, echo):
+    """Tunnel held but the member's machine is silent: the check says timeout, not 'refused'."""
+    import json
+    import urllib.request
+
+    host, proxy = host_factory()
+    port = host.port_min + 60
+    host.ssh_background(keys["alice"], "-R", f"{port}:127.0.0.1:{echo.port}", port=proxy.port)
+    wait_for(lambda: works(port), what="tunnel up")
+    token = host.admin("token", "create", "alice").stdout.strip()
+    proxy.stall()
+    request = urllib.request.Request(f"{host.web_url}api/v1/check/{port}",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=15) as response:
+        result = json.load(response)
+    assert result["case"] == "timeout"
+    assert "did not answer" in result["message"]

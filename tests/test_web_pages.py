@@ -228,6 +228,7 @@ def test_admin_view_is_for_admins_only(site):  # noqa: F811
     code, _h, body = fetch(root.treq, "GET", "/admin", root.headers)
     assert code == 200
     assert "alice" in body and "pi" in body
+    assert 'id="admin-audit-card"' in body and "key-added" in body
     fingerprint = store.list_keys("alice")[0].fingerprint
     code, headers, _ = fetch(
         root.treq,
@@ -253,3 +254,30 @@ def test_check_button_explains_a_port_without_a_tunnel(alice_session):
     assert "You are browsing from 127.0.0.1" in body
     code, _headers, _body = fetch(treq, "POST", "/check", cookie, {"csrf": csrf, "port": "10999"})
     assert code == 404  # not a port of alice's
+
+
+def test_check_says_when_the_viewer_is_off_the_mesh(tmp_path):
+    """The seed's "connection refused" case: you are not on the mesh."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from treq.testing import StubTreq
+    from twisted.conch.ssh.keys import Key
+
+    from nekojump.config import parse_config
+    from nekojump.policy import ForwardRules
+    from nekojump.ssh.registry import TunnelRegistry
+    from nekojump.store import ImmediateStore, SQLiteStore
+    from nekojump.web.app import Dashboard
+    from nekojump.web.backend import Backend
+
+    store = SQLiteStore.open(tmp_path)
+    store.add_member("alice")
+    store.add_port("alice", 10080, "", ForwardRules(10000, 60000))
+    config = parse_config({"ssh": {"allowed_sources": ["192.0.2.0/24"]}})  # never contacted
+    backend = Backend(config=config, store=ImmediateStore(store), registry=TunnelRegistry(),
+                      host_key=Key(ed25519.Ed25519PrivateKey.generate()),
+                      throttle=LoginThrottle(clock=Clock().seconds))
+    treq = StubTreq(Dashboard(backend).resource())
+    cookie, csrf = store.create_session("alice", 60)
+    _code, _headers, body = fetch(treq, "POST", "/check", {"Cookie": f"nekojump_session={cookie}"},
+                                  {"csrf": csrf, "port": "10080"})
+    assert "outside the mesh sources" in body

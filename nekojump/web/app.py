@@ -261,12 +261,14 @@ class Dashboard:
             request.setResponseCode(403)
             return b"admins only"
         keys = await self.backend.store.call(self.backend.store.store.list_keys)
+        events = await self.backend.store.call(self.backend.store.store.audit_events, 100)
         return self.renderer.page(
             "admin.html",
             member=viewer.member,
             csrf=viewer.csrf,
             keys=keys,
             tunnels=self.backend.tunnels(None),
+            events=events,
         )
 
     # -- API and static files ----------------------------------------------------------------
