@@ -30,6 +30,7 @@ from nekojump.model import KeyRecord, LiveForward, Member, Refused, RegisteredPo
 from nekojump.policy import ForwardRules, port_refusal
 
 DB_NAME = "nekojump.sqlite3"
+TOKEN_AUDIT_INTERVAL = 3600.0
 TIERS = ("basic", "plus", "pro")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -367,14 +368,21 @@ class SQLiteStore:
     def token_member(self, token: str) -> Member | None:
         """The active member a bearer token belongs to, if the token is live."""
         row = self._db.execute(
-            "SELECT m.*, t.id AS token_id FROM api_tokens t JOIN members m ON m.id = t.member_id"
+            "SELECT m.*, t.id AS token_id, t.last_used_at FROM api_tokens t"
+            " JOIN members m ON m.id = t.member_id"
             " WHERE t.token_hash = ? AND t.revoked_at IS NULL AND m.active",
             (_digest(token),),
         ).fetchone()
         if row is None:
             return None
+        now = self._clock()
+        if row["last_used_at"] is None or now - row["last_used_at"] > TOKEN_AUDIT_INTERVAL:
+            # Audit token use, but not every request: once an hour per token.
+            self._audit(
+                self._db, "token-used", member=row["name"], detail={"token_id": row["token_id"]}
+            )
         self._db.execute(
-            "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (self._clock(), row["token_id"])
+            "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, row["token_id"])
         )
         return _member(row)
 

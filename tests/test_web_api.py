@@ -304,3 +304,12 @@ def test_openapi_document_matches_the_routes(site):
 def test_openapi_document_is_valid(site):
     validator = pytest.importorskip("openapi_spec_validator")
     validator.validate(openapi_document())
+
+
+def test_token_use_is_audited_once_an_hour(site):
+    store, client = site
+    alice = client("alice")
+    for _ in range(3):
+        assert alice.get("/keys")[0] == 200
+    used = [e for e in store.audit_events(100, member="alice") if e["event"] == "token-used"]
+    assert len(used) == 1
