@@ -288,3 +288,24 @@ def test_direct_tcpip_is_administratively_prohibited(world):
     (_recipient, reason) = struct.unpack(">2L", failures[0][:8])
     assert reason == 1  # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
     assert b"only hold remote forwards" in common.getNS(failures[0][8:])[0]
+
+
+def test_data_for_an_unknown_channel_ends_the_connection_quietly(world):
+    recorder, pump, server = world.logged_in()
+    recorder.send(94, struct.pack(">L", 4242) + NS(b"hello"))  # CHANNEL_DATA
+    pump.flush()
+    assert server.transport.disconnecting or server.transport.disconnected
+
+
+def test_more_data_than_the_window_closes_that_channel(world):
+    recorder, pump, server = world.logged_in()
+    open_session = NS(b"session") + struct.pack(">3L", 7, 65536, 32768)
+    recorder.send(MSG_CHANNEL_OPEN, open_session)
+    pump.flush()
+    confirm = next(p for n, p in recorder.got if n == 91)  # OPEN_CONFIRMATION
+    _recipient, ours, _window, max_packet = struct.unpack(">4L", confirm[:16])
+    recorder.send(94, struct.pack(">L", ours) + NS(b"x" * (max_packet + 1)))
+    pump.flush()
+    closes = [p for n, p in recorder.got if n == 97]  # CHANNEL_CLOSE
+    assert closes == [struct.pack(">L", 7)]
+    assert not server.transport.disconnecting  # only the channel, not the connection

@@ -111,6 +111,30 @@ class TunnelConnection(SSHConnection):
             struct.pack(">2L", sender, code) + common.NS(text.encode("utf-8")) + common.NS(b""),
         )
 
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        """Data for a channel: checked against window and packet size, window re-granted
+        in steps (``channel.window_step``, default half the window) as it is consumed."""
+        try:
+            local_channel, length = struct.unpack(">2L", packet[:8])
+            channel = self.channels[local_channel]
+        except (struct.error, KeyError):
+            self.log.info("data for an unknown channel; disconnecting")
+            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"unknown channel")
+            return
+        data = packet[8 : 8 + length]
+        if length != len(data) or length > channel.localWindowLeft or (
+            length > channel.localMaxPacket
+        ):
+            self.log.info("channel {id}: more data than the window allows; closing it",
+                          id=local_channel)
+            self.sendClose(channel)
+            return
+        channel.localWindowLeft -= length
+        consumed = channel.localWindowSize - channel.localWindowLeft
+        if consumed >= getattr(channel, "window_step", channel.localWindowSize // 2):
+            self.adjustWindow(channel, consumed)
+        channel.dataReceived(data)
+
     def adjustWindow(self, channel: SSHChannel, bytesToAdd: int) -> None:
         # A forwarded channel whose mesh socket is full gets its window back
         # in resumeProducing, once the socket drains.
