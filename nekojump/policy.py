@@ -59,6 +59,17 @@ def startup_refusal(
     return None
 
 
+def capacity_refusal(in_use: int, limit: int, needed: int = 1, reserve: int = 64) -> Refused | None:
+    """None if ``needed`` more file descriptors fit under ``limit`` (keeping ``reserve`` spare).
+
+    At the limit the server refuses new connections and forwards cleanly
+    instead of accepting sockets it cannot serve.
+    """
+    if in_use + needed > limit - reserve:
+        return Refused("server-full", "the jumphost is at its connection limit; try again later")
+    return None
+
+
 # -- channels and requests -----------------------------------------------------
 
 SESSION_CHANNEL = b"session"

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from nekojump import __version__
+from nekojump.capacity import DescriptorBudget, raise_descriptor_limit
 from nekojump.config import Config
 from nekojump.hostkey import host_key_fingerprint, load_or_create_host_key
 from nekojump.metrics import Metrics
@@ -46,10 +47,16 @@ class NekojumpService(MultiService):
         self.host_key = host_key
         self.registry = TunnelRegistry(on_change=self._forward_changed)
         self.metrics = Metrics()
+        self.budget = DescriptorBudget(
+            raise_descriptor_limit(),
+            lambda: self.registry.descriptors_in_use() + sum(self.factory.startups.values()),
+        )
         self.rng = random.Random()
         realm = TunnelRealm(self._make_avatar)
         portal = Portal(realm, [TunnelKeyChecker(self.store, config.ssh.user, self.metrics)])
-        self.factory = TunnelSSHFactory(portal, host_key, config, reactor, self.metrics)
+        self.factory = TunnelSSHFactory(
+            portal, host_key, config, reactor, self.metrics, self.budget
+        )
         self.metrics.watch(self.registry, lambda: sum(self.factory.startups.values()))
         self.watcher = RevocationWatcher(self.store, self.registry, reactor)
         self.ssh_port: IListeningPort | None = None
@@ -76,6 +83,7 @@ class NekojumpService(MultiService):
             reactor=self.reactor,
             rng=self.rng,
             metrics=self.metrics,
+            budget=self.budget,
         )
 
     def _forward_changed(self, forward: ActiveForward | None, port: int) -> None:
@@ -169,6 +177,11 @@ class NekojumpService(MultiService):
         )
         self.log.info(
             "host key {fingerprint} (ED25519)", fingerprint=host_key_fingerprint(self.host_key)
+        )
+        self.log.info(
+            "file descriptor limit {limit}: room for about {tunnels} idle tunnels",
+            limit=self.budget.limit,
+            tunnels=self.budget.tunnel_room,
         )
         self.store.call(self.store.store.list_members).addCallback(self._first_start_hint, address)
 

@@ -21,6 +21,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 
+from nekojump.capacity import DescriptorBudget
 from nekojump.config import parse_config
 from nekojump.keys import parse_public_key
 from nekojump.model import Identity
@@ -108,7 +109,7 @@ class Reactor(MemoryReactorClock):
 
 
 class World:
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, descriptor_limit: int | None = None) -> None:
         self.reactor = Reactor()
         self.store = SQLiteStore.open(tmp_path)
         self.key = Key(ed25519.Ed25519PrivateKey.generate())
@@ -124,6 +125,13 @@ class World:
         )
         self.registry = TunnelRegistry()
         deferred_store = ImmediateStore(self.store)
+        self.budget = None
+        if descriptor_limit is not None:
+            self.budget = DescriptorBudget(
+                descriptor_limit,
+                lambda: self.registry.descriptors_in_use() + sum(self.factory.startups.values()),
+                reserve=0,
+            )
 
         def make_avatar(identity: Identity) -> TunnelAvatar:
             return TunnelAvatar(
@@ -132,13 +140,16 @@ class World:
                 config=self.config,
                 store=deferred_store,
                 reactor=self.reactor,
+                budget=self.budget,
             )
 
         portal = Portal(
             TunnelRealm(make_avatar), [TunnelKeyChecker(deferred_store, self.config.ssh.user)]
         )
         host_key = Key(ed25519.Ed25519PrivateKey.generate())
-        self.factory = TunnelSSHFactory(portal, host_key, self.config, self.reactor)
+        self.factory = TunnelSSHFactory(
+            portal, host_key, self.config, self.reactor, budget=self.budget
+        )
         self.factory.startFactory()
 
     def connect(self) -> tuple[Recorder, Any, Any]:
@@ -309,3 +320,21 @@ def test_more_data_than_the_window_closes_that_channel(world):
     closes = [p for n, p in recorder.got if n == 97]  # CHANNEL_CLOSE
     assert closes == [struct.pack(">L", 7)]
     assert not server.transport.disconnecting  # only the channel, not the connection
+
+
+def test_at_the_descriptor_limit_new_forwards_and_connections_are_refused(tmp_path):
+    """Refuse cleanly rather than accept sockets the process cannot serve."""
+    world = World(tmp_path, descriptor_limit=3)
+    try:
+        recorder, pump, _server = world.logged_in()  # 1 descriptor: the SSH connection
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(20090))  # 2: a listener
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(20091))  # 3: a listener
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(20092))  # would be 4
+        pump.flush()
+        assert recorder.count(MSG_REQUEST_SUCCESS) == 2
+        assert recorder.count(MSG_REQUEST_FAILURE) == 1
+        assert world.registry.held_ports() == {20090, 20091}
+        peer = IPv4Address("TCP", "127.0.0.1", 40001)
+        assert world.factory.buildProtocol(peer) is None  # no room for another connection
+    finally:
+        world.store.close()

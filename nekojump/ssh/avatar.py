@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nekojump import policy
+from nekojump.capacity import DescriptorBudget
 from nekojump.metrics import Metrics
 from nekojump.model import Identity, Refused
 from nekojump.policy import Bind, Holder, Takeover
@@ -68,6 +69,7 @@ class TunnelAvatar(ConchUser):
         reactor: IReactorTCP,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        budget: DescriptorBudget | None = None,
     ):
         super().__init__()
         self.identity = identity
@@ -78,6 +80,7 @@ class TunnelAvatar(ConchUser):
         self.clock: IReactorTime = reactor  # type: ignore[assignment]
         self.rng = rng or random.Random()
         self.metrics = metrics if metrics is not None else Metrics()
+        self.budget = budget
         self.connection_id = registry.next_connection_id()
         self.holder = Holder(identity.key_id, identity.member_id, self.connection_id)
         self.source = "unknown"
@@ -196,6 +199,10 @@ class TunnelAvatar(ConchUser):
         rules = self.config.forwarding.rules
         if len(requested_host) > MAX_HOST_LENGTH:
             return Refused("bad-host", "the requested bind address is too long")
+        if self.budget is not None and self.registry.holder_of(port) is None:
+            full = self.budget.refusal()
+            if full is not None:
+                return full
         held = self.registry.count_for_member(self.identity.member_id)
         if self.registry.holder_of(port) is None and held >= rules.max_per_member:
             return Refused(

@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from nekojump.capacity import DescriptorBudget
 from nekojump.config import Config
 from nekojump.metrics import Metrics
 from nekojump.policy import source_allowed, startup_refusal
@@ -37,8 +38,10 @@ class TunnelSSHFactory(SSHFactory):
         config: Config,
         reactor: object,
         metrics: Metrics | None = None,
+        budget: DescriptorBudget | None = None,
     ):
         self.metrics = metrics if metrics is not None else Metrics()
+        self.budget = budget
         self.portal = portal
         self.config = config
         self.reactor = reactor
@@ -58,6 +61,8 @@ class TunnelSSHFactory(SSHFactory):
             self.metrics.refused_connections.labels("ssh", "source").inc()
             return None
         refusal = startup_refusal(host, self.startups, self.config.ssh.limits)
+        if refusal is None and self.budget is not None:
+            refusal = self.budget.refusal()
         if refusal is not None:
             self.log.info(
                 "refused SSH connection from {source}: {reason}", source=host, reason=refusal.reason

@@ -137,6 +137,16 @@ class TunnelRegistry:
     def forwards_of(self, identity: Identity) -> list[ActiveForward]:
         return [f for f in self.forwards() if f.avatar.identity == identity]
 
+    def descriptors_in_use(self) -> int:
+        """Sockets this registry accounts for: SSH connections, listeners, mesh streams."""
+        forwards = self._forwards.values()
+        return (
+            len(self._avatars)
+            + len(self._forwards)
+            + len(self._parked)
+            + sum(f.open_connections for f in forwards)
+        )
+
     def count_for_member(self, member_id: int) -> int:
         return sum(1 for f in self._forwards.values() if f.holder.member_id == member_id)
 
