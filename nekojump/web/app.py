@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from klein import Klein
@@ -46,6 +48,25 @@ def see_other(request: IRequest, location: bytes) -> bytes:
     request.setResponseCode(303)
     request.setHeader(b"location", location)
     return b""
+
+
+def form_post(
+    handler: Callable[[Dashboard, IRequest, Viewer], Awaitable[bytes]],
+) -> Callable[[Dashboard, IRequest], Awaitable[bytes]]:
+    """A form post's handler gets the member behind the session, with a valid CSRF token;
+    anyone else gets sent to log in (no session) or a 403 (stale or forged form)."""
+
+    @functools.wraps(handler)
+    async def checked(self: Dashboard, request: IRequest) -> bytes:
+        viewer = await self.viewer(request)
+        if viewer is None:
+            return see_other(request, b"/login")
+        if not viewer.csrf_ok(form(request, "csrf")):
+            request.setResponseCode(403)
+            return b"forbidden: this form is stale; reload the page and try again"
+        return await handler(self, request, viewer)
+
+    return checked
 
 
 def peer(request: IRequest) -> str:
@@ -149,22 +170,9 @@ class Dashboard:
         context.update(extra)
         return self.renderer.page("dashboard.html", **context)
 
-    async def _form_viewer(self, request: IRequest) -> Viewer | None:
-        """The session behind a form post, or None after answering 403/redirect."""
-        viewer = await self.viewer(request)
-        if viewer is None:
-            request.redirect(b"/login")
-            return None
-        if not viewer.csrf_ok(form(request, "csrf")):
-            request.setResponseCode(403)
-            return None
-        return viewer
-
     @app.route("/keys", methods=["POST"])
-    async def add_key(self, request: IRequest) -> bytes:
-        viewer = await self._form_viewer(request)
-        if viewer is None:
-            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+    @form_post
+    async def add_key(self, request: IRequest, viewer: Viewer) -> bytes:
         text, description = form(request, "public_key"), form(request, "description").strip()
         result = await self.backend.add_key(viewer.member, text, description)
         if isinstance(result, Refused):
@@ -177,10 +185,8 @@ class Dashboard:
         return see_other(request, b"/#ssh-key-card")
 
     @app.route("/keys/remove", methods=["POST"])
-    async def remove_key(self, request: IRequest) -> bytes:
-        viewer = await self._form_viewer(request)
-        if viewer is None:
-            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+    @form_post
+    async def remove_key(self, request: IRequest, viewer: Viewer) -> bytes:
         result = await self.backend.remove_key(viewer.member, form(request, "fingerprint"))
         if isinstance(result, Refused):
             request.setResponseCode(404)
@@ -190,10 +196,8 @@ class Dashboard:
         return see_other(request, b"/#ssh-key-card")
 
     @app.route("/ports", methods=["POST"])
-    async def add_port(self, request: IRequest) -> bytes:
-        viewer = await self._form_viewer(request)
-        if viewer is None:
-            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+    @form_post
+    async def add_port(self, request: IRequest, viewer: Viewer) -> bytes:
         port, description = form(request, "port").strip(), form(request, "description")
         result = await self.backend.add_port(viewer.member, port, description)
         if isinstance(result, Refused):
@@ -204,10 +208,8 @@ class Dashboard:
         return see_other(request, b"/#ports-card")
 
     @app.route("/ports/remove", methods=["POST"])
-    async def remove_port(self, request: IRequest) -> bytes:
-        viewer = await self._form_viewer(request)
-        if viewer is None:
-            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+    @form_post
+    async def remove_port(self, request: IRequest, viewer: Viewer) -> bytes:
         result = await self.backend.remove_port(viewer.member, form(request, "port"))
         if isinstance(result, Refused):
             request.setResponseCode(404)
@@ -215,10 +217,8 @@ class Dashboard:
         return see_other(request, b"/#ports-card")
 
     @app.route("/check", methods=["POST"])
-    async def check(self, request: IRequest) -> bytes:
-        viewer = await self._form_viewer(request)
-        if viewer is None:
-            return b"forbidden: stale form, reload the page" if request.code == 403 else b""
+    @form_post
+    async def check(self, request: IRequest, viewer: Viewer) -> bytes:
         result = await self.backend.check(viewer.member, form(request, "port"), peer(request))
         if isinstance(result, Refused):
             request.setResponseCode(404)
