@@ -81,20 +81,24 @@ class Client:
         return self.request("DELETE", path, **kw)
 
 
-@pytest.fixture
-def site(tmp_path):
-    store = SQLiteStore.open(tmp_path)
-    config = parse_config(
-        {"forwarding": {"port_min": 10000, "port_max": 10999, "reserved_ports": [10022]}}
-    )
+def in_memory_site(store: SQLiteStore, config_document: dict[str, Any]) -> StubTreq:
+    """The whole web app over ``store``, reachable through treq without sockets."""
     backend = Backend(
-        config=config,
+        config=parse_config(config_document),
         store=ImmediateStore(store),
         registry=TunnelRegistry(),
         host_key=Key(ed25519.Ed25519PrivateKey.generate()),
         throttle=LoginThrottle(clock=Clock().seconds),
     )
-    treq = StubTreq(Dashboard(backend).resource())
+    return StubTreq(Dashboard(backend).resource())
+
+
+@pytest.fixture
+def site(tmp_path):
+    store = SQLiteStore.open(tmp_path)
+    treq = in_memory_site(
+        store, {"forwarding": {"port_min": 10000, "port_max": 10999, "reserved_ports": [10022]}}
+    )
     store.add_member("alice")
     store.add_member("bob")
     store.add_member("root", is_admin=True)

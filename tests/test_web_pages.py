@@ -9,7 +9,12 @@ import pytest
 from twisted.internet.task import Clock
 
 from nekojump.web.auth import LoginThrottle
-from tests.test_web_api import private_key_text, public_key_text, site  # noqa: F401
+from tests.test_web_api import (  # noqa: F401
+    in_memory_site,
+    private_key_text,
+    public_key_text,
+    site,
+)
 
 URL = "http://jump.test"
 
@@ -175,27 +180,13 @@ def test_login_throttle_blocks_per_account_and_per_source():
 
 
 def sso_site(tmp_path, trusted: str):
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-    from treq.testing import StubTreq
-    from twisted.conch.ssh.keys import Key
-
-    from nekojump.config import parse_config
-    from nekojump.ssh.registry import TunnelRegistry
-    from nekojump.store import ImmediateStore, SQLiteStore
-    from nekojump.web.app import Dashboard
-    from nekojump.web.backend import Backend
+    from nekojump.store import SQLiteStore
 
     store = SQLiteStore.open(tmp_path)
     store.add_member("alice")
-    config = parse_config({"web": {"sso_header": "X-Forwarded-User", "trusted_proxies": [trusted]}})
-    backend = Backend(
-        config=config,
-        store=ImmediateStore(store),
-        registry=TunnelRegistry(),
-        host_key=Key(ed25519.Ed25519PrivateKey.generate()),
-        throttle=LoginThrottle(clock=Clock().seconds),
+    return in_memory_site(
+        store, {"web": {"sso_header": "X-Forwarded-User", "trusted_proxies": [trusted]}}
     )
-    return StubTreq(Dashboard(backend).resource())
 
 
 def test_sso_header_from_a_trusted_proxy_logs_the_member_in(tmp_path):
@@ -258,26 +249,20 @@ def test_check_button_explains_a_port_without_a_tunnel(alice_session):
 
 def test_check_says_when_the_viewer_is_off_the_mesh(tmp_path):
     """The seed's "connection refused" case: you are not on the mesh."""
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-    from treq.testing import StubTreq
-    from twisted.conch.ssh.keys import Key
-
-    from nekojump.config import parse_config
     from nekojump.policy import ForwardRules
-    from nekojump.ssh.registry import TunnelRegistry
-    from nekojump.store import ImmediateStore, SQLiteStore
-    from nekojump.web.app import Dashboard
-    from nekojump.web.backend import Backend
+    from nekojump.store import SQLiteStore
 
     store = SQLiteStore.open(tmp_path)
     store.add_member("alice")
     store.add_port("alice", 10080, "", ForwardRules(10000, 60000))
-    config = parse_config({"ssh": {"allowed_sources": ["192.0.2.0/24"]}})  # never contacted
-    backend = Backend(config=config, store=ImmediateStore(store), registry=TunnelRegistry(),
-                      host_key=Key(ed25519.Ed25519PrivateKey.generate()),
-                      throttle=LoginThrottle(clock=Clock().seconds))
-    treq = StubTreq(Dashboard(backend).resource())
+    # A documentation-range network, never contacted: the viewer is outside it.
+    treq = in_memory_site(store, {"ssh": {"allowed_sources": ["192.0.2.0/24"]}})
     cookie, csrf = store.create_session("alice", 60)
-    _code, _headers, body = fetch(treq, "POST", "/check", {"Cookie": f"nekojump_session={cookie}"},
-                                  {"csrf": csrf, "port": "10080"})
+    _code, _headers, body = fetch(
+        treq,
+        "POST",
+        "/check",
+        {"Cookie": f"nekojump_session={cookie}"},
+        {"csrf": csrf, "port": "10080"},
+    )
     assert "outside the mesh sources" in body
