@@ -37,6 +37,8 @@ class SSHConfig:
     client_alive_count_max: int
     max_startups: int
     max_startups_per_source: int
+    #: Also offer aes*-ctr with ETM MACs, for clients without AEAD ciphers.
+    compat_ctr_ciphers: bool = False
 
     @property
     def limits(self) -> StartupLimits:
@@ -115,6 +117,12 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
         return value
 
     return check
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
 
 
 def _seconds(value: Any) -> float:
@@ -206,6 +214,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "client_alive_count_max": (_integer(1, 100), 3),
         "max_startups": (_integer(1, 100000), 100),
         "max_startups_per_source": (_integer(1, 100000), 10),
+        "compat_ctr_ciphers": (_boolean, False),
     },
     "forwarding": {
         "bind_address": (_ip_address, "127.0.0.1"),

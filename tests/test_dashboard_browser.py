@@ -104,7 +104,14 @@ def absent(driver: WebDriver, css: str) -> bool:
 def submit(driver: WebDriver, form_css: str) -> None:
     """Click the form's submit button and wait for the page it leads to."""
     old_body = find(driver, "body")
-    find(driver, f"{form_css} button[type=submit]").click()
+    try:
+        find(driver, f"{form_css} button[type=submit]").click()
+    except WebDriverException:
+        # Under heavy load chromedriver sometimes loses the node it just found
+        # ("does not belong to the document"); find it again and click once more.
+        if expected_conditions.staleness_of(old_body)(driver):
+            raise
+        find(driver, f"{form_css} button[type=submit]").click()
     wait(driver, 10).until(expected_conditions.staleness_of(old_body))
     wait(driver, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
 

@@ -136,8 +136,10 @@ def test_port_zero_gives_up_after_bounded_tries():
     assert len(calls) == 5
 
 
-@pytest.mark.parametrize(("in_use", "needed", "refused"), [(0, 1, False), (935, 1, False),
-                                                            (936, 1, True), (900, 40, True)])
+@pytest.mark.parametrize(
+    ("in_use", "needed", "refused"),
+    [(0, 1, False), (935, 1, False), (936, 1, True), (900, 40, True)],
+)
 def test_capacity_keeps_a_reserve_of_descriptors(in_use, needed, refused):
     result = policy.capacity_refusal(in_use, limit=1000, needed=needed, reserve=64)
     assert (result is not None) is refused

@@ -434,15 +434,18 @@ def test_check_tells_each_troubleshooting_case(running, keys, echo):
     token = running.admin("token", "create", "alice").stdout.strip()
 
     def check(port: int) -> dict:
-        request = urllib.request.Request(f"{running.web_url}api/v1/check/{port}",
-                                         headers={"Authorization": f"Bearer {token}"})
+        request = urllib.request.Request(
+            f"{running.web_url}api/v1/check/{port}", headers={"Authorization": f"Bearer {token}"}
+        )
         with urllib.request.urlopen(request, timeout=15) as response:
             return json.load(response)
 
     registered = running.port_min + 60
     request = urllib.request.Request(
-        f"{running.web_url}api/v1/ports", data=json.dumps({"port": registered}).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        f"{running.web_url}api/v1/ports",
+        data=json.dumps({"port": registered}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     urllib.request.urlopen(request, timeout=10).read()
     assert check(registered)["case"] == "no-tunnel"
 

@@ -28,6 +28,7 @@ from nekojump.model import Identity
 from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
 from nekojump.ssh.avatar import MAX_REFUSALS, TunnelAvatar
 from nekojump.ssh.factory import TunnelSSHFactory
+from nekojump.ssh.packets import PacketLayerMixin
 from nekojump.ssh.registry import TunnelRegistry
 from nekojump.store import ImmediateStore, SQLiteStore
 
@@ -79,7 +80,9 @@ class Recorder(service.SSHService):
         )
 
 
-class Client(transport.SSHClientTransport):
+class Client(PacketLayerMixin, transport.SSHClientTransport):
+    """Conch's client with nekojump's packet layer: the server offers only AEAD ciphers."""
+
     def verifyHostKey(self, hostKey: bytes, fingerprint: str) -> Any:
         return succeed(True)
 

@@ -148,8 +148,9 @@ def test_check_reports_a_member_that_stopped_answering(host_factory, keys, echo)
     wait_for(lambda: works(port), what="tunnel up")
     token = host.admin("token", "create", "alice").stdout.strip()
     proxy.stall()
-    request = urllib.request.Request(f"{host.web_url}api/v1/check/{port}",
-                                     headers={"Authorization": f"Bearer {token}"})
+    request = urllib.request.Request(
+        f"{host.web_url}api/v1/check/{port}", headers={"Authorization": f"Bearer {token}"}
+    )
     with urllib.request.urlopen(request, timeout=15) as response:
         result = json.load(response)
     assert result["case"] == "timeout"

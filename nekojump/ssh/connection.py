@@ -122,11 +122,14 @@ class TunnelConnection(SSHConnection):
             self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"unknown channel")
             return
         data = packet[8 : 8 + length]
-        if length != len(data) or length > channel.localWindowLeft or (
-            length > channel.localMaxPacket
+        if (
+            length != len(data)
+            or length > channel.localWindowLeft
+            or (length > channel.localMaxPacket)
         ):
-            self.log.info("channel {id}: more data than the window allows; closing it",
-                          id=local_channel)
+            self.log.info(
+                "channel {id}: more data than the window allows; closing it", id=local_channel
+            )
             self.sendClose(channel)
             return
         channel.localWindowLeft -= length

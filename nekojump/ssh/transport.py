@@ -9,18 +9,27 @@ from twisted.logger import Logger
 
 from nekojump import __version__
 from nekojump.logs import conch_logger
+from nekojump.ssh.packets import PacketLayerMixin
 
-#: Key exchanges, best first; group-exchange and SHA-1 groups are not offered.
+#: Key exchanges, best first.  Group exchange, SHA-1 groups and the NIST
+#: curves (ssh-audit fails them) are not offered.
 KEX_PREFERENCE = (
     b"mlkem768x25519-sha256",
     b"curve25519-sha256",
     b"curve25519-sha256@libssh.org",
-    b"ecdh-sha2-nistp256",
-    b"ecdh-sha2-nistp384",
-    b"ecdh-sha2-nistp521",
 )
-CIPHERS = (b"aes128-ctr", b"aes192-ctr", b"aes256-ctr")
-MACS = (b"hmac-sha2-256", b"hmac-sha2-512")
+#: Authenticated encryption only, by default: while aes*-ctr is offered,
+#: OpenSSH clients pick it (their list has it before the GCM ciphers).
+AEAD_CIPHERS = (
+    b"chacha20-poly1305@openssh.com",
+    b"aes256-gcm@openssh.com",
+    b"aes128-gcm@openssh.com",
+)
+#: Added after the AEAD ciphers with ``[ssh] compat_ctr_ciphers = true``.
+COMPAT_CIPHERS = (b"aes256-ctr", b"aes192-ctr", b"aes128-ctr")
+CIPHERS = AEAD_CIPHERS
+#: Encrypt-then-MAC only (used with the CTR ciphers; AEAD ciphers ignore it).
+MACS = (b"hmac-sha2-512-etm@openssh.com", b"hmac-sha2-256-etm@openssh.com")
 
 #: Signature algorithms we verify on *user* keys, sent as server-sig-algs so
 #: OpenSSH offers RSA keys with SHA-2 signatures.
@@ -40,15 +49,18 @@ def _available(preference: tuple[bytes, ...], supported: list[bytes]) -> list[by
     return [name for name in preference if name in supported]
 
 
-class TunnelServerTransport(SSHServerTransport):
-    """SSH server transport with nekojump's algorithm choices."""
+class TunnelServerTransport(PacketLayerMixin, SSHServerTransport):
+    """SSH server transport with nekojump's algorithm choices.
+
+    Packets, ciphers, strict kex and rekeying come from ``PacketLayerMixin``.
+    """
 
     log = Logger()
     _log = conch_logger("nekojump.ssh.transport")
     ourVersionString = f"SSH-2.0-nekojump_{__version__}".encode("ascii")
     supportedKeyExchanges = _available(KEX_PREFERENCE, _kex.getSupportedKeyExchanges())
-    supportedCiphers = _available(CIPHERS, SSHServerTransport.supportedCiphers)
-    supportedMACs = _available(MACS, SSHServerTransport.supportedMACs)
+    supportedCiphers = list(CIPHERS)
+    supportedMACs = list(MACS)
     supportedCompressions = [b"none"]
 
     #: Bytes an unauthenticated client may have buffered in the server; every
@@ -60,8 +72,10 @@ class TunnelServerTransport(SSHServerTransport):
     _grace: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        super().connectionMade()
         ssh = self.factory.config.ssh
+        if ssh.compat_ctr_ciphers:
+            self.supportedCiphers = [*AEAD_CIPHERS, *COMPAT_CIPHERS]
+        super().connectionMade()
         # login_grace_time runs from the first byte, not from userauth: a
         # client that never finishes the version or kex is dropped too.
         self._grace = self.factory.reactor.callLater(ssh.login_grace_time, self._grace_expired)

@@ -1,0 +1,601 @@
+"""nekojump vs OpenSSH sshd as a tunnel-only jumphost, on loopback.
+
+Usage (from the repository root): ``python3 -m bench [--max-tunnels N] [--json FILE]``.
+Progress goes to stderr, the result table to stdout.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench import measure
+from bench.measure import MIB, percentile
+from bench.procs import Processes, cpu_seconds, descendants, memory_kib, wait_until
+from bench.servers import (
+    IMPLICIT_MAC,
+    KEX,
+    Nekojump,
+    Server,
+    Sshd,
+    Tunnel,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+NEKOJUMP_BIND = "127.0.0.2"
+SSHD_BIND = "127.0.0.3"
+GIB = 1 << 30
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--max-tunnels",
+        type=int,
+        default=1000,
+        help="largest idle-tunnel count (default 1000; at most 9500 with 20,000 open files)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per timing (median)")
+    parser.add_argument("--bulk-mib", type=int, default=128, help="MiB per bulk transfer")
+    parser.add_argument("--rtt-mib", type=int, default=32, help="MiB per transfer at 40 ms RTT")
+    parser.add_argument("--connects", type=int, default=100, help="fresh connections per round")
+    parser.add_argument("--gap-samples", type=int, default=20, help="connections after idle gap")
+    parser.add_argument("--gap", type=float, default=0.5, help="idle gap in seconds")
+    parser.add_argument("--echoes", type=int, default=1000, help="small echoes per round")
+    parser.add_argument("--slow-seconds", type=float, default=10, help="slow-reader duration")
+    parser.add_argument("--no-sshd", action="store_true", help="measure nekojump only")
+    parser.add_argument("--json", metavar="FILE", help="also write all results as JSON")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="py-spy profile of nekojump during extra bulk runs"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    if not 1 <= args.max_tunnels <= 9500:
+        parser.error("--max-tunnels must be between 1 and 9500")
+    if args.repeats < 1 or args.bulk_mib < 1 or args.rtt_mib < 1:
+        parser.error("--repeats, --bulk-mib and --rtt-mib must be positive")
+    return args
+
+
+def tunnel_sizes(largest: int) -> list[int]:
+    return sorted({n for n in (100, 1000) if n <= largest} | {largest})
+
+
+def read_json_line(process: subprocess.Popen, timeout: float, what: str) -> dict:
+    """One JSON line from a helper's stdout, or TimeoutError."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        ready, _, _ = select.select([process.stdout], [], [], min(left, 1.0))
+        if ready:
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{what}: the helper exited (code {process.poll()})")
+            return json.loads(line)
+        if process.poll() is not None:
+            raise RuntimeError(f"{what}: the helper exited (code {process.returncode})")
+
+
+def python_module(procs: Processes, module: str, *args: str) -> subprocess.Popen:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    return procs.spawn(
+        [sys.executable, "-m", module, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
+
+
+class Results:
+    """results[metric][server] = value, plus notes."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, object]] = {}
+        self.better: dict[str, str] = {}
+        self.raw: dict[str, dict[str, object]] = {}
+
+    def set(self, metric: str, server: str, value: object, better: str = "lower") -> None:
+        self.values.setdefault(metric, {})[server] = value
+        self.better[metric] = better
+
+    def add_raw(self, metric: str, server: str, value: object) -> None:
+        self.raw.setdefault(metric, {}).setdefault(server, []).append(value)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, directory: Path) -> None:
+        self.args = args
+        self.directory = directory
+        self.procs = Processes()
+        self.results = Results()
+        self.servers: list[Server] = []
+        self.tunnels: dict[tuple[str, str], Tunnel] = {}
+        self.negotiated: dict[str, dict[str, str]] = {}
+        self.notes: list[str] = []
+        self.profile_summary: list[tuple[str, float]] = []
+        self.cipher = ("?", "?")
+
+    # -- setup ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        key = self.directory / "id_ed25519"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(key)],
+            check=True,
+            timeout=30,
+        )
+        self.key = key
+        where = subprocess.run(
+            [sys.executable, "-c", "import nekojump; print(nekojump.__file__)"],
+            cwd=self.directory, capture_output=True, text=True, timeout=30,
+        ).stdout.strip()  # fmt: skip
+        if where:
+            package = Path(where).parent
+            stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(package.stat().st_mtime))
+            self.notes.append(f"nekojump measured: {package} (installed {stamp})")
+        self.services_process = python_module(self.procs, "bench.helpers", "services")
+        self.services = read_json_line(self.services_process, 30, "local services")
+
+        nj_dir = self.directory / "nekojump"
+        nj_dir.mkdir()
+        nekojump = Nekojump(
+            "nekojump", nj_dir, self.procs, user="tunnel", bind=NEKOJUMP_BIND,
+            port_min=10000, port_max=19999,
+        )  # fmt: skip
+        log("starting nekojump")
+        nekojump.start(Path(f"{key}.pub"))
+        self.servers.append(nekojump)
+
+        why_not = "--no-sshd given" if self.args.no_sshd else Sshd.unavailable()
+        if why_not is None:
+            sshd_dir = self.directory / "sshd"
+            sshd_dir.mkdir()
+            sshd = Sshd(
+                "sshd", sshd_dir, self.procs, user=_username(), bind=SSHD_BIND,
+                port_min=20000, port_max=29999,
+            )  # fmt: skip
+            log("starting sshd")
+            try:
+                sshd.start(Path(f"{key}.pub"))
+                self.servers.append(sshd)
+            except (RuntimeError, TimeoutError, subprocess.SubprocessError) as error:
+                why_not = f"sshd did not start: {error}"
+                sshd.stop()
+        if why_not is not None:
+            self.notes.append(f"sshd column skipped: {why_not}")
+            log(self.notes[-1])
+
+        services = self.services
+        every = {"echo": services["echo"], "sink": services["sink"], "source": services["source"]}
+        bulk_only = {"sink": services["sink"], "source": services["source"]}
+        nekojump = self.servers[0]
+        # The cipher nekojump negotiates with a default OpenSSH client is the one
+        # both servers are measured with (forced on sshd with -c / -m).
+        log("nekojump: opening tunnels with the OpenSSH client")
+        main = Tunnel(nekojump, key, every, label="main")
+        found = main.negotiated()
+        if "cipher" not in found:
+            raise RuntimeError(f"could not read the negotiated cipher from {main.log}")
+        self.cipher = (found["cipher"], found["mac"])
+        self.tunnels[nekojump.name, "main"] = main
+        self.negotiated[nekojump.name] = found
+        for server in self.servers:
+            if server is not nekojump:
+                log(f"{server.name}: opening tunnels with the OpenSSH client")
+                main = Tunnel(server, key, every, label="main", cipher=self.cipher)
+                self.tunnels[server.name, "main"] = main
+                self.negotiated[server.name] = main.negotiated()
+            proxy = python_module(
+                self.procs, "bench.helpers", "delay", "--target", f"127.0.0.1:{server.ssh_port}"
+            )
+            proxy_port = read_json_line(proxy, 30, "delay proxy")["port"]
+            self.tunnels[server.name, "rtt"] = Tunnel(
+                server, key, bulk_only, label="rtt", via=proxy_port, cipher=self.cipher
+            )
+            if isinstance(server, Sshd):
+                default = Tunnel(server, key, bulk_only, label="default")
+                own = default.negotiated()
+                if own.get("cipher") == self.cipher[0]:
+                    default.stop()  # sshd's default is the common cipher: nothing to add
+                else:
+                    self.tunnels[server.name, "default"] = default
+                    self.negotiated["sshd (its default cipher)"] = own
+        for name, negotiated in self.negotiated.items():
+            log(f"{name}: negotiated {negotiated}")
+
+    # -- throughput ----------------------------------------------------------------
+
+    def bulk(self, kind: str, size_mib: int, label: str, cpu: bool) -> None:
+        size = size_mib * MIB
+        for round_ in range(self.args.repeats):
+            for server in self.servers:
+                tunnel = self.tunnels.get((server.name, kind))
+                if tunnel is None:
+                    continue
+                for direction, run in (("up", measure.upload), ("down", measure.download)):
+                    port = tunnel.ports["sink" if direction == "up" else "source"]
+                    before = cpu_seconds(server.pid)
+                    elapsed = run(server.bind, port, size)
+                    used = cpu_seconds(server.pid) - before
+                    self.results.add_raw(
+                        f"{label} {direction} MiB/s", server.name, size_mib / elapsed
+                    )
+                    if cpu:
+                        self.results.add_raw(
+                            f"server CPU s/GiB {direction}", server.name, used / (size / GIB)
+                        )
+                log(f"{label} round {round_ + 1}/{self.args.repeats} done")
+        for direction in ("up", "down"):
+            metrics = [(f"{label} {direction} MiB/s", "higher")]
+            if cpu:
+                metrics.append((f"server CPU s/GiB {direction}", "lower"))
+            for metric, better in metrics:
+                for server_name, samples in self.results.raw[metric].items():
+                    self.results.set(metric, server_name, statistics.median(samples), better)
+
+    # -- latency -------------------------------------------------------------------
+
+    def connect_latency(self) -> None:
+        for round_ in range(self.args.repeats):
+            for server in self.servers:
+                port = self.tunnels[server.name, "main"].ports["echo"]
+                times = [
+                    measure.connect_latency(server.bind, port) for _ in range(self.args.connects)
+                ]
+                self.results.add_raw("b2b p50", server.name, percentile(times, 50))
+                self.results.add_raw(
+                    "b2b stalled", server.name, 100 * sum(t > 0.02 for t in times) / len(times)
+                )
+                self.results.add_raw("b2b p99", server.name, percentile(times, 99))
+            log(f"back-to-back connections round {round_ + 1}/{self.args.repeats} done")
+        for q in (50, 99):
+            for server in self.servers:
+                samples = self.results.raw[f"b2b p{q}"][server.name]
+                self.results.set(
+                    f"fresh connection, back-to-back p{q} ms", server.name,
+                    1000 * statistics.median(samples),
+                )  # fmt: skip
+        for server in self.servers:
+            self.results.set(
+                "fresh connection, back-to-back: % over 20 ms", server.name,
+                statistics.median(self.results.raw["b2b stalled"][server.name]),
+            )  # fmt: skip
+        gap_times: dict[str, list[float]] = {s.name: [] for s in self.servers}
+        for _ in range(self.args.gap_samples):
+            time.sleep(self.args.gap)
+            for server in random.sample(self.servers, len(self.servers)):
+                port = self.tunnels[server.name, "main"].ports["echo"]
+                gap_times[server.name].append(measure.connect_latency(server.bind, port))
+        log("connections after idle gaps done")
+        for server in self.servers:
+            for q in (50, 99):
+                self.results.set(
+                    f"fresh connection after {self.args.gap:g} s idle p{q} ms", server.name,
+                    1000 * percentile(gap_times[server.name], q),
+                )  # fmt: skip
+            self.results.raw.setdefault("gap samples", {})[server.name] = gap_times[server.name]
+
+    def request_response(self) -> None:
+        for round_ in range(self.args.repeats):
+            for server in self.servers:
+                port = self.tunnels[server.name, "main"].ports["echo"]
+                times = measure.request_response(server.bind, port, self.args.echoes)
+                self.results.add_raw("rr p50", server.name, percentile(times, 50))
+                self.results.add_raw("rr p99", server.name, percentile(times, 99))
+            log(f"request/response round {round_ + 1}/{self.args.repeats} done")
+        for q in (50, 99):
+            for server in self.servers:
+                self.results.set(
+                    f"64 B request/response p{q} us", server.name,
+                    1e6 * statistics.median(self.results.raw[f"rr p{q}"][server.name]),
+                )  # fmt: skip
+
+    # -- memory --------------------------------------------------------------------
+
+    def slow_reader(self) -> None:
+        for server in self.servers:
+            port = self.tunnels[server.name, "main"].ports["source"]
+            found = measure.slow_reader(
+                server.bind, port, self.args.slow_seconds,
+                lambda server=server: memory_kib(server.pid)["pss_kib"],
+            )  # fmt: skip
+            self.results.set(
+                "slow reader: server memory growth MiB", server.name, found["growth_kib"] / 1024
+            )
+            self.results.raw.setdefault("slow reader", {})[server.name] = found
+            log(f"{server.name}: slow reader done: {found}")
+
+    def idle_tunnels(self) -> None:
+        sizes = tunnel_sizes(self.args.max_tunnels)
+        for tunnel in self.tunnels.values():
+            tunnel.stop()
+        self.tunnels.clear()
+        for server in self.servers:
+            # A fresh server: earlier bulk transfers leave freed memory in its heap.
+            server.restart()
+            # sshd's per-connection processes exit once their clients are gone.
+            wait_until(lambda server=server: not descendants(server.pid), 15,
+                       f"{server.name} connections to close")  # fmt: skip
+            time.sleep(1)
+            base = memory_kib(server.pid)
+            self.results.raw.setdefault("baseline memory", {})[server.name] = base
+            generator = python_module(
+                self.procs, "bench.loadgen",
+                "--port", str(server.ssh_port), "--user", server.user, "--key", str(self.key),
+                "--bind", server.bind, "--base-port", str(server.load_base_port),
+                "--echo", str(self.services["echo"]),
+                "--cipher", self.cipher[0], "--mac", self.cipher[1],
+            )  # fmt: skip
+            try:
+                read_json_line(generator, 60, "load generator")
+                have = 0
+                for size in sizes:
+                    cpu_before = cpu_seconds(server.pid)
+                    assert generator.stdin is not None
+                    generator.stdin.write(f"grow {size}\n".encode())
+                    generator.stdin.flush()
+                    grown = read_json_line(generator, 60 + size * 0.05, f"{size} tunnels")
+                    cpu_used = cpu_seconds(server.pid) - cpu_before
+                    time.sleep(2)  # let the server settle before sampling memory
+                    memory = memory_kib(server.pid)
+                    sample = random.sample(range(grown["tunnels"]), min(10, grown["tunnels"]))
+                    answering = sum(
+                        measure.echo_ok(server.bind, server.load_base_port + i) for i in sample
+                    )
+                    added = size - have
+                    have = size
+                    rate = grown["opened"] / grown["seconds"] if grown["seconds"] else 0
+                    per_tunnel = (memory["pss_kib"] - base["pss_kib"]) / max(1, grown["tunnels"])
+                    r = self.results
+                    r.set(f"memory per idle tunnel @{size} KiB", server.name, per_tunnel)
+                    r.set(f"tunnel setup rate to {size} /s", server.name, rate, "higher")
+                    r.set(f"server CPU per tunnel setup to {size} ms", server.name,
+                          1000 * cpu_used / max(1, grown["opened"]))  # fmt: skip
+                    r.set(f"tunnels up / sampled answering @{size}", server.name,
+                          f"{grown['tunnels']}/{size} {answering}/{len(sample)}", "")  # fmt: skip
+                    r.raw.setdefault(f"idle @{size}", {})[server.name] = {
+                        **grown, "memory": memory, "cpu_seconds": cpu_used,
+                        "answering": answering, "sampled": len(sample), "added": added,
+                    }  # fmt: skip
+                    log(
+                        f"{server.name}: {grown['tunnels']} tunnels in {grown['seconds']:.1f}s, "
+                        f"{per_tunnel:.0f} KiB each, {answering}/{len(sample)} answer"
+                        + (f", errors {grown['first_errors']}" if grown["failed"] else "")
+                    )
+                assert generator.stdin is not None
+                generator.stdin.write(b"quit\n")
+                generator.stdin.flush()
+                read_json_line(generator, 60, "load generator to close")
+            finally:
+                self.procs.stop(generator)
+
+    # -- profile -------------------------------------------------------------------
+
+    def profile(self, output: str) -> None:
+        nekojump = self.servers[0]
+        tunnel = self.tunnels[nekojump.name, "main"]
+        spy = self._which("py-spy")
+        if spy is None:
+            self.notes.append("--profile: py-spy is not installed (pip install py-spy)")
+            return
+        log("profiling nekojump with py-spy during one upload and one download")
+        recorder = self.procs.spawn(
+            [spy, "record", "-p", str(nekojump.pid), "-o", output, "--format", "raw",
+             "-r", "200", "--threads"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(1)
+        size = self.args.bulk_mib * MIB
+        measure.upload(nekojump.bind, tunnel.ports["sink"], size)
+        measure.download(nekojump.bind, tunnel.ports["source"], size)
+        recorder.send_signal(signal.SIGINT)
+        try:
+            recorder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self.procs.stop(recorder)
+        self.profile_summary = summarize_profile(Path(output))
+
+    @staticmethod
+    def _which(name: str) -> str | None:
+        from bench.servers import tool
+
+        return tool(name)
+
+    # -- everything ----------------------------------------------------------------
+
+    def run(self) -> None:
+        started = time.monotonic()
+        self.setup()
+        log("bulk throughput (common cipher)")
+        self.bulk("main", self.args.bulk_mib, "bulk", cpu=True)
+        if any(name == "default" for _, name in self.tunnels):
+            log("bulk throughput (sshd's default cipher)")
+            label = "bulk, default ciphers"
+            self.bulk("default", self.args.bulk_mib, label, cpu=False)
+            # nekojump's default cipher is the common one: reuse its "bulk" numbers.
+            for direction in ("up", "down"):
+                value = self.results.values[f"bulk {direction} MiB/s"]["nekojump"]
+                self.results.set(f"{label} {direction} MiB/s", "nekojump", value, "higher")
+        log("bulk throughput at 40 ms RTT")
+        self.bulk("rtt", self.args.rtt_mib, "bulk at 40 ms RTT", cpu=False)
+        log("fresh-connection latency")
+        self.connect_latency()
+        log("request/response latency")
+        self.request_response()
+        log("slow reader")
+        self.slow_reader()
+        if self.args.profile:
+            self.profile(self.args.profile)
+        log("idle tunnels")
+        self.idle_tunnels()
+        self.elapsed = time.monotonic() - started
+
+    def cleanup(self) -> None:
+        self.procs.stop_all()
+        Sshd.cleanup_privsep_dir()
+
+
+def _username() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+#: Innermost frames that mean "waiting", not working: idle pool threads, epoll.
+IDLE_FRAMES = ("Condition.wait", "EPollReactor.doPoll", "Queue.get")
+
+
+def summarize_profile(path: Path, top: int = 15) -> list[tuple[str, float]]:
+    """Share of busy samples per innermost function, from py-spy's collapsed stacks.
+
+    Idle samples (see IDLE_FRAMES) are left out and reported as one "(idle)" line;
+    a wrapper like ``untilConcludes`` (the socket syscall) is named with its caller.
+    """
+    counts: Counter[str] = Counter()
+    idle = 0
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        frames = stack.split(";")
+        leaf = frames[-1]
+        if leaf.startswith(IDLE_FRAMES):
+            idle += int(n)
+            continue
+        if leaf.startswith("untilConcludes") and len(frames) > 1:
+            leaf = f"{frames[-2].split(' (')[0]} -> syscall"
+        counts[leaf] += int(n)
+    busy = sum(counts.values()) or 1
+    summary = [(frame, n / busy) for frame, n in counts.most_common(top)]
+    summary.append((f"(idle samples, not counted above: {idle})", 0.0))
+    return summary
+
+
+def render(bench: Bench) -> str:
+    names = ["nekojump", "sshd"]
+    rows = [("metric", "nekojump", "sshd", "ratio", "better")]
+    for metric, better in bench.results.better.items():
+        values = bench.results.values[metric]
+        cells = [_fmt(values.get(name)) for name in names]
+        nj, ss = values.get("nekojump"), values.get("sshd")
+        ratio = f"{nj / ss:.2f}" if isinstance(nj, float) and isinstance(ss, float) and ss else "-"
+        rows.append((metric, *cells, ratio, better))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append(
+            "| " + " | ".join(
+                cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j])
+                for j, cell in enumerate(row)
+            ) + " |"
+        )  # fmt: skip
+        if i == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    header = [
+        "nekojump vs OpenSSH sshd, tunnel-only jumphost on loopback "
+        f"(medians of {bench.args.repeats} rounds; ratio = nekojump / sshd)",
+    ]
+    for name, found in bench.negotiated.items():
+        header.append(
+            f"  {name}: {found.get('server_software', '?')}, kex {found.get('kex', '?')}, "
+            f"cipher {found.get('cipher', '?')}, MAC {found.get('mac', '?')}"
+        )
+    cipher, mac = bench.cipher
+    header.append(
+        f"  every row uses {cipher}" + ("" if mac == IMPLICIT_MAC else f" + {mac}")
+        + f" with kex {KEX} on both servers (what nekojump picks with a default OpenSSH "
+        "client; forced on sshd with -c/-m), except the 'default ciphers' rows, where "
+        "sshd uses its own default"
+    )  # fmt: skip
+    header.extend(f"  note: {note}" for note in bench.notes)
+    return "\n".join([*header, "", *lines])
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.2f}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    directory = Path(tempfile.mkdtemp(prefix="nekojump-bench-"))
+    bench = Bench(args, directory)
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+
+    # Also when started in the background with SIGINT ignored: always clean up.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, terminated)
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        return 130
+    finally:
+        bench.cleanup()
+        if args.keep:
+            log(f"kept {directory}")
+        else:
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+    print(render(bench))
+    if bench.profile_summary:
+        print(f"\nnekojump py-spy profile ({args.profile}), top functions by own samples:")
+        for frame, share in bench.profile_summary:
+            print(f"  {100 * share:5.1f}%  {frame}")
+    log(f"finished in {bench.elapsed:.0f} s")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "values": bench.results.values,
+                    "raw": bench.results.raw,
+                    "negotiated": bench.negotiated,
+                    "notes": bench.notes,
+                    "profile_top": bench.profile_summary,
+                    "args": vars(args),
+                    "elapsed_seconds": bench.elapsed,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The SSH binary packet layer: framing, AEAD/ETM ciphers, strict kex, rekeying.
+
+``PacketLayerMixin`` goes before Conch's ``SSHServerTransport`` (or
+``SSHClientTransport``, which the tests use) and replaces its packet code:
+
+* ``sendPacket``/``getPacket`` seal and open packets with ``ciphers``
+  (AES-GCM, chacha20-poly1305, AES-CTR + ETM), each direction switching keys
+  on its own NEWKEYS, as RFC 4253 says (Conch switches both at once);
+* strict key exchange (``kex-strict-*-v00@openssh.com``, the Terrapin fix,
+  OpenSSH PROTOCOL 1.10): when both sides offer it, the peer's KEXINIT must
+  be its first packet, nothing but key exchange messages is accepted until
+  the first NEWKEYS, and each NEWKEYS resets that direction's sequence
+  number to zero;
+* no service messages before the first key exchange is done, strict or not;
+* rekeying after ``rekey_bytes`` or ``rekey_packets`` in either direction,
+  and a disconnect if the peer goes on for ``max_packets_per_key`` without
+  rekeying; sequence numbers wrap at 2**32 and never overflow.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.transport import (
+    DISCONNECT_KEY_EXCHANGE_FAILED,
+    DISCONNECT_MAC_ERROR,
+    DISCONNECT_PROTOCOL_ERROR,
+    MSG_DISCONNECT,
+    MSG_KEXINIT,
+    MSG_NEWKEYS,
+    MSG_UNIMPLEMENTED,
+)
+
+from nekojump.ssh.ciphers import (
+    AEAD_CIPHERS,
+    CIPHERS,
+    IMPLICIT_MAC,
+    MACS,
+    PacketCiphers,
+    Plain,
+)
+
+STRICT_KEX_S = b"kex-strict-s-v00@openssh.com"
+STRICT_KEX_C = b"kex-strict-c-v00@openssh.com"
+
+#: OpenSSH's PACKET_MAX_SIZE.
+MAX_PACKET_LENGTH = 256 * 1024
+_SEQ_MASK = 0xFFFFFFFF
+
+
+def is_kex_message(number: int) -> bool:
+    """Key exchange messages: KEXINIT, NEWKEYS and the method-specific 30..49."""
+    return number in (MSG_KEXINIT, MSG_NEWKEYS) or 30 <= number <= 49
+
+
+class PacketLayerMixin:
+    """Packet protection and key exchange rules for a Conch transport."""
+
+    #: Everything this layer can do, AEAD first; subclasses narrow it.
+    supportedCiphers = list(CIPHERS)
+    supportedMACs = list(MACS)
+
+    #: Offer strict kex in the first KEXINIT (tests turn it off to play an old peer).
+    offer_strict_kex = True
+    #: Start a new key exchange after this much data or this many packets
+    #: in either direction under one set of keys.
+    rekey_bytes = 1 << 30
+    rekey_packets = 1 << 28
+    #: A peer that keeps sending this many packets without rekeying is dropped.
+    max_packets_per_key = 1 << 31
+
+    _tx = Plain()
+    _rx = Plain()
+    _strict = False
+    _initial_kex_done = False
+    _kexinit_seen = False
+    _closing = False
+    _rekey_requested = False
+    _rx_waiting = False
+    _last_incoming_sequence = 0
+    _tx_bytes = _tx_packets = _rx_bytes = _rx_packets = 0
+
+    # -- key exchange ------------------------------------------------------
+
+    def sendKexInit(self) -> None:
+        """Our KEXINIT; the first one also carries ext-info and strict-kex markers."""
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
+            raise RuntimeError(f"Cannot send KEXINIT in state {self._keyExchangeState!r}")
+        kex = list(self.supportedKeyExchanges)
+        if self.sessionID is None:
+            kex.append(self._EXT_INFO_C if self.isClient else self._EXT_INFO_S)
+            if self.offer_strict_kex:
+                kex.append(STRICT_KEX_C if self.isClient else STRICT_KEX_S)
+        lists = [
+            kex,
+            self.supportedPublicKeys,
+            self.supportedCiphers,
+            self.supportedCiphers,
+            self.supportedMACs,
+            self.supportedMACs,
+            self.supportedCompressions,
+            self.supportedCompressions,
+            self.supportedLanguages,
+            self.supportedLanguages,
+        ]
+        self.ourKexInitPayload = (
+            bytes((MSG_KEXINIT,))
+            + os.urandom(16)
+            + b"".join(NS(b",".join(names)) for names in lists)
+            + b"\0"  # first_kex_packet_follows
+            + b"\0\0\0\0"
+        )
+        self.sendPacket(MSG_KEXINIT, self.ourKexInitPayload[1:])
+        self._keyExchangeState = self._KEY_EXCHANGE_REQUESTED
+        self._blockedByKeyExchange = []
+
+    def ssh_KEXINIT(self, packet: bytes) -> None:
+        if self._keyExchangeState == self._KEY_EXCHANGE_PROGRESSING or (
+            self._strict and not self._initial_kex_done
+        ):
+            self._violation("unexpected KEXINIT during key exchange")
+            return
+        try:
+            peer_kex = getNS(packet[16:])[0].split(b",")
+        except (struct.error, ValueError):
+            self._violation("malformed KEXINIT")
+            return
+        if not self._kexinit_seen:
+            # The markers count in the first KEXINIT only.
+            self._kexinit_seen = True
+            theirs = STRICT_KEX_S if self.isClient else STRICT_KEX_C
+            self._strict = self.offer_strict_kex and theirs in peer_kex
+            if self._strict and self._last_incoming_sequence != 0:
+                self._violation("KEXINIT was not the first packet")
+                return
+        if self.isClient:
+            super().ssh_KEXINIT(packet)  # Conch's client starts its kex in there
+        else:
+            self._server_negotiate(packet)
+        if self._closing:
+            return
+        negotiated = self.nextEncryptions
+        if (
+            negotiated.outCipType not in CIPHERS
+            or negotiated.inCipType not in CIPHERS
+            or (negotiated.outCipType not in AEAD_CIPHERS and negotiated.outMACType not in MACS)
+            or (negotiated.inCipType not in AEAD_CIPHERS and negotiated.inMACType not in MACS)
+        ):
+            self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")
+            return
+        self.nextEncryptions = PacketCiphers(
+            negotiated.outCipType, negotiated.inCipType, negotiated.outMACType, negotiated.inMACType
+        )
+        self._keyExchangeState = self._KEY_EXCHANGE_PROGRESSING
+
+    def _server_negotiate(self, packet: bytes) -> None:
+        """Conch's server KEXINIT handling, but with no MAC for AEAD ciphers.
+
+        Like OpenSSH, the MAC lists are not consulted for a direction whose
+        cipher is AEAD, so a client offering only MACs we refuse still gets
+        AES-GCM or chacha20-poly1305.
+        """
+        self.otherKexInitPayload = bytes((MSG_KEXINIT,)) + packet
+        try:
+            *lists, rest = getNS(packet[16:], 10)
+            follows = rest[0]
+        except (struct.error, ValueError, IndexError):
+            self._violation("malformed KEXINIT")
+            return
+        kex, keys, enc_cs, enc_sc, mac_cs, mac_sc, comp_cs, comp_sc = (
+            names.split(b",") for names in lists[:8]
+        )
+
+        def first(client: list[bytes], ours: list[bytes]) -> bytes | None:
+            return next((name for name in client if name in ours), None)
+
+        self.kexAlg = first(kex, self.supportedKeyExchanges)
+        self.keyAlg = first(keys, self.supportedPublicKeys)
+        cipher_in = first(enc_cs, self.supportedCiphers)
+        cipher_out = first(enc_sc, self.supportedCiphers)
+        mac_in = IMPLICIT_MAC if cipher_in in AEAD_CIPHERS else first(mac_cs, self.supportedMACs)
+        mac_out = IMPLICIT_MAC if cipher_out in AEAD_CIPHERS else first(mac_sc, self.supportedMACs)
+        self.incomingCompressionType = first(comp_cs, self.supportedCompressions)
+        self.outgoingCompressionType = first(comp_sc, self.supportedCompressions)
+        agreed = (
+            self.kexAlg,
+            self.keyAlg,
+            cipher_in,
+            cipher_out,
+            mac_in,
+            mac_out,
+            self.incomingCompressionType,
+            self.outgoingCompressionType,
+        )
+        if None in agreed:
+            self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")
+            return
+        self.nextEncryptions = PacketCiphers(cipher_out, cipher_in, mac_out, mac_in)
+        if self.sessionID is None:
+            self._peerSupportsExtensions = self._EXT_INFO_C in kex
+        # A wrong guess of the client's first kex packet is ignored (RFC 4253 7).
+        if follows and (kex[0] != self.kexAlg or keys[0] != self.keyAlg):
+            self.ignoreNextPacket = True
+        self._log.debug(
+            "kex {kex!r} host key {key!r} in {cin!r}/{min!r} out {cout!r}/{mout!r}",
+            kex=self.kexAlg,
+            key=self.keyAlg,
+            cin=cipher_in,
+            min=mac_in,
+            cout=cipher_out,
+            mout=mac_out,
+        )
+        if self._keyExchangeState == self._KEY_EXCHANGE_NONE:
+            self.sendKexInit()
+
+    def ssh_NEWKEYS(self, packet: bytes) -> None:
+        if packet != b"":
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"NEWKEYS takes no data")
+            return
+        rx = getattr(self.nextEncryptions, "rx", None)
+        if self._keyExchangeState == self._KEY_EXCHANGE_NONE or (rx is None and not self.isClient):
+            self._violation("NEWKEYS before key exchange")
+            return
+        if rx is None:
+            # A client still checking the host key: Conch's client calls
+            # ssh_NEWKEYS again from _keySetup; read nothing more until then.
+            self._gotNewKeys = 1
+            self._rx_waiting = True
+            return
+        self._rx = rx
+        if self._strict:
+            self.incomingPacketSequence = 0
+        self._rx_bytes = self._rx_packets = 0
+        self._initial_kex_done = True
+        self._rekey_requested = False
+        waiting, self._rx_waiting = self._rx_waiting, False
+        super().ssh_NEWKEYS(packet)
+        if waiting and self.buf:
+            self.dataReceived(b"")
+
+    def _violation(self, what: str) -> None:
+        prefix = "strict KEX violation: " if self._strict else ""
+        self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, (prefix + what).encode("ascii"))
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        if not self._initial_kex_done and not is_kex_message(messageNum):
+            # Before the first NEWKEYS only key exchange may happen; with
+            # strict kex even IGNORE, DEBUG and UNIMPLEMENTED are refused.
+            if messageNum == MSG_DISCONNECT or (not self._strict and messageNum <= 4):
+                super().dispatchMessage(messageNum, payload)
+                return
+            self._violation(f"unexpected message {messageNum} during the first key exchange")
+            return
+        super().dispatchMessage(messageNum, payload)
+
+    def sendUnimplemented(self) -> None:
+        self.sendPacket(MSG_UNIMPLEMENTED, struct.pack(">L", self._last_incoming_sequence))
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        super().sendDisconnect(reason, desc)
+        self.buf = b""
+
+    # -- packets -----------------------------------------------------------
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE and not (
+            self._allowedKeyExchangeMessageType(messageType)
+        ):
+            self._blockedByKeyExchange.append((messageType, payload))
+            return
+        tx = self._tx
+        size = 1 + len(payload) + (0 if tx.length_outside else 4) + 1
+        padding = tx.block_size - size % tx.block_size
+        if padding < 4:
+            padding += tx.block_size
+        body = bytes((padding, messageType)) + payload + os.urandom(padding)
+        wire = tx.seal(self.outgoingPacketSequence, struct.pack(">L", len(body)) + body)
+        self.transport.write(wire)
+        self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & _SEQ_MASK
+        self._tx_packets += 1
+        self._tx_bytes += len(wire)
+        if messageType == MSG_NEWKEYS:
+            self._tx = self.nextEncryptions.tx
+            if self._strict:
+                self.outgoingPacketSequence = 0
+            self._tx_bytes = self._tx_packets = 0
+        elif self._tx_packets >= self.rekey_packets or self._tx_bytes >= self.rekey_bytes:
+            self._maybe_rekey()
+
+    def getPacket(self) -> bytes | None:
+        if self._closing or self._rx_waiting:
+            return None
+        if len(self.buf) < 4:
+            return None
+        rx, seq = self._rx, self.incomingPacketSequence
+        length = rx.length(seq, self.buf[:4])
+        aligned = length if rx.length_outside else length + 4
+        if not 5 <= length <= MAX_PACKET_LENGTH or aligned % rx.block_size:
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
+            return None
+        total = 4 + length + rx.tag_size
+        if len(self.buf) < total:
+            return None
+        wire, self.buf = self.buf[:total], self.buf[total:]
+        body = rx.open(seq, wire)
+        if body is None:
+            self.sendDisconnect(DISCONNECT_MAC_ERROR, b"Corrupted MAC on input")
+            return None
+        padding = body[0]
+        if padding < 4 or padding + 2 > len(body):
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"bad padding")
+            return None
+        self._last_incoming_sequence = seq
+        self.incomingPacketSequence = (seq + 1) & _SEQ_MASK
+        self._rx_packets += 1
+        self._rx_bytes += total
+        if self._rx_packets >= self.max_packets_per_key:
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"peer did not rekey")
+            return None
+        if self._rx_packets >= self.rekey_packets or self._rx_bytes >= self.rekey_bytes:
+            self._maybe_rekey()
+        return body[1 : len(body) - padding]
+
+    def _maybe_rekey(self) -> None:
+        if (
+            self._initial_kex_done
+            and not self._rekey_requested
+            and not self._closing
+            and self._keyExchangeState == self._KEY_EXCHANGE_NONE
+        ):
+            self._rekey_requested = True
+            self.sendKexInit()

@@ -1,0 +1,461 @@
+"""Transport hardening: AEAD and ETM ciphers, strict key exchange, rekeying.
+
+Two halves: the real OpenSSH client forcing each algorithm against a real
+nekojump, and packet-level tests in memory (iosim) that hand-craft what a
+Terrapin-style attacker would send.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh import transport
+from twisted.conch.ssh.keys import Key
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test import iosim
+
+from nekojump.config import parse_config
+from nekojump.ssh import ciphers
+from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
+from nekojump.ssh.factory import TunnelSSHFactory
+from nekojump.ssh.packets import PacketLayerMixin
+from nekojump.store import ImmediateStore, SQLiteStore
+from tests.conftest import MESH_ADDRESS, Jumphost, exchange
+
+AEAD = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com"]
+CTR = ["aes128-ctr", "aes192-ctr", "aes256-ctr"]
+ETM = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"]
+
+
+# -- the real OpenSSH client ---------------------------------------------------------
+
+
+def _kex_line(result) -> str:
+    text = result.stderr.decode(errors="replace")
+    return "\n".join(line for line in text.splitlines() if "kex:" in line or "strict" in line)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("cipher", AEAD)
+def test_openssh_client_with_each_aead_cipher_forwards(running, keys, echo, cipher):
+    port = running.port_min + 60 + AEAD.index(cipher)
+    process = running.ssh_background(
+        keys["alice"], "-c", cipher, "-v", "-R", f"{port}:127.0.0.1:{echo.port}"
+    )
+    from tests.conftest import fingerprint, wait_for
+
+    wait_for(
+        lambda: process.poll() is not None or running.holder_of(port) == fingerprint(keys["alice"]),
+        what=f"forward with {cipher}",
+    )
+    assert process.poll() is None, process.stderr.read().decode()
+    payload = os.urandom(512 * 1024)
+    assert exchange(MESH_ADDRESS, port, payload) == payload
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("cipher", AEAD)
+def test_openssh_negotiates_the_forced_cipher_with_strict_kex(running, keys, cipher):
+    result = running.ssh(keys["alice"], "-v", "-c", cipher, "-T", command=("true",))
+    log = _kex_line(result)
+    assert b"Authenticated to" in result.stderr, result.stderr
+    assert f"cipher: {cipher} MAC: <implicit>" in log, log
+
+
+@pytest.mark.e2e
+def test_default_offers_no_ctr_and_no_plain_macs(running, keys):
+    for cipher in CTR:
+        result = running.ssh(keys["alice"], "-c", cipher, "-T", command=("true",))
+        assert b"no matching cipher found" in result.stderr, result.stderr
+    # As in OpenSSH, an AEAD cipher's direction ignores the MAC lists.
+    result = running.ssh(
+        keys["alice"],
+        "-v",
+        "-c",
+        "aes128-ctr,aes256-gcm@openssh.com",
+        "-m",
+        "hmac-sha2-256",
+        "-T",
+        command=("true",),
+    )
+    assert "cipher: aes256-gcm@openssh.com MAC: <implicit>" in _kex_line(result), result.stderr
+
+
+@pytest.mark.e2e
+def test_openssh_uses_strict_kex_and_the_default_kex(running, keys):
+    result = running.ssh(keys["alice"], "-vvv", "-T", command=("true",))
+    text = result.stderr.decode(errors="replace")
+    assert "kex: algorithm: curve25519-sha256" in text or "mlkem768x25519" in text, text
+    assert "kex-strict-s-v00@openssh.com" in text, text
+    assert "ssh_packet_send2_wrapped: resetting send seqnr" in text, text
+    assert "ssh_packet_read_poll2: resetting read seqnr" in text, text
+
+
+@pytest.fixture
+def compat(tmp_path, keys):
+    host = Jumphost(tmp_path, ssh_extra="login_grace_time = 5\ncompat_ctr_ciphers = true")
+    host.add_member("alice", keys["alice"])
+    host.start()
+    yield host
+    host.close_clients()
+    host.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("cipher", CTR)
+@pytest.mark.parametrize("mac", ETM)
+def test_compat_ctr_with_each_etm_mac(compat, keys, echo, cipher, mac):
+    result = compat.ssh(keys["alice"], "-v", "-c", cipher, "-m", mac, "-T", command=("true",))
+    log = _kex_line(result)
+    assert f"cipher: {cipher} MAC: {mac}" in log, result.stderr.decode(errors="replace")
+    assert b"Authenticated to" in result.stderr, result.stderr
+
+
+@pytest.mark.e2e
+def test_compat_ctr_forward_carries_data(compat, keys, echo):
+    port = compat.port_min + 70
+    process = compat.ssh_background(
+        keys["alice"],
+        "-c",
+        "aes128-ctr",
+        "-m",
+        "hmac-sha2-256-etm@openssh.com",
+        "-R",
+        f"{port}:127.0.0.1:{echo.port}",
+    )
+    from tests.conftest import fingerprint, wait_for
+
+    wait_for(
+        lambda: process.poll() is not None or compat.holder_of(port) == fingerprint(keys["alice"]),
+        what="compat forward",
+    )
+    payload = os.urandom(1024 * 1024)
+    assert exchange(MESH_ADDRESS, port, payload) == payload
+
+
+@pytest.mark.e2e
+def test_compat_still_prefers_aead_and_refuses_plain_macs(compat, keys):
+    result = compat.ssh(keys["alice"], "-v", "-T", command=("true",))
+    log = _kex_line(result)
+    assert "MAC: <implicit>" in log, log
+    result = compat.ssh(
+        keys["alice"], "-c", "aes128-ctr", "-m", "hmac-sha2-256", "-T", command=("true",)
+    )
+    assert b"no matching MAC found" in result.stderr, result.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kex", ["curve25519-sha256", "curve25519-sha256@libssh.org"])
+def test_openssh_with_each_offered_kex(running, keys, kex):
+    result = running.ssh(keys["alice"], "-v", "-o", f"KexAlgorithms={kex}", "-T", command=("true",))
+    assert f"kex: algorithm: {kex}" in result.stderr.decode(errors="replace")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "kex",
+    [
+        "ecdh-sha2-nistp256",
+        "diffie-hellman-group-exchange-sha256",
+        "diffie-hellman-group14-sha1",
+        "diffie-hellman-group14-sha256",
+    ],
+)
+def test_openssh_cannot_use_weak_or_nist_kex(running, keys, kex):
+    result = running.ssh(keys["alice"], "-o", f"KexAlgorithms={kex}", "-T", command=("true",))
+    assert b"no matching key exchange method found" in result.stderr, result.stderr
+
+
+# -- packets in memory ---------------------------------------------------------------
+
+
+class Client(PacketLayerMixin, transport.SSHClientTransport):
+    """A Conch client with nekojump's packet layer."""
+
+    def connectionMade(self) -> None:
+        self.secure = False
+        super().connectionMade()
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: str) -> Any:
+        return succeed(True)
+
+    def connectionSecure(self) -> None:
+        self.secure = True
+
+
+def _world(tmp_path, **ssh: Any):
+    store = SQLiteStore.open(tmp_path)
+    config = parse_config({"ssh": {"login_grace_time": 30, **ssh}})
+    deferred = ImmediateStore(store)
+    portal = Portal(
+        TunnelRealm(lambda identity: None), [TunnelKeyChecker(deferred, config.ssh.user)]
+    )
+    factory = TunnelSSHFactory(
+        portal, Key(ed25519.Ed25519PrivateKey.generate()), config, MemoryReactorClock()
+    )
+    factory.startFactory()
+    return store, factory
+
+
+@pytest.fixture
+def factory(tmp_path):
+    store, factory = _world(tmp_path)
+    yield factory
+    store.close()
+
+
+def connect(factory, client: Client | None = None, flush: bool = True):
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    server = factory.buildProtocol(peer)
+    client = client or Client()
+    client.factory = ClientFactory()
+    pump = iosim.connect(
+        server,
+        iosim.FakeTransport(server, isServer=True, peerAddress=peer),
+        client,
+        iosim.FakeTransport(client, isServer=False),
+    )
+    if flush:
+        pump.flush()
+    return client, server, pump
+
+
+def closed(server) -> bool:
+    return server.transport.disconnecting or server.transport.disconnected
+
+
+@pytest.mark.parametrize("cipher", [c.encode() for c in AEAD])
+def test_in_memory_kex_with_each_aead_cipher(factory, cipher):
+    client = Client()
+    client.supportedCiphers = [cipher]
+    client, server, _pump = connect(factory, client)
+    assert client.secure and server.isEncrypted("both")
+    assert server.currentEncryptions.outCipType == cipher
+    assert server.currentEncryptions.inMACType == ciphers.IMPLICIT_MAC
+    assert server._strict and client._strict
+
+
+def test_strict_kex_resets_sequence_numbers_after_newkeys(factory):
+    client, server, pump = connect(factory)
+    # Server sent KEXINIT, KEX reply, NEWKEYS (seq 0..2) then reset to 0;
+    # EXT_INFO went out as seq 0 under the new keys.
+    assert server.outgoingPacketSequence == 1
+    # The client sent KEXINIT, KEX init, NEWKEYS: the reset makes the next one 0.
+    assert server.incomingPacketSequence == 0
+    client.sendIgnore(b"x")
+    pump.flush()
+    assert server.incomingPacketSequence == 1 and not closed(server)
+
+
+def test_without_strict_kex_sequence_numbers_carry_on(factory):
+    client = Client()
+    client.offer_strict_kex = False
+    client, server, _pump = connect(factory, client)
+    assert not server._strict
+    assert server.isEncrypted("both")
+    assert server.incomingPacketSequence == 3
+    assert server.outgoingPacketSequence == 4
+
+
+def _injecting(factory, number: int, *, before: bool, strict: bool = True):
+    """A client that sends message ``number`` just before or after its first KEXINIT."""
+    client = Client()
+    client.offer_strict_kex = strict
+    original = client.sendKexInit
+
+    def inject() -> None:
+        state, client._keyExchangeState = client._keyExchangeState, client._KEY_EXCHANGE_NONE
+        client.sendPacket(number, struct.pack(">L", 0) + b"\0" * 8)
+        client._keyExchangeState = state
+
+    def send_kexinit() -> None:
+        first = client.sessionID is None and not getattr(client, "_injected", False)
+        client._injected = True
+        if first and before:
+            inject()
+        original()
+        if first and not before:
+            inject()
+
+    client.sendKexInit = send_kexinit
+    return connect(factory, client)
+
+
+def test_strict_kex_refuses_a_packet_before_kexinit(factory):
+    """Terrapin inserts an IGNORE before KEXINIT: strict kex must drop the connection."""
+    _client, server, _pump = _injecting(factory, transport.MSG_IGNORE, before=True)
+    assert closed(server)
+    assert not server.isEncrypted("in")
+
+
+def test_non_strict_client_may_send_ignore_before_kexinit(factory):
+    _client, server, _pump = _injecting(factory, transport.MSG_IGNORE, before=True, strict=False)
+    assert server.isEncrypted("both") and not closed(server)
+
+
+@pytest.mark.parametrize(
+    "number", [transport.MSG_IGNORE, transport.MSG_DEBUG, transport.MSG_UNIMPLEMENTED, 50, 80]
+)
+def test_strict_kex_refuses_non_kex_messages_during_the_first_kex(factory, number):
+    _client, server, _pump = _injecting(factory, number, before=False)
+    assert server._strict
+    assert closed(server)
+    assert not server.isEncrypted("in")
+
+
+def test_non_strict_peer_may_send_ignore_during_kex(factory):
+    _client, server, _pump = _injecting(factory, transport.MSG_IGNORE, before=False, strict=False)
+    assert server.isEncrypted("both") and not closed(server)
+
+
+def test_service_request_before_kex_is_refused_even_without_strict(factory):
+    _client, server, _pump = _injecting(
+        factory, transport.MSG_SERVICE_REQUEST, before=False, strict=False
+    )
+    assert closed(server)
+
+
+def test_second_kexinit_during_first_kex_is_refused(factory):
+    client, server, pump = connect(factory, flush=False)
+    pump.pump()
+    pump.pump()
+    client.sendPacket(transport.MSG_KEXINIT, client.ourKexInitPayload[1:])
+    pump.flush()
+    assert closed(server)
+
+
+def test_newkeys_before_kex_reply_is_refused(factory):
+    client, server, pump = connect(factory, flush=False)
+    pump.pump()
+    client.sendPacket(transport.MSG_NEWKEYS, b"")
+    pump.flush()
+    assert closed(server)
+
+
+@pytest.mark.parametrize("cipher", [c.encode() for c in AEAD])
+def test_a_flipped_bit_is_a_mac_error(factory, cipher):
+    client = Client()
+    client.supportedCiphers = [cipher]
+    client, server, pump = connect(factory, client)
+    real_write = client.transport.write
+
+    def corrupt(data: bytes) -> None:
+        data = bytearray(data)
+        data[-20] ^= 1
+        real_write(bytes(data))
+
+    client.transport.write = corrupt
+    client.sendIgnore(b"hello" * 10)
+    pump.flush()
+    assert closed(server)
+
+
+def test_server_rekeys_after_its_packet_limit(factory):
+    client, server, pump = connect(factory)
+    server.rekey_packets = 5
+    first_keys = server._tx
+    for _ in range(10):
+        client.sendIgnore(b"data")
+        server.sendIgnore(b"data")
+        pump.flush()
+    assert server._tx is not first_keys
+    assert server.isEncrypted("both") and not closed(server)
+    # The strict reset happens after every NEWKEYS, not only the first.
+    assert server.incomingPacketSequence < 10
+
+
+def test_a_peer_that_never_rekeys_is_dropped(factory):
+    client, server, pump = connect(factory)
+    server.max_packets_per_key = 5
+    server.rekey_packets = 10**9
+    for _ in range(6):
+        client.sendIgnore(b"data")
+    pump.flush()
+    assert closed(server)
+
+
+def test_sequence_numbers_wrap_instead_of_overflowing(factory):
+    client = Client()
+    client.offer_strict_kex = False
+    client, server, pump = connect(factory, client)
+    server.incomingPacketSequence = client.outgoingPacketSequence = 0xFFFFFFFF
+    server.outgoingPacketSequence = client.incomingPacketSequence = 0xFFFFFFFF
+    for _ in range(3):
+        client.sendIgnore(b"x")
+        server.sendIgnore(b"y")
+    pump.flush()
+    assert server.incomingPacketSequence == 2 and server.outgoingPacketSequence == 2
+    assert not closed(server)
+
+
+def test_compat_setting_adds_ctr_after_aead(tmp_path):
+    store, factory = _world(tmp_path, compat_ctr_ciphers=True)
+    try:
+        for cipher in (b"aes128-ctr", b"aes256-ctr"):
+            for mac in (b"hmac-sha2-256-etm@openssh.com", b"hmac-sha2-512-etm@openssh.com"):
+                client = Client()
+                client.supportedCiphers = [cipher]
+                client.supportedMACs = [mac]
+                client, server, pump = connect(factory, client)
+                assert server.currentEncryptions.inMACType == mac
+                client.sendIgnore(os.urandom(3000))
+                pump.flush()
+                assert not closed(server)
+    finally:
+        store.close()
+
+
+def test_default_refuses_ctr(factory):
+    client = Client()
+    client.supportedCiphers = [b"aes128-ctr"]
+    client, server, _pump = connect(factory, client)
+    assert closed(server) and not server.isEncrypted("in")
+
+
+# -- the cipher primitives -----------------------------------------------------------
+
+
+def _pair(name: bytes, mac: bytes = b"hmac-sha2-256-etm@openssh.com"):
+    iv, key, integrity = os.urandom(64), os.urandom(64), os.urandom(64)
+    return (
+        ciphers.make_direction(name, mac, iv, key, integrity, True),
+        ciphers.make_direction(name, mac, iv, key, integrity, False),
+    )
+
+
+@pytest.mark.parametrize("name", list(ciphers.CIPHERS))
+def test_seal_then_open_round_trips(name):
+    tx, rx = _pair(name)
+    for seq in (0, 1, 7, 0xFFFFFFFF):
+        body = bytes([4]) + os.urandom(27) + b"\0" * 4
+        packet = struct.pack(">L", len(body)) + body
+        wire = tx.seal(seq, packet)
+        assert len(wire) == len(packet) + rx.tag_size
+        assert rx.length(seq, wire[:4]) == len(body)
+        assert rx.open(seq, wire) == body
+
+
+def test_gcm_nonce_counts_packets_not_sequence_numbers():
+    tx, rx = _pair(b"aes128-gcm@openssh.com")
+    body = b"\x04" + b"a" * 11 + b"\0" * 4
+    packet = struct.pack(">L", len(body)) + body
+    first, second = tx.seal(0, packet), tx.seal(0, packet)
+    assert first != second  # the invocation counter moved
+    assert rx.open(99, first) == body and rx.open(99, second) == body
+
+
+def test_chacha_hides_the_length_and_binds_the_sequence_number():
+    tx, rx = _pair(b"chacha20-poly1305@openssh.com")
+    body = b"\x04" + b"a" * 3 + b"\0" * 4
+    packet = struct.pack(">L", len(body)) + body
+    wire = tx.seal(5, packet)
+    assert wire[:4] != packet[:4]
+    assert rx.open(6, wire) is None
