@@ -20,7 +20,7 @@ from nekojump.ssh.forwarding import (
     ForwardedChannel,
     MeshConnection,
 )
-from nekojump.ssh.registry import ActiveForward
+from nekojump.ssh.registry import ActiveForward, TunnelRegistry
 
 
 class MeshSocket(StringTransport):
@@ -53,6 +53,7 @@ class PacketLog:
 class FakeAvatar:
     conn: TunnelConnection
     failures: list[str] = field(factory=list)
+    registry: TunnelRegistry = field(factory=TunnelRegistry)
 
     def forward_failed(self, forward: ActiveForward, message: str) -> None:
         self.failures.append(message)
@@ -148,8 +149,10 @@ def test_refused_open_closes_the_mesh_connection_and_records_why():
     assert socket.disconnecting
     assert forward.last_error == LOCAL_SERVICE_REFUSED
     assert forward.avatar.failures == [LOCAL_SERVICE_REFUSED]
+    assert forward.avatar.registry.open_streams == 1
     mesh_lost(_mesh)  # and the later connectionLost does not blow up
     assert forward.open_connections == 0
+    assert forward.avatar.registry.open_streams == 0
 
 
 def mesh_lost(mesh: MeshConnection) -> None:

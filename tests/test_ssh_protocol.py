@@ -112,7 +112,9 @@ class Reactor(MemoryReactorClock):
 
 
 class World:
-    def __init__(self, tmp_path, descriptor_limit: int | None = None) -> None:
+    def __init__(
+        self, tmp_path, descriptor_limit: int | None = None, max_per_member: int = 1000
+    ) -> None:
         self.reactor = Reactor()
         self.store = SQLiteStore.open(tmp_path)
         self.key = Key(ed25519.Ed25519PrivateKey.generate())
@@ -123,7 +125,12 @@ class World:
         self.config = parse_config(
             {
                 "ssh": {"login_grace_time": 30},
-                "forwarding": {"bind_address": "127.0.0.2", "port_min": 20000, "port_max": 20099},
+                "forwarding": {
+                    "bind_address": "127.0.0.2",
+                    "port_min": 20000,
+                    "port_max": 20099,
+                    "max_forwards_per_member": max_per_member,
+                },
             }
         )
         self.registry = TunnelRegistry()
@@ -339,5 +346,22 @@ def test_at_the_descriptor_limit_new_forwards_and_connections_are_refused(tmp_pa
         assert world.registry.held_ports() == {20090, 20091}
         peer = IPv4Address("TCP", "127.0.0.1", 40001)
         assert world.factory.buildProtocol(peer) is None  # no room for another connection
+    finally:
+        world.store.close()
+
+
+def test_the_per_member_ceiling_counts_forwards_as_they_come_and_go(tmp_path):
+    world = World(tmp_path, max_per_member=2)
+    try:
+        recorder, pump, _server = world.logged_in()
+        for port in (20070, 20071, 20072):
+            recorder.send(MSG_GLOBAL_REQUEST, forward_request(port))
+        pump.flush()
+        assert world.registry.held_ports() == {20070, 20071}
+        assert recorder.count(MSG_REQUEST_FAILURE) == 1
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(20070, b"cancel-tcpip-forward"))
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(20072))
+        pump.flush()
+        assert world.registry.held_ports() == {20071, 20072}
     finally:
         world.store.close()

@@ -92,6 +92,7 @@ class MeshConnection(Protocol):
         )
         forward.open_connections += 1
         forward.connections_total += 1
+        forward.avatar.registry.stream_opened()
         conn.openChannel(
             self.channel,
             packOpen_forwarded_tcpip(
@@ -115,6 +116,7 @@ class MeshConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.forward.open_connections -= 1
+        self.forward.avatar.registry.stream_closed()
         if self.channel is not None:
             self.channel.mesh_gone()
 

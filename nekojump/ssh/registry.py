@@ -80,6 +80,9 @@ class TunnelRegistry:
     _ids: Iterable[int] = field(factory=lambda: itertools.count(1))
     _parked: dict[int, tuple[ActiveForward, IDelayedCall]] = field(factory=dict)
     _closed_totals: Totals = field(factory=lambda: Totals())
+    _per_member: dict[int, int] = field(factory=dict)
+    #: Mesh connections open through any forward, removed or not.
+    open_streams: int = 0
     on_change: Callable[[ActiveForward | None, int], None] | None = None
 
     log = Logger()
@@ -139,16 +142,17 @@ class TunnelRegistry:
 
     def descriptors_in_use(self) -> int:
         """Sockets this registry accounts for: SSH connections, listeners, mesh streams."""
-        forwards = self._forwards.values()
-        return (
-            len(self._avatars)
-            + len(self._forwards)
-            + len(self._parked)
-            + sum(f.open_connections for f in forwards)
-        )
+        return len(self._avatars) + len(self._forwards) + len(self._parked) + self.open_streams
 
     def count_for_member(self, member_id: int) -> int:
-        return sum(1 for f in self._forwards.values() if f.holder.member_id == member_id)
+        """Forwards a member holds now (kept as a count: this is asked on every bind)."""
+        return self._per_member.get(member_id, 0)
+
+    def stream_opened(self) -> None:
+        self.open_streams += 1
+
+    def stream_closed(self) -> None:
+        self.open_streams -= 1
 
     # -- released listeners, closing on the next reactor turn -----------------------
 
@@ -176,6 +180,8 @@ class TunnelRegistry:
 
     def add_forward(self, forward: ActiveForward) -> None:
         self._forwards[forward.port] = forward
+        member = forward.holder.member_id
+        self._per_member[member] = self._per_member.get(member, 0) + 1
         self._changed(forward, forward.port)
 
     def totals(self) -> Totals:
@@ -188,6 +194,10 @@ class TunnelRegistry:
     def remove_forward(self, forward: ActiveForward) -> None:
         if self._forwards.get(forward.port) is forward:
             del self._forwards[forward.port]
+            member = forward.holder.member_id
+            self._per_member[member] -= 1
+            if not self._per_member[member]:
+                del self._per_member[member]
             self._closed_totals = self._closed_totals.plus(forward)
             self._changed(None, forward.port)
 
