@@ -37,6 +37,8 @@ class SSHConfig:
     client_alive_count_max: int
     max_startups: int
     max_startups_per_source: int
+    penalty_failures: int = 10
+    penalty_seconds: float = 30.0
     #: Also offer aes*-ctr with ETM MACs, for clients without AEAD ciphers.
     compat_ctr_ciphers: bool = False
 
@@ -215,6 +217,10 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "max_startups": (_integer(1, 100000), 100),
         "max_startups_per_source": (_integer(1, 100000), 10),
         "compat_ctr_ciphers": (_boolean, False),
+        # More failed logins than this from one address within a minute ...
+        "penalty_failures": (_integer(1, 100000), 10),
+        # ... and new connections from it are refused for this long.
+        "penalty_seconds": (_seconds, 30),
     },
     "forwarding": {
         "bind_address": (_ip_address, "127.0.0.1"),

@@ -365,3 +365,23 @@ def test_the_per_member_ceiling_counts_forwards_as_they_come_and_go(tmp_path):
         assert world.registry.held_ports() == {20071, 20072}
     finally:
         world.store.close()
+
+
+def test_a_source_that_keeps_failing_logins_is_refused_for_a_while(tmp_path):
+    world = World(tmp_path)
+    stranger = Key(ed25519.Ed25519PrivateKey.generate())
+    try:
+        failures, per_connection = world.config.ssh.penalty_failures, 5
+        for _ in range(-(-failures // per_connection)):  # a few connections' worth
+            recorder, pump, _server = world.connect()
+            for _ in range(per_connection):
+                recorder.send(MSG_USERAUTH_REQUEST, recorder.signed_auth(stranger))
+            pump.flush()
+        peer = IPv4Address("TCP", "127.0.0.1", 40002)
+        assert world.factory.buildProtocol(peer) is None  # penalised
+        other = IPv4Address("TCP", "127.0.0.9", 40003)
+        assert world.factory.buildProtocol(other) is not None  # only that source
+        world.reactor.advance(world.config.ssh.penalty_seconds + 1)
+        assert world.factory.buildProtocol(peer) is not None
+    finally:
+        world.store.close()

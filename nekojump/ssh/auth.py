@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.conch.error import ValidPublicKey
+from twisted.conch.error import IgnoreAuthentication, ValidPublicKey
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import userauth
 from twisted.conch.ssh.common import getNS
@@ -148,6 +148,12 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
         if self._queue and not self._succeeded and not self._stopped:
             self.ssh_USERAUTH_REQUEST(self._queue.popleft())
         return result
+
+    def _ebBadAuth(self, reason):
+        if not reason.check(IgnoreAuthentication) and self.method != b"none":
+            transport = self.transport
+            transport.factory.penalties.failed(transport.startup_source)
+        return super()._ebBadAuth(reason)
 
     def _cbFinishedAuth(self, result) -> None:
         _interface, _avatar, logout = result

@@ -17,6 +17,7 @@ from nekojump.metrics import Metrics
 from nekojump.policy import source_allowed, startup_refusal
 from nekojump.ssh.auth import TunnelUserAuthServer
 from nekojump.ssh.connection import TunnelConnection
+from nekojump.ssh.penalty import SourcePenalties
 from nekojump.ssh.transport import TunnelServerTransport
 
 
@@ -42,6 +43,9 @@ class TunnelSSHFactory(SSHFactory):
     ):
         self.metrics = metrics if metrics is not None else Metrics()
         self.budget = budget
+        self.penalties = SourcePenalties(
+            reactor.seconds, config.ssh.penalty_failures, config.ssh.penalty_seconds
+        )
         self.portal = portal
         self.config = config
         self.reactor = reactor
@@ -60,7 +64,10 @@ class TunnelSSHFactory(SSHFactory):
             )
             self.metrics.refused_connections.labels("ssh", "source").inc()
             return None
-        refusal = startup_refusal(host, self.startups, self.config.ssh.limits)
+        # (Refused is falsy by design, so no `or` chains here.)
+        refusal = self.penalties.refusal(host)
+        if refusal is None:
+            refusal = startup_refusal(host, self.startups, self.config.ssh.limits)
         if refusal is None and self.budget is not None:
             refusal = self.budget.refusal()
         if refusal is not None:
