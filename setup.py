@@ -22,7 +22,15 @@ setup(
         "prometheus-client",
     ],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "ruff", "treq", "selenium", "openapi-spec-validator", "hypothesis"],
+        "test": [
+            "pytest",
+            "pytest-twisted",
+            "ruff",
+            "treq",
+            "selenium",
+            "openapi-spec-validator",
+            "hypothesis",
+        ],
     },
     entry_points={
         "console_scripts": ["nekojump-admin = nekojump.admin:main"],
