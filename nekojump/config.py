@@ -16,7 +16,7 @@ from typing import Any
 from attrs import frozen
 from twisted.internet.endpoints import serverFromString
 
-from nekojump.policy import ForwardRules, IPNetwork, StartupLimits
+from nekojump.policy import ForwardRules, IPNetwork, StartupLimits, TierLimits
 
 DEFAULT_DATA_DIR = "nekojump-data"
 TAKEOVER_MODES = ("same-key", "same-member", "never")
@@ -77,6 +77,18 @@ class WebConfig:
 
 
 @frozen
+class LimitsConfig:
+    """Per-tier caps, and the ceilings that bound even "unlimited" tiers."""
+
+    tiers: Mapping[str, TierLimits]
+    max_connections_per_member: int
+    max_streams_per_member: int
+
+    def for_tier(self, tier: str) -> TierLimits:
+        return self.tiers.get(tier, TierLimits())
+
+
+@frozen
 class MetricsConfig:
     listen: str  # "" turns the Prometheus endpoint off
 
@@ -96,6 +108,7 @@ class Config:
     web: WebConfig
     metrics: MetricsConfig
     audit: AuditConfig
+    limits: LimitsConfig
     source: str = "built-in defaults"
 
 
@@ -192,6 +205,21 @@ def _ports(value: Any) -> frozenset[int]:
     return frozenset(check(item) for item in value)
 
 
+def _tier_limits(value: Any) -> TierLimits:
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a table like { connections = 5, forwards = 10, streams = 100 }")
+    unknown = set(value) - {"connections", "forwards", "streams"}
+    if unknown:
+        raise ValueError(
+            f"unknown limit {sorted(unknown)[0]!r} (known: connections, forwards, streams)"
+        )
+    check = _integer(0, 1_000_000)
+    try:
+        return TierLimits(**{k: check(v) for k, v in value.items()})
+    except ValueError as error:
+        raise ValueError(f"{error}") from None
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in choices:
@@ -241,6 +269,15 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
     "metrics": {
         # Prometheus exposition at /metrics; "" turns it off.
         "listen": (_optional_endpoint, "tcp:9108:interface=127.0.0.1"),
+    },
+    "limits": {
+        # Per tier: { connections = N, forwards = N, streams = N }; 0 or absent = no cap
+        # of the tier's own (the seed promises none), under the ceilings below.
+        "basic": (_tier_limits, {}),
+        "plus": (_tier_limits, {}),
+        "pro": (_tier_limits, {}),
+        "max_connections_per_member": (_integer(1, 1_000_000), 1000),
+        "max_streams_per_member": (_integer(1, 10_000_000), 10000),
     },
     "audit": {
         # Audit events older than this are deleted (checked at start and daily).
@@ -292,6 +329,11 @@ def parse_config(document: Mapping[str, Any], source: str = "built-in defaults")
         web=WebConfig(**values["web"]),
         metrics=MetricsConfig(**values["metrics"]),
         audit=AuditConfig(**values["audit"]),
+        limits=LimitsConfig(
+            tiers={tier: values["limits"][tier] for tier in ("basic", "plus", "pro")},
+            max_connections_per_member=values["limits"]["max_connections_per_member"],
+            max_streams_per_member=values["limits"]["max_streams_per_member"],
+        ),
         source=source,
     )
 

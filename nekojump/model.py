@@ -46,6 +46,7 @@ class KeyRecord:
     description: str
     created_at: float
     last_used_at: float | None
+    member_tier: str = "basic"
 
     @property
     def usable(self) -> bool:
@@ -62,6 +63,7 @@ class Identity:
     key_id: int
     fingerprint: str
     key_description: str
+    tier: str = "basic"
 
 
 @frozen

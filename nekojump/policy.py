@@ -70,6 +70,26 @@ def capacity_refusal(in_use: int, limit: int, needed: int = 1, reserve: int = 64
     return None
 
 
+@frozen
+class TierLimits:
+    """What one member of a tier may hold at once; 0 means no cap of its own."""
+
+    connections: int = 0
+    forwards: int = 0
+    streams: int = 0
+
+    def refusal(self, what: str, held: int, ceiling: int) -> Refused | None:
+        """None if one more ``what`` fits under this tier's cap and the global ``ceiling``."""
+        cap = getattr(self, what)
+        limit = min(cap, ceiling) if cap else ceiling
+        if held >= limit:
+            return Refused(
+                f"too-many-{what}",
+                f"you already hold {held} {what} (the limit is {limit})",
+            )
+        return None
+
+
 # -- channels and requests -----------------------------------------------------
 
 SESSION_CHANNEL = b"session"

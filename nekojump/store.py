@@ -528,7 +528,7 @@ class SQLiteStore:
 
 
 _KEY_SELECT = (
-    "SELECT k.*, m.name AS member_name, m.active AS member_active"
+    "SELECT k.*, m.name AS member_name, m.active AS member_active, m.tier AS member_tier"
     " FROM keys k JOIN members m ON m.id = k.member_id"
 )
 
@@ -554,6 +554,7 @@ def _key(row: sqlite3.Row) -> KeyRecord:
         member_id=row["member_id"],
         member_name=row["member_name"],
         member_active=bool(row["member_active"]),
+        member_tier=row["member_tier"],
         fingerprint=row["fingerprint"],
         key_type=row["key_type"],
         public_key=row["public_key"],

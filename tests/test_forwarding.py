@@ -13,6 +13,7 @@ from twisted.conch.ssh import common, connection
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+from nekojump.model import Identity
 from nekojump.ssh.connection import TunnelConnection
 from nekojump.ssh.forwarding import (
     CHANNEL_WINDOW,
@@ -54,6 +55,7 @@ class FakeAvatar:
     conn: TunnelConnection
     failures: list[str] = field(factory=list)
     registry: TunnelRegistry = field(factory=TunnelRegistry)
+    identity: Identity = field(factory=lambda: Identity(1, "alice", 1, "SHA256:x", "laptop"))
 
     def forward_failed(self, forward: ActiveForward, message: str) -> None:
         self.failures.append(message)

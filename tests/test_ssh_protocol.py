@@ -113,7 +113,11 @@ class Reactor(MemoryReactorClock):
 
 class World:
     def __init__(
-        self, tmp_path, descriptor_limit: int | None = None, max_per_member: int = 1000
+        self,
+        tmp_path,
+        descriptor_limit: int | None = None,
+        max_per_member: int = 1000,
+        basic_limits: dict[str, int] | None = None,
     ) -> None:
         self.reactor = Reactor()
         self.store = SQLiteStore.open(tmp_path)
@@ -124,6 +128,7 @@ class World:
         )
         self.config = parse_config(
             {
+                "limits": {"basic": basic_limits or {}},
                 "ssh": {"login_grace_time": 30},
                 "forwarding": {
                     "bind_address": "127.0.0.2",
@@ -383,5 +388,22 @@ def test_a_source_that_keeps_failing_logins_is_refused_for_a_while(tmp_path):
         assert world.factory.buildProtocol(other) is not None  # only that source
         world.reactor.advance(world.config.ssh.penalty_seconds + 1)
         assert world.factory.buildProtocol(peer) is not None
+    finally:
+        world.store.close()
+
+
+def test_tier_limits_cap_connections_and_forwards(tmp_path):
+    world = World(tmp_path, basic_limits={"connections": 1, "forwards": 1})
+    try:
+        recorder, pump, _server = world.logged_in()
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(20060))
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(20061))
+        pump.flush()
+        assert world.registry.held_ports() == {20060}
+        assert recorder.count(MSG_REQUEST_FAILURE) == 1
+        _second, pump2, server2 = world.logged_in()  # a second connection: over the cap
+        pump2.flush()
+        assert server2.transport.disconnecting or server2.transport.disconnected
+        assert len(world.registry.avatars()) == 1
     finally:
         world.store.close()

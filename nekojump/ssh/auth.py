@@ -83,6 +83,7 @@ class TunnelKeyChecker:
             key_id=record.id,
             fingerprint=record.fingerprint,
             key_description=record.description,
+            tier=record.member_tier,
         )
 
 

@@ -81,6 +81,7 @@ class TunnelAvatar(ConchUser):
         self.rng = rng or random.Random()
         self.metrics = metrics if metrics is not None else Metrics()
         self.budget = budget
+        self.limits = config.limits.for_tier(identity.tier)
         self.connection_id = registry.next_connection_id()
         self.holder = Holder(identity.key_id, identity.member_id, self.connection_id)
         self.source = "unknown"
@@ -97,6 +98,14 @@ class TunnelAvatar(ConchUser):
         peer = conn.transport.transport.getPeer()
         self.source = getattr(peer, "host", "unknown")
         self.registry.add_avatar(self)
+        too_many = self.limits.refusal(
+            "connections",
+            self.registry.connections_of(self.identity.member_id) - 1,
+            self.config.limits.max_connections_per_member,
+        )
+        if too_many is not None:
+            self.disconnect(too_many.reason)
+            return
         self.log.info(
             "{member} connected from {source} with key {fingerprint}",
             member=self.identity.member_name,
@@ -203,12 +212,11 @@ class TunnelAvatar(ConchUser):
             full = self.budget.refusal()
             if full is not None:
                 return full
-        held = self.registry.count_for_member(self.identity.member_id)
-        if self.registry.holder_of(port) is None and held >= rules.max_per_member:
-            return Refused(
-                "too-many-forwards",
-                f"you already hold {held} forwards (the limit is {rules.max_per_member})",
-            )
+        if self.registry.holder_of(port) is None:
+            held = self.registry.count_for_member(self.identity.member_id)
+            too_many = self.limits.refusal("forwards", held, rules.max_per_member)
+            if too_many is not None:
+                return too_many
         if port == 0:
             forward = None
 

@@ -57,6 +57,19 @@ class ForwardListenerFactory(Factory):
         if self.forward is None:
             return None
         host = getattr(addr, "host", "")
+        avatar = self.forward.avatar
+        full = avatar.limits.refusal(
+            "streams",
+            avatar.registry.streams_of(avatar.identity.member_id),
+            avatar.config.limits.max_streams_per_member,
+        )
+        if full is not None:
+            self.log.info(
+                "refused a connection to port {port}: {reason}",
+                port=self.forward.port,
+                reason=full.reason,
+            )
+            return None
         if not source_allowed(host, self.allowed_sources):
             self.log.info(
                 "refused {source} on forwarded port {port}: not an allowed source",
@@ -92,7 +105,8 @@ class MeshConnection(Protocol):
         )
         forward.open_connections += 1
         forward.connections_total += 1
-        forward.avatar.registry.stream_opened()
+        self.member_id = forward.avatar.identity.member_id
+        forward.avatar.registry.stream_opened(self.member_id)
         conn.openChannel(
             self.channel,
             packOpen_forwarded_tcpip(
@@ -116,7 +130,7 @@ class MeshConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.forward.open_connections -= 1
-        self.forward.avatar.registry.stream_closed()
+        self.forward.avatar.registry.stream_closed(self.member_id)
         if self.channel is not None:
             self.channel.mesh_gone()
 

@@ -71,6 +71,14 @@ class Totals:
         )
 
 
+def _count(counts: dict[int, int], key: int, change: int) -> None:
+    value = counts.get(key, 0) + change
+    if value:
+        counts[key] = value
+    else:
+        counts.pop(key, None)
+
+
 @define
 class TunnelRegistry:
     """Every authenticated tunnel connection and every port it holds."""
@@ -81,6 +89,8 @@ class TunnelRegistry:
     _parked: dict[int, tuple[ActiveForward, IDelayedCall]] = field(factory=dict)
     _closed_totals: Totals = field(factory=lambda: Totals())
     _per_member: dict[int, int] = field(factory=dict)
+    _connections_per_member: dict[int, int] = field(factory=dict)
+    _streams_per_member: dict[int, int] = field(factory=dict)
     #: Mesh connections open through any forward, removed or not.
     open_streams: int = 0
     on_change: Callable[[ActiveForward | None, int], None] | None = None
@@ -94,9 +104,17 @@ class TunnelRegistry:
 
     def add_avatar(self, avatar: TunnelAvatar) -> None:
         self._avatars[avatar.connection_id] = avatar
+        _count(self._connections_per_member, avatar.identity.member_id, +1)
 
     def remove_avatar(self, avatar: TunnelAvatar) -> None:
-        self._avatars.pop(avatar.connection_id, None)
+        if self._avatars.pop(avatar.connection_id, None) is not None:
+            _count(self._connections_per_member, avatar.identity.member_id, -1)
+
+    def connections_of(self, member_id: int) -> int:
+        return self._connections_per_member.get(member_id, 0)
+
+    def streams_of(self, member_id: int) -> int:
+        return self._streams_per_member.get(member_id, 0)
 
     def avatars(self) -> list[TunnelAvatar]:
         return list(self._avatars.values())
@@ -148,11 +166,13 @@ class TunnelRegistry:
         """Forwards a member holds now (kept as a count: this is asked on every bind)."""
         return self._per_member.get(member_id, 0)
 
-    def stream_opened(self) -> None:
+    def stream_opened(self, member_id: int) -> None:
         self.open_streams += 1
+        _count(self._streams_per_member, member_id, +1)
 
-    def stream_closed(self) -> None:
+    def stream_closed(self, member_id: int) -> None:
         self.open_streams -= 1
+        _count(self._streams_per_member, member_id, -1)
 
     # -- released listeners, closing on the next reactor turn -----------------------
 
@@ -180,8 +200,7 @@ class TunnelRegistry:
 
     def add_forward(self, forward: ActiveForward) -> None:
         self._forwards[forward.port] = forward
-        member = forward.holder.member_id
-        self._per_member[member] = self._per_member.get(member, 0) + 1
+        _count(self._per_member, forward.holder.member_id, +1)
         self._changed(forward, forward.port)
 
     def totals(self) -> Totals:
@@ -194,10 +213,7 @@ class TunnelRegistry:
     def remove_forward(self, forward: ActiveForward) -> None:
         if self._forwards.get(forward.port) is forward:
             del self._forwards[forward.port]
-            member = forward.holder.member_id
-            self._per_member[member] -= 1
-            if not self._per_member[member]:
-                del self._per_member[member]
+            _count(self._per_member, forward.holder.member_id, -1)
             self._closed_totals = self._closed_totals.plus(forward)
             self._changed(None, forward.port)
 
