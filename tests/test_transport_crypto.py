@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import transport
+from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.keys import Key
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
@@ -212,9 +213,11 @@ def factory(tmp_path):
     store.close()
 
 
-def connect(factory, client: Client | None = None, flush: bool = True):
+def connect(factory, client: Client | None = None, flush: bool = True, watch=None):
     peer = IPv4Address("TCP", "127.0.0.1", 40000)
     server = factory.buildProtocol(peer)
+    if watch is not None:
+        watch(server)  # before a single byte moves
     client = client or Client()
     client.factory = ClientFactory()
     pump = iosim.connect(
@@ -459,3 +462,63 @@ def test_chacha_hides_the_length_and_binds_the_sequence_number():
     wire = tx.seal(5, packet)
     assert wire[:4] != packet[:4]
     assert rx.open(6, wire) is None
+
+
+def _recording(server) -> tuple[list[int], list[bytes]]:
+    """Record the message numbers the server sends and the reasons it disconnects with."""
+    sent: list[int] = []
+    reasons: list[bytes] = []
+    send, disconnect = server.sendPacket, server.sendDisconnect
+
+    def record_send(number: int, payload: bytes) -> None:
+        sent.append(number)
+        send(number, payload)
+
+    def record_disconnect(code: int, reason: bytes) -> None:
+        reasons.append(reason)
+        disconnect(code, reason)
+
+    server.sendPacket, server.sendDisconnect = record_send, record_disconnect
+    return sent, reasons
+
+
+def test_repeated_kex_method_messages_are_refused(factory):
+    """One ECDH_INIT per round: a flood of them must not buy a host-key signature each."""
+    client = Client()
+    original = client.sendKexInit
+
+    def send_kexinit_then_flood() -> None:
+        original()
+        state, client._keyExchangeState = client._keyExchangeState, client._KEY_EXCHANGE_NONE
+        for _ in range(3):
+            client.sendPacket(30, NS(b"\x01" * 32))  # KEX_ECDH_INIT, again and again
+        client._keyExchangeState = state
+
+    client.sendKexInit = send_kexinit_then_flood
+    records: list[tuple[list[int], list[bytes]]] = []
+    connect(factory, client, watch=lambda server: records.append(_recording(server)))
+    ((sent, reasons),) = records
+    assert sent.count(31) <= 1  # at most one KEX_ECDH_REPLY, i.e. one signature
+    assert any(b"unexpected key exchange message 30" in r for r in reasons)
+
+
+def test_a_bare_newkeys_does_not_complete_a_server_rekey(factory):
+    """NEWKEYS counts only after the peer's KEXINIT for this round and fresh keys."""
+    client, server, pump = connect(factory)
+    _sent, reasons = _recording(server)
+    server.sendKexInit()  # the server asks for a rekey; the client answers NEWKEYS alone
+    client.sendPacket(transport.MSG_NEWKEYS, b"")
+    pump.flush()
+    assert any(b"NEWKEYS before key exchange" in r for r in reasons)
+    assert closed(server)
+
+
+def test_forwarded_connections_stop_reading_while_keys_change(factory):
+    """Data read during a key exchange would only queue up inside the server."""
+    from nekojump.ssh.connection import TunnelConnection
+
+    conn = TunnelConnection()
+    conn.key_exchange_running(True)
+    assert conn.reading_blocked
+    conn.key_exchange_running(False)
+    assert not conn.reading_blocked

@@ -62,14 +62,28 @@ class TunnelConnection(SSHConnection):
     def forwarded_channels(self) -> list[ForwardedChannel]:
         return [c for c in self.channels.values() if isinstance(c, ForwardedChannel)]
 
+    #: True while a key exchange runs: channel data would only queue up.
+    kex_running = False
+
+    @property
+    def reading_blocked(self) -> bool:
+        """Forwarded connections must not read their mesh sockets now."""
+        return self.output_paused or self.kex_running
+
+    def key_exchange_running(self, running: bool) -> None:
+        self.kex_running = running
+        self._update_readers()
+
     # IPushProducer, registered on the member's SSH socket.
     def pauseProducing(self) -> None:
         self.output_paused = True
-        for channel in self.forwarded_channels():
-            channel.update_reading()
+        self._update_readers()
 
     def resumeProducing(self) -> None:
         self.output_paused = False
+        self._update_readers()
+
+    def _update_readers(self) -> None:
         for channel in self.forwarded_channels():
             channel.update_reading()
 

@@ -229,7 +229,7 @@ class ForwardedChannel(SSHChannel):
 
     def update_reading(self) -> None:
         """Read the mesh socket only while the member has window and the SSH socket room."""
-        if self.is_open and not self.window_blocked and not self.conn.output_paused:
+        if self.is_open and not self.window_blocked and not self.conn.reading_blocked:
             self.mesh.resume_reading()
         else:
             self.mesh.pause_reading()

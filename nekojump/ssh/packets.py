@@ -80,6 +80,13 @@ class PacketLayerMixin:
     _rekey_requested = False
     _rx_waiting = False
     _last_incoming_sequence = 0
+    #: This key exchange round: the peer's KEXINIT arrived; method messages seen.
+    _peer_kexinit_this_round = False
+    _kex_method_messages = 0
+    #: Bytes of service packets held back while a key exchange runs.
+    _blocked_bytes = 0
+    #: Held-back bytes at which a stalled key exchange ends the connection.
+    max_blocked_bytes = 8 * 1024 * 1024
     _tx_bytes = _tx_packets = _rx_bytes = _rx_packets = 0
 
     # -- key exchange ------------------------------------------------------
@@ -114,6 +121,7 @@ class PacketLayerMixin:
         )
         self.sendPacket(MSG_KEXINIT, self.ourKexInitPayload[1:])
         self._keyExchangeState = self._KEY_EXCHANGE_REQUESTED
+        self._pause_service(True)
         self._blockedByKeyExchange = []
 
     def ssh_KEXINIT(self, packet: bytes) -> None:
@@ -135,6 +143,9 @@ class PacketLayerMixin:
             if self._strict and self._last_incoming_sequence != 0:
                 self._violation("KEXINIT was not the first packet")
                 return
+        self._peer_kexinit_this_round = True
+        self._kex_method_messages = 0
+        self._pause_service(True)
         if self.isClient:
             super().ssh_KEXINIT(packet)  # Conch's client starts its kex in there
         else:
@@ -220,7 +231,13 @@ class PacketLayerMixin:
             self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"NEWKEYS takes no data")
             return
         rx = getattr(self.nextEncryptions, "rx", None)
-        if self._keyExchangeState == self._KEY_EXCHANGE_NONE or (rx is None and not self.isClient):
+        if (
+            self._keyExchangeState == self._KEY_EXCHANGE_NONE
+            or not self._peer_kexinit_this_round
+            or (rx is None and not self.isClient)
+            or (rx is not None and rx is self._rx)
+        ):
+            # A NEWKEYS needs a whole round first: the peer's KEXINIT and fresh keys.
             self._violation("NEWKEYS before key exchange")
             return
         if rx is None:
@@ -230,6 +247,7 @@ class PacketLayerMixin:
             self._rx_waiting = True
             return
         self._rx = rx
+        self._peer_kexinit_this_round = False
         if self._strict:
             self.incomingPacketSequence = 0
         self._rx_bytes = self._rx_packets = 0
@@ -237,6 +255,9 @@ class PacketLayerMixin:
         self._rekey_requested = False
         waiting, self._rx_waiting = self._rx_waiting, False
         super().ssh_NEWKEYS(packet)
+        if self._keyExchangeState == self._KEY_EXCHANGE_NONE:
+            self._blocked_bytes = 0
+            self._pause_service(False)
         if waiting and self.buf:
             self.dataReceived(b"")
 
@@ -245,6 +266,13 @@ class PacketLayerMixin:
         self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, (prefix + what).encode("ascii"))
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        if 30 <= messageNum <= 49:
+            # Our key exchanges take exactly one method message from the peer per
+            # round, after its KEXINIT; more would buy signatures for free.
+            if not self._peer_kexinit_this_round or self._kex_method_messages >= 1:
+                self._violation(f"unexpected key exchange message {messageNum}")
+                return
+            self._kex_method_messages += 1
         if not self._initial_kex_done and not is_kex_message(messageNum):
             # Before the first NEWKEYS only key exchange may happen; with
             # strict kex even IGNORE, DEBUG and UNIMPLEMENTED are refused.
@@ -253,7 +281,21 @@ class PacketLayerMixin:
                 return
             self._violation(f"unexpected message {messageNum} during the first key exchange")
             return
-        super().dispatchMessage(messageNum, payload)
+        if messageNum >= 50:
+            super().dispatchMessage(messageNum, payload)
+            return
+        try:
+            super().dispatchMessage(messageNum, payload)
+        except (struct.error, ValueError, IndexError, AttributeError, TypeError):
+            # Malformed transport-layer messages end the connection, quietly.
+            self._log.info("malformed message {number}; disconnecting", number=messageNum)
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"malformed message")
+
+    def _pause_service(self, paused: bool) -> None:
+        """While keys change, forwarded connections stop reading (their data would queue)."""
+        hold = getattr(self.service, "key_exchange_running", None)
+        if hold is not None:
+            hold(paused)
 
     def sendUnimplemented(self) -> None:
         self.sendPacket(MSG_UNIMPLEMENTED, struct.pack(">L", self._last_incoming_sequence))
@@ -272,6 +314,11 @@ class PacketLayerMixin:
             self._allowedKeyExchangeMessageType(messageType)
         ):
             self._blockedByKeyExchange.append((messageType, payload))
+            self._blocked_bytes += len(payload)
+            if self._blocked_bytes > self.max_blocked_bytes:
+                self._blockedByKeyExchange = []
+                self._keyExchangeState = self._KEY_EXCHANGE_NONE
+                self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"key exchange stalled")
             return
         tx = self._tx
         size = 1 + len(payload) + (0 if tx.length_outside else 4) + 1
