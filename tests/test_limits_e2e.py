@@ -89,3 +89,43 @@ def test_a_taken_ssh_port_stops_the_start_with_one_message(tmp_path):
     assert result.returncode != 0
     assert f"cannot listen for SSH on tcp:{host.ssh_port}" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_flood_of_unauthenticated_connections_leaves_members_working(tmp_path, keys, echo):
+    """2,000 connections that never log in: members still connect and forward; memory bounded."""
+    host = Jumphost(tmp_path)
+    host.add_member("alice", keys["alice"])
+    host.start()
+    flood: list[socket.socket] = []
+    try:
+        before = rss_kib(host.process.pid)
+        for _ in range(2000):
+            s = socket.socket()
+            s.setblocking(False)
+            s.bind(("127.0.0.5", 0))
+            s.connect_ex((SSH_HOST, host.ssh_port))
+            flood.append(s)
+        port = host.port_min + 2
+        host.forward(keys["alice"], port, echo.port)
+        assert exchange(MESH_ADDRESS, port, b"through the flood") == b"through the flood"
+        assert rss_kib(host.process.pid) - before < 64 * 1024
+        samples = host.metrics()
+        # The server holds no more than max_startups_per_source of them; the rest are
+        # turned away as they arrive (many still wait in the kernel's accept queue).
+        assert samples['nekojump_ssh_connections{state="authenticating"}'] <= 10
+        refused = sum(
+            v for k, v in samples.items() if k.startswith("nekojump_refused_connections_total")
+        )
+        assert refused >= 100
+    finally:
+        for s in flood:
+            s.close()
+        host.close_clients()
+        host.stop()
