@@ -154,6 +154,7 @@ def test_console_script_is_installed_and_exits_1(tmp_path):
 def test_check_config_validates_without_touching_anything(tmp_path, capsys):
     out = io.StringIO()
     assert main(["check-config", "etc/nekojump.toml"], out=out) == 0
+    # The production mesh address, parsed from etc/ and never contacted.
     assert "10.255.9.241" in out.getvalue() and "OK" in out.getvalue()
     bad = tmp_path / "bad.toml"
     bad.write_text("[forwarding]\nport_min = 70000\n")

@@ -23,7 +23,7 @@ def test_defaults_run_on_loopback():
 def test_production_config_parses():
     """etc/nekojump.toml is valid and carries the seed's values (parsed, never served)."""
     config = load_config(REPO / "etc" / "nekojump.toml")
-    assert config.forwarding.bind_address == "10.255.9.241"
+    assert config.forwarding.bind_address == "10.255.9.241"  # parsed only, never bound
     assert config.ssh.listen.startswith("tcp:2222")
     assert (config.forwarding.port_min, config.forwarding.port_max) == (10000, 60000)
     assert config.web.public_hostname == "jump.ring.nekotopia.io"
@@ -93,7 +93,7 @@ def test_production_config_sets_every_key_it_means_to():
     """The production file names the seed's values explicitly, not by accident of defaults."""
     text = (REPO / "etc" / "nekojump.toml").read_text()
     for needle in (
-        'bind_address = "10.255.9.241"',
+        'bind_address = "10.255.9.241"',  # text of etc/nekojump.toml
         "port_min = 10000",
         "port_max = 60000",
         'public_hostname = "jump.ring.nekotopia.io"',
