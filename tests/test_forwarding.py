@@ -212,3 +212,31 @@ def test_resuming_the_member_socket_keeps_window_blocked_readers_paused():
     assert socket.producerState == "paused"
     channel.addWindowBytes(10_000)
     assert socket.producerState == "producing"
+
+
+def window_adjust(channel: ForwardedChannel, added: int) -> bytes:
+    return struct.pack(">2L", channel.id, added)
+
+
+def test_window_adjusts_never_push_the_window_past_two_to_the_32():
+    """A misbehaving member cannot make the window overflow, however often it adjusts."""
+    conn, _mesh, _socket, channel, _forward, confirm = setup(remote_window=2**32 - 10)
+    confirm()
+    for _ in range(3):
+        conn.ssh_CHANNEL_WINDOW_ADJUST(window_adjust(channel, 2**32 - 1))
+    assert channel.remoteWindowLeft == 2**32 - 1
+
+
+def test_window_accounting_stays_within_bounds_under_a_flood_of_data():
+    """Local window never goes negative: data past it closes the channel instead."""
+    conn, _mesh, _socket, channel, _forward, confirm = setup()
+    confirm()
+    channel.pauseProducing()  # the mesh reader is slow: no window comes back
+    chunk = b"d" * 32768
+    for _ in range(CHANNEL_WINDOW // len(chunk) + 5):
+        if channel.localClosed:
+            break
+        conn.ssh_CHANNEL_DATA(data_packet(channel, chunk))
+        assert channel.localWindowLeft >= 0
+    assert channel.localClosed  # the overrun closed the channel
+    assert conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST) == []

@@ -24,6 +24,8 @@ from nekojump.ssh.keepalive import Keepalive
 from nekojump.ssh.session import TunnelSession
 
 KEEPALIVE_REQUEST = b"keepalive@openssh.com"
+#: The largest window SSH can express (RFC 4254 5.2).
+MAX_WINDOW = 2**32 - 1
 
 #: Session channels one connection may have open at once (OpenSSH MaxSessions).
 MAX_SESSIONS = 10
@@ -124,6 +126,19 @@ class TunnelConnection(SSHConnection):
             MSG_CHANNEL_OPEN_FAILURE,
             struct.pack(">2L", sender, code) + common.NS(text.encode("utf-8")) + common.NS(b""),
         )
+
+    def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
+        """More window from the peer, never beyond the protocol's 2**32 - 1."""
+        try:
+            local_channel, added = struct.unpack(">2L", packet[:8])
+            channel = self.channels[local_channel]
+        except (struct.error, KeyError):
+            self.log.info("window adjust for an unknown channel; disconnecting")
+            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"unknown channel")
+            return
+        added = min(added, MAX_WINDOW - channel.remoteWindowLeft)
+        if added > 0:
+            channel.addWindowBytes(added)
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         """Data for a channel: checked against window and packet size, window re-granted
