@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -101,8 +102,15 @@ def test_without_takeover_autossh_retry_fails_while_the_old_session_lingers(
     proxy.cut_clients()
     wait_for(lambda: "refused: port-in-use" in host.log_text(), what="the retry to be refused")
     assert f"bind {port} for alice refused: port-in-use" in host.log_text()
-    autossh.terminate()
-    assert b"remote port forwarding failed" in autossh.communicate(timeout=10)[1]
+    # ssh prints the failure a moment after the server refused: read as it comes.
+    os.set_blocking(autossh.stderr.fileno(), False)
+    said = bytearray()
+
+    def retry_reported_failure() -> bool:
+        said.extend(autossh.stderr.read() or b"")
+        return b"remote port forwarding failed" in said
+
+    wait_for(retry_reported_failure, what="ssh to report the refused forward")
 
 
 def test_same_member_takeover_lets_another_key_of_the_member_in(host_factory, keys, echo):
