@@ -174,6 +174,19 @@ def screenshot(driver: WebDriver, directory: Path, name: str, size: tuple[int, i
     return path
 
 
+def after_screenshots(driver: WebDriver, url: str) -> None:
+    """Back to the normal viewport on a freshly loaded page.
+
+    Full-page CDP screenshots can leave chromedriver holding node ids that no
+    longer belong to the document ("Node with given id does not belong to the
+    document" on the next click), so the page is loaded again (a GET, never a
+    re-posted form).
+    """
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    driver.get(url)
+    wait(driver, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def horizontal_overflow(driver: WebDriver) -> dict[str, object] | None:
     """None if the page fits its viewport's width, else the widths and the widest culprits."""
     return driver.execute_script(
@@ -257,7 +270,7 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     assert not [line for line in private_body if line in source]
     assert badge(browser) == "NOT CONFIGURED"  # nothing stored
     screenshot(browser, tmp_path, "key-error-desktop", DESKTOP)
-    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    after_screenshots(browser, jumphost.web_url)
 
     # 2. Paste the public half: CONFIGURED, and the two new cards appear.
     find(browser, "#public_key").send_keys(public_key)
@@ -325,7 +338,7 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     overflow = horizontal_overflow(browser)
     assert overflow is None, f"the phone-size page scrolls sideways: {overflow}"
     assert desktop.stat().st_size > 10_000 and phone.stat().st_size > 10_000
-    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    after_screenshots(browser, jumphost.web_url)
 
     # 6. Remove Key (accepting its confirm()): ssh ends within 1 s of the response.
     exit_times: list[float] = []
