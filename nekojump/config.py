@@ -172,8 +172,7 @@ def _ip_address(value: Any) -> str:
 
 def _networks(value: Any) -> tuple[IPNetwork, ...]:
     if not isinstance(value, list) or not value:
-        # The example names the mesh's kind of network, as the SPEC does.
-        raise ValueError('must be a non-empty list of CIDRs, e.g. ["10.0.0.0/8"]')
+        raise ValueError('must be a non-empty list of CIDRs, e.g. ["127.0.0.0/8"]')
     return _cidrs(value)
 
 
