@@ -416,6 +416,17 @@ def running(jumphost: Jumphost, keys: dict[str, Path]) -> Jumphost:
     return jumphost.start()
 
 
+@pytest.fixture
+def compat(tmp_path: Path, keys: dict[str, Path]) -> Iterator[Jumphost]:
+    """A running nekojump that also offers AES-CTR with ETM MACs; member alice."""
+    host = Jumphost(tmp_path, ssh_extra="login_grace_time = 5\ncompat_ctr_ciphers = true")
+    host.add_member("alice", keys["alice"])
+    host.start()
+    yield host
+    host.close_clients()
+    host.stop()
+
+
 def exited_within(process: subprocess.Popen[bytes], seconds: float) -> bool:
     try:
         process.wait(timeout=seconds)

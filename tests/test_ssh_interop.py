@@ -15,21 +15,11 @@ import time
 
 import pytest
 
-from tests.conftest import MESH_ADDRESS, SSH_HOST, Jumphost, exchange, fingerprint, wait_for
+from tests.conftest import MESH_ADDRESS, SSH_HOST, exchange, fingerprint, wait_for
 
 pytestmark = pytest.mark.e2e
 
 AEAD = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com"]
-
-
-@pytest.fixture
-def compat(tmp_path, keys):
-    host = Jumphost(tmp_path, ssh_extra="login_grace_time = 5\ncompat_ctr_ciphers = true")
-    host.add_member("alice", keys["alice"])
-    host.start()
-    yield host
-    host.close_clients()
-    host.stop()
 
 
 # -- asyncssh ------------------------------------------------------------------------

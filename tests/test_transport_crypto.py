@@ -29,7 +29,7 @@ from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
 from nekojump.ssh.factory import TunnelSSHFactory
 from nekojump.ssh.packets import PacketLayerMixin
 from nekojump.store import ImmediateStore, SQLiteStore
-from tests.conftest import MESH_ADDRESS, Jumphost, exchange
+from tests.conftest import MESH_ADDRESS, exchange
 
 AEAD = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com"]
 CTR = ["aes128-ctr", "aes192-ctr", "aes256-ctr"]
@@ -98,16 +98,6 @@ def test_openssh_uses_strict_kex_and_the_default_kex(running, keys):
     assert "kex-strict-s-v00@openssh.com" in text, text
     assert "ssh_packet_send2_wrapped: resetting send seqnr" in text, text
     assert "ssh_packet_read_poll2: resetting read seqnr" in text, text
-
-
-@pytest.fixture
-def compat(tmp_path, keys):
-    host = Jumphost(tmp_path, ssh_extra="login_grace_time = 5\ncompat_ctr_ciphers = true")
-    host.add_member("alice", keys["alice"])
-    host.start()
-    yield host
-    host.close_clients()
-    host.stop()
 
 
 @pytest.mark.e2e
