@@ -11,15 +11,20 @@ import struct
 from attrs import define, field
 from twisted.conch.ssh import common, connection
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from nekojump.model import Identity
 from nekojump.ssh.connection import TunnelConnection
 from nekojump.ssh.forwarding import (
+    CHANNEL_MAX_PACKET,
     CHANNEL_WINDOW,
     LOCAL_SERVICE_REFUSED,
+    MAX_CHANNEL_WINDOW,
+    STALL_SECONDS,
     ForwardedChannel,
     MeshConnection,
+    WindowBudget,
 )
 from nekojump.ssh.registry import ActiveForward, TunnelRegistry
 
@@ -46,6 +51,9 @@ class PacketLog:
     def sendPacket(self, message: int, payload: bytes) -> None:
         self.packets.append((message, payload))
 
+    def send_packet_parts(self, message: int, *parts: bytes) -> None:
+        self.packets.append((message, b"".join(parts)))
+
     def of(self, message: int) -> list[bytes]:
         return [payload for kind, payload in self.packets if kind == message]
 
@@ -56,6 +64,7 @@ class FakeAvatar:
     failures: list[str] = field(factory=list)
     registry: TunnelRegistry = field(factory=TunnelRegistry)
     identity: Identity = field(factory=lambda: Identity(1, "alice", 1, "SHA256:x", "laptop"))
+    clock: Clock = field(factory=Clock)
 
     def forward_failed(self, forward: ActiveForward, message: str) -> None:
         self.failures.append(message)
@@ -122,7 +131,7 @@ def test_mesh_reading_pauses_when_the_member_window_is_used_up():
 
 def test_member_gets_no_window_while_the_mesh_socket_is_full():
     """A fast member and a slow mesh reader: window is granted only as the socket drains."""
-    conn, _mesh, socket, channel, _forward, confirm = setup()
+    conn, _mesh, socket, channel, forward, confirm = setup()
     confirm()
     assert socket.producer is channel
     channel.pauseProducing()  # what the socket does when its write buffer is full
@@ -134,6 +143,7 @@ def test_member_gets_no_window_while_the_mesh_socket_is_full():
     assert conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST) == []
     assert sent > CHANNEL_WINDOW // 2
     assert len(socket.value()) == sent  # all of it is the socket's, none buffered by us
+    forward.avatar.clock.advance(1)  # a slow mesh client
     channel.resumeProducing()  # drained
     (adjust,) = conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST)
     assert struct.unpack(">2L", adjust) == (77, sent)
@@ -240,3 +250,89 @@ def test_window_accounting_stays_within_bounds_under_a_flood_of_data():
         assert channel.localWindowLeft >= 0
     assert channel.localClosed  # the overrun closed the channel
     assert conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST) == []
+
+
+def member_window(conn: TunnelConnection, sent: int) -> int:
+    """The window the member may still use: what we announced and granted, minus its data."""
+    granted = sum(
+        struct.unpack(">2L", p)[1] for p in conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST)
+    )
+    return CHANNEL_WINDOW + granted - sent
+
+
+def send_from_member(conn: TunnelConnection, channel: ForwardedChannel, total: int) -> int:
+    sent = 0
+    while sent < total:
+        chunk = b"z" * min(CHANNEL_MAX_PACKET, total - sent)
+        conn.ssh_CHANNEL_DATA(data_packet(channel, chunk))
+        sent += len(chunk)
+    return sent
+
+
+def test_window_grows_while_the_mesh_client_keeps_up_and_never_past_the_maximum():
+    """A fast mesh client: the member's window grows to MAX_CHANNEL_WINDOW for long links."""
+    conn, _mesh, socket, channel, _forward, confirm = setup()
+    confirm()
+    sent = 0
+    for _ in range(40):
+        sent += send_from_member(conn, channel, 1 << 20)
+        assert member_window(conn, sent) <= MAX_CHANNEL_WINDOW
+        assert channel.localWindowLeft == member_window(conn, sent)
+    assert channel.localWindowSize == MAX_CHANNEL_WINDOW
+    assert member_window(conn, sent) > MAX_CHANNEL_WINDOW // 2
+    assert len(socket.value()) == sent
+
+
+def test_a_stalled_mesh_client_gives_the_growth_back_and_buffers_at_most_the_window():
+    """The mesh client stops reading: after STALL_SECONDS the window is 2 MiB again."""
+    conn, _mesh, socket, channel, forward, confirm = setup()
+    confirm()
+    budget = ForwardedChannel.budget
+    before = budget.used
+    sent = send_from_member(conn, channel, 16 << 20)
+    assert channel.localWindowSize == MAX_CHANNEL_WINDOW
+    assert budget.used == before + MAX_CHANNEL_WINDOW - CHANNEL_WINDOW
+    channel.pauseProducing()  # the mesh socket backs up ...
+    forward.avatar.clock.advance(STALL_SECONDS)  # ... and stays backed up
+    assert channel.localWindowSize == CHANNEL_WINDOW
+    assert budget.used == before
+    # The member may use up what it was granted, and gets nothing more.
+    buffered_from = len(socket.value())
+    sent += send_from_member(conn, channel, channel.localWindowLeft)
+    assert member_window(conn, sent) == 0
+    assert not channel.localClosed
+    assert len(socket.value()) - buffered_from <= MAX_CHANNEL_WINDOW
+    channel.resumeProducing()  # the slow client finally drained it all
+    assert member_window(conn, sent) == CHANNEL_WINDOW
+
+
+def test_a_short_pause_keeps_the_window_growing():
+    """Twisted pauses on every full write buffer; a fast client resumes within a turn."""
+    conn, _mesh, _socket, channel, forward, confirm = setup()
+    confirm()
+    send_from_member(conn, channel, 4 << 20)
+    grown = channel.localWindowSize
+    assert grown > CHANNEL_WINDOW
+    channel.pauseProducing()
+    forward.avatar.clock.advance(STALL_SECONDS / 10)
+    channel.resumeProducing()
+    forward.avatar.clock.advance(STALL_SECONDS * 2)
+    assert channel.localWindowSize >= grown
+
+
+def test_growth_comes_from_one_budget_for_the_process(monkeypatch):
+    """Many fast connections together get at most WINDOW_GROWTH_BUDGET beyond 2 MiB each."""
+    budget = WindowBudget(limit=3 << 20)
+    monkeypatch.setattr(ForwardedChannel, "budget", budget)
+    channels = []
+    for _ in range(3):
+        conn, _mesh, _socket, channel, _forward, confirm = setup()
+        confirm()
+        send_from_member(conn, channel, 24 << 20)
+        channels.append((conn, channel))
+    assert budget.used == 3 << 20
+    assert sum(c.localWindowSize - CHANNEL_WINDOW for _, c in channels) == 3 << 20
+    conn, channel = channels[0]
+    conn.ssh_CHANNEL_CLOSE(struct.pack(">L", channel.id))
+    assert channel.growth == 0
+    assert budget.used == sum(c.growth for _, c in channels[1:])

@@ -60,7 +60,10 @@ class Direction:
         raise NotImplementedError
 
     def open(self, seq: int, wire: bytes) -> bytes | None:
-        """The body of one whole packet on the wire, or None if forged."""
+        """The body of one whole packet on the wire, or None if forged.
+
+        ``wire`` may be a ``memoryview`` of the receive buffer: keep no
+        reference to it, and return ``bytes``."""
         raise NotImplementedError
 
 
@@ -73,7 +76,7 @@ class Plain(Direction):
         return packet
 
     def open(self, seq: int, wire: bytes) -> bytes | None:
-        return wire[4:]
+        return bytes(wire[4:])
 
 
 class AesGcm(Direction):
@@ -91,8 +94,9 @@ class AesGcm(Direction):
         return nonce
 
     def seal(self, seq: int, packet: bytes) -> bytes:
-        head = packet[:4]
-        return head + self._aead.encrypt(self._nonce(), packet[4:], head)
+        with memoryview(packet) as view:
+            head = view[:4]
+            return b"".join((head, self._aead.encrypt(self._nonce(), view[4:], head)))
 
     def open(self, seq: int, wire: bytes) -> bytes | None:
         try:
@@ -101,11 +105,20 @@ class AesGcm(Direction):
             return None
 
 
-def _chacha(key: bytes, seq: int) -> Cipher:
-    # cryptography takes OpenSSL's 16-byte IV: a little-endian block counter
-    # (starting at 0) then the nonce.  OpenSSH's ChaCha20 has a 64-bit counter
-    # and a 64-bit nonce, the big-endian sequence number.
-    return Cipher(algorithms.ChaCha20(key, b"\0" * 8 + seq.to_bytes(8, "big")), mode=None)
+_ZERO_BLOCK = bytes(64)
+
+
+def _chacha(key: bytes, seq: int):
+    """A ChaCha20 keystream at block 0 for packet ``seq`` (encrypts and decrypts alike).
+
+    cryptography takes OpenSSL's 16-byte IV: a little-endian block counter
+    (starting at 0) then the nonce.  OpenSSH's ChaCha20 has a 64-bit counter
+    and a 64-bit nonce, the big-endian sequence number.
+    """
+    return Cipher(algorithms.ChaCha20(key, _SEQ_NONCE.pack(0, seq)), mode=None).encryptor()
+
+
+_SEQ_NONCE = struct.Struct(">QQ")
 
 
 class ChaChaPoly(Direction):
@@ -117,22 +130,25 @@ class ChaChaPoly(Direction):
         self._header = key[32:64]
 
     def length(self, seq: int, head: bytes) -> int:
-        plain = _chacha(self._header, seq).decryptor().update(head)
-        return _LENGTH.unpack(plain)[0]
+        return _LENGTH.unpack(_chacha(self._header, seq).update(head))[0]
 
     def seal(self, seq: int, packet: bytes) -> bytes:
-        head = _chacha(self._header, seq).encryptor().update(packet[:4])
-        stream = _chacha(self._main, seq).encryptor()
-        poly_key = stream.update(b"\0" * 64)[:32]  # block 0; the body starts at block 1
-        body = stream.update(packet[4:])
-        tag = Poly1305.generate_tag(poly_key, head + body)
-        return head + body + tag
+        stream = _chacha(self._main, seq)
+        # Block 0 is the Poly1305 key; the body starts at block 1.
+        mac = Poly1305(stream.update(_ZERO_BLOCK)[:32])
+        with memoryview(packet) as view:
+            head = _chacha(self._header, seq).update(view[:4])
+            body = stream.update(view[4:])
+        mac.update(head)
+        mac.update(body)
+        return b"".join((head, body, mac.finalize()))
 
     def open(self, seq: int, wire: bytes) -> bytes | None:
-        stream = _chacha(self._main, seq).decryptor()
-        poly_key = stream.update(b"\0" * 64)[:32]
+        stream = _chacha(self._main, seq)
+        mac = Poly1305(stream.update(_ZERO_BLOCK)[:32])
+        mac.update(wire[:-16])
         try:
-            Poly1305.verify_tag(poly_key, wire[:-16], wire[-16:])
+            mac.verify(bytes(wire[-16:]))
         except InvalidSignature:
             return None
         return stream.update(wire[4:-16])

@@ -7,6 +7,7 @@ import struct
 from twisted.conch.ssh import common
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.connection import (
+    MSG_CHANNEL_DATA,
     MSG_CHANNEL_OPEN_FAILURE,
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_RESOURCE_SHORTAGE,
@@ -24,6 +25,8 @@ from nekojump.ssh.keepalive import Keepalive
 from nekojump.ssh.session import TunnelSession
 
 KEEPALIVE_REQUEST = b"keepalive@openssh.com"
+#: recipient channel, data length.
+_DATA_HEAD = struct.Struct(">2L")
 #: The largest window SSH can express (RFC 4254 5.2).
 MAX_WINDOW = 2**32 - 1
 
@@ -141,8 +144,10 @@ class TunnelConnection(SSHConnection):
             channel.addWindowBytes(added)
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
-        """Data for a channel: checked against window and packet size, window re-granted
-        in steps (``channel.window_step``, default half the window) as it is consumed."""
+        """Data for a channel, checked against its window and packet size.
+
+        The window is given back after the data is delivered: by the channel's
+        own ``replenish`` if it has one, else once half of it is used."""
         try:
             local_channel, length = struct.unpack(">2L", packet[:8])
             channel = self.channels[local_channel]
@@ -162,10 +167,24 @@ class TunnelConnection(SSHConnection):
             self.sendClose(channel)
             return
         channel.localWindowLeft -= length
-        consumed = channel.localWindowSize - channel.localWindowLeft
-        if consumed >= getattr(channel, "window_step", channel.localWindowSize // 2):
-            self.adjustWindow(channel, consumed)
         channel.dataReceived(data)
+        replenish = getattr(channel, "replenish", None)
+        if replenish is not None:
+            replenish()
+            return
+        consumed = channel.localWindowSize - channel.localWindowLeft
+        if consumed >= channel.localWindowSize // 2 and not channel.localClosed:
+            self.adjustWindow(channel, consumed)
+
+    def sendData(self, channel: SSHChannel, data: bytes) -> None:
+        """Conch's ``sendData`` without copying ``data`` into a new payload first."""
+        if channel.localClosed:
+            return
+        self.transport.send_packet_parts(
+            MSG_CHANNEL_DATA,
+            _DATA_HEAD.pack(self.channelsToRemoteChannel[channel], len(data)),
+            data,
+        )
 
     def adjustWindow(self, channel: SSHChannel, bytesToAdd: int) -> None:
         # A forwarded channel whose mesh socket is full gets its window back

@@ -8,17 +8,33 @@ more than one SSH window in the server:
   the window opens again (``startWriting``).
 - member -> mesh: the channel is a push producer for the mesh socket; while
   the socket's write buffer is full we grant the member no more window.
+
+Windows start at OpenSSH's 2 MiB and are given back in steps of an eighth as
+the data goes out to the mesh socket.  While the mesh client keeps up, each
+step also grows the window, up to 8 MiB, so one connection over a long link
+is not window-bound; the growth comes from one budget for the whole process
+and goes back to it when the mesh socket stays backed up for
+``STALL_SECONDS`` (or the channel closes).  A slow reader therefore holds
+at most 2 MiB of the member's data, and all fast ones together at most
+``WINDOW_GROWTH_BUDGET`` more.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from attrs import define
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import connection
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.forwarding import packOpen_forwarded_tcpip
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -29,11 +45,50 @@ from nekojump.metrics import Metrics
 from nekojump.policy import IPNetwork, source_allowed
 from nekojump.ssh.registry import ActiveForward
 
-#: OpenSSH's own channel window and packet size.
+#: The window a forwarded connection starts with (OpenSSH's), and the most
+#: it grows to while the mesh client reads as fast as the member sends.
 CHANNEL_WINDOW = 2 * 1024 * 1024
-CHANNEL_MAX_PACKET = 32 * 1024
+MAX_CHANNEL_WINDOW = 8 * 1024 * 1024
+#: Window beyond CHANNEL_WINDOW that all forwarded connections together may hold.
+WINDOW_GROWTH_BUDGET = 128 * 1024 * 1024
+#: A mesh socket backed up this long (seconds) means a slow mesh client.
+STALL_SECONDS = 0.1
+#: The largest data packet the member may send: a CHANNEL_DATA packet of this
+#: size still fits OpenSSH's 256 KiB packet limit.  Bigger packets mean fewer
+#: per-packet steps in the server (OpenSSH sends them when its buffer backs up).
+CHANNEL_MAX_PACKET = 255 * 1024
+
+#: Bytes read from a socket at once, and queued for writing before its
+#: producer is paused (Twisted's default is 64 KiB for both).
+SOCKET_BUFFER = 256 * 1024
+
+
+def tune_socket(transport: object) -> None:
+    """No Nagle (we write whole messages once per reactor turn) and big reads."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+    transport.bufferSize = SOCKET_BUFFER
+
 
 LOCAL_SERVICE_REFUSED = "your local service refused the connection"
+
+
+@define
+class WindowBudget:
+    """Channel window granted beyond the starting window, for the whole process."""
+
+    limit: int
+    used: int = 0
+
+    def take(self, wanted: int) -> int:
+        """Up to ``wanted`` bytes of growth, whatever is left of the budget."""
+        granted = max(0, min(wanted, self.limit - self.used))
+        self.used += granted
+        return granted
+
+    def give_back(self, amount: int) -> None:
+        self.used -= amount
 
 
 class ForwardListenerFactory(Factory):
@@ -96,7 +151,7 @@ class MeshConnection(Protocol):
     def connectionMade(self) -> None:
         # Read nothing until the member's ssh has accepted the channel.
         self.transport.pauseProducing()
-        self.transport.setTcpNoDelay(True)
+        tune_socket(self.transport)
         forward = self.forward
         conn = forward.avatar.conn
         peer = self.transport.getPeer()
@@ -198,6 +253,7 @@ class ForwardedChannel(SSHChannel):
 
     def closed(self) -> None:
         self.is_open = False
+        self._release_window()
         self._stop_producing_for_mesh()
         self.mesh.transport.loseConnection()
 
@@ -234,19 +290,78 @@ class ForwardedChannel(SSHChannel):
         else:
             self.mesh.pause_reading()
 
+    # -- window towards the member -------------------------------------------------
+
+    #: Shared by every forwarded connection in the process.
+    budget = WindowBudget(WINDOW_GROWTH_BUDGET)
+    #: This channel's window beyond CHANNEL_WINDOW, taken from ``budget``.
+    growth = 0
+
+    def replenish(self, grow: bool = True) -> None:
+        """Give the member back the window its data used, once that data is on
+        its way to the mesh client; grow the window while the client keeps up."""
+        if self.reading_paused or not self.is_open or self.localClosed:
+            return
+        consumed = self.localWindowSize - self.localWindowLeft
+        if consumed < self.localWindowSize // 8:
+            return
+        room = MAX_CHANNEL_WINDOW - self.localWindowSize
+        if grow and room > 0:
+            extra = self.budget.take(min(consumed, room))
+            self.growth += extra
+            self.localWindowSize += extra
+            consumed += extra
+        self.conn.adjustWindow(self, consumed)
+
+    def _shrink_window(self) -> None:
+        """Back to the starting window; the growth goes back to the budget."""
+        self.localWindowSize -= self.growth
+        self.budget.give_back(self.growth)
+        self.growth = 0
+
     # -- IPushProducer, for the mesh socket's write buffer ------------------------
+    #
+    # Twisted pauses us whenever more than SOCKET_BUFFER waits to be written and
+    # resumes us when all of it is in the kernel: with a fast mesh client that
+    # happens many times a second.  Only a pause that lasts STALL_SECONDS means
+    # the client is slower than the member; then the growth goes back.
+
+    _paused_since = 0.0
+    _stall_check: IDelayedCall | None = None
+
+    @property
+    def _clock(self) -> IReactorTime:
+        return self.forward.avatar.clock
 
     def pauseProducing(self) -> None:
         self.reading_paused = True
+        self._paused_since = self._clock.seconds()
+        if self.growth and self._stall_check is None:
+            self._stall_check = self._clock.callLater(STALL_SECONDS, self._check_stall)
+
+    def _check_stall(self) -> None:
+        self._stall_check = None
+        if not self.reading_paused or not self.growth:
+            return
+        paused_for = self._clock.seconds() - self._paused_since
+        if paused_for >= STALL_SECONDS:
+            self._shrink_window()
+        else:
+            self._stall_check = self._clock.callLater(STALL_SECONDS - paused_for, self._check_stall)
 
     def resumeProducing(self) -> None:
         self.reading_paused = False
-        grant = self.localWindowSize - self.localWindowLeft
-        if grant > 0 and self.is_open and not self.localClosed:
-            self.conn.adjustWindow(self, grant)
+        # A short pause was only the socket catching up: keep growing.
+        self.replenish(grow=self._clock.seconds() - self._paused_since < STALL_SECONDS)
 
     def stopProducing(self) -> None:
         pass
+
+    def _release_window(self) -> None:
+        if self._stall_check is not None and self._stall_check.active():
+            self._stall_check.cancel()
+        self._stall_check = None
+        self._shrink_window()
 
     @property
     def forward(self) -> ActiveForward:

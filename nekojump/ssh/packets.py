@@ -48,6 +48,8 @@ STRICT_KEX_C = b"kex-strict-c-v00@openssh.com"
 #: OpenSSH's PACKET_MAX_SIZE.
 MAX_PACKET_LENGTH = 256 * 1024
 _SEQ_MASK = 0xFFFFFFFF
+#: uint32 packet length, byte padding length, byte message number.
+_PACKET_HEAD = struct.Struct(">LBB")
 
 
 def is_kex_message(number: int) -> bool:
@@ -320,13 +322,39 @@ class PacketLayerMixin:
                 self._keyExchangeState = self._KEY_EXCHANGE_NONE
                 self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"key exchange stalled")
             return
+        self._seal_and_write(messageType, payload, len(payload))
+
+    def send_packet_parts(self, messageType: int, *parts: bytes) -> None:
+        """Like ``sendPacket`` with the payload in pieces (saves a copy of large data)."""
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
+            self.sendPacket(messageType, b"".join(parts))
+            return
+        self._seal_and_write(messageType, parts, sum(map(len, parts)))
+
+    def _padding(self, count: int) -> bytes:
+        """``count`` random bytes from a pool refilled 4 KiB at a time."""
+        pool = self._padding_pool
+        if len(pool) < count:
+            pool = os.urandom(4096)
+        self._padding_pool = pool[count:]
+        return pool[:count]
+
+    _padding_pool = b""
+
+    def _seal_and_write(
+        self, messageType: int, payload: bytes | tuple[bytes, ...], size: int
+    ) -> None:
         tx = self._tx
-        size = 1 + len(payload) + (0 if tx.length_outside else 4) + 1
-        padding = tx.block_size - size % tx.block_size
+        block = tx.block_size
+        padding = block - (size + (2 if tx.length_outside else 6)) % block
         if padding < 4:
-            padding += tx.block_size
-        body = bytes((padding, messageType)) + payload + os.urandom(padding)
-        wire = tx.seal(self.outgoingPacketSequence, struct.pack(">L", len(body)) + body)
+            padding += block
+        head = _PACKET_HEAD.pack(size + padding + 2, padding, messageType)
+        if isinstance(payload, tuple):
+            packet = b"".join((head, *payload, self._padding(padding)))
+        else:
+            packet = b"".join((head, payload, self._padding(padding)))
+        wire = tx.seal(self.outgoingPacketSequence, packet)
         self.transport.write(wire)
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & _SEQ_MASK
         self._tx_packets += 1
@@ -339,22 +367,49 @@ class PacketLayerMixin:
         elif self._tx_packets >= self.rekey_packets or self._tx_bytes >= self.rekey_bytes:
             self._maybe_rekey()
 
+    def dataReceived(self, data: bytes) -> None:
+        """Append to a ``bytearray`` (consumed from the front in O(1)) and
+        hand out every whole packet; Conch only reads the version line."""
+        if not self.gotVersion:
+            super().dataReceived(data)
+            return
+        if not isinstance(self.buf, bytearray):
+            self.buf = bytearray(self.buf)
+        self.buf += data
+        packet = self.getPacket()
+        while packet:
+            self.dispatchMessage(packet[0], packet[1:])
+            packet = self.getPacket()
+
+    #: Length of the packet at the head of ``buf``, once its first 4 bytes are read.
+    _head_length: int | None = None
+
     def getPacket(self) -> bytes | None:
         if self._closing or self._rx_waiting:
             return None
-        if len(self.buf) < 4:
+        buf = self.buf
+        if len(buf) < 4:
             return None
         rx, seq = self._rx, self.incomingPacketSequence
-        length = rx.length(seq, self.buf[:4])
-        aligned = length if rx.length_outside else length + 4
-        if not 5 <= length <= MAX_PACKET_LENGTH or aligned % rx.block_size:
-            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
-            return None
+        length = self._head_length
+        if length is None:
+            length = rx.length(seq, bytes(buf[:4]))
+            aligned = length if rx.length_outside else length + 4
+            if not 5 <= length <= MAX_PACKET_LENGTH or aligned % rx.block_size:
+                self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
+                return None
+            self._head_length = length
         total = 4 + length + rx.tag_size
-        if len(self.buf) < total:
+        if len(buf) < total:
             return None
-        wire, self.buf = self.buf[:total], self.buf[total:]
-        body = rx.open(seq, wire)
+        if isinstance(buf, bytearray):
+            with memoryview(buf) as view, view[:total] as wire:
+                body = rx.open(seq, wire)
+            del buf[:total]
+        else:
+            body = rx.open(seq, buf[:total])
+            self.buf = buf[total:]
+        self._head_length = None
         if body is None:
             self.sendDisconnect(DISCONNECT_MAC_ERROR, b"Corrupted MAC on input")
             return None

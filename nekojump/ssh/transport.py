@@ -9,6 +9,7 @@ from twisted.logger import Logger
 
 from nekojump import __version__
 from nekojump.logs import conch_logger
+from nekojump.ssh.forwarding import tune_socket
 from nekojump.ssh.packets import PacketLayerMixin
 
 #: Key exchanges, best first.  Group exchange, SHA-1 groups and the NIST
@@ -75,6 +76,7 @@ class TunnelServerTransport(PacketLayerMixin, SSHServerTransport):
         ssh = self.factory.config.ssh
         if ssh.compat_ctr_ciphers:
             self.supportedCiphers = [*AEAD_CIPHERS, *COMPAT_CIPHERS]
+        tune_socket(self.transport)
         super().connectionMade()
         # login_grace_time runs from the first byte, not from userauth: a
         # client that never finishes the version or kex is dropped too.
