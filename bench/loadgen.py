@@ -57,9 +57,10 @@ class LoadGenerator:
                     ),
                     self.args.timeout,
                 )
-            except (TimeoutError, OSError, asyncssh.Error) as error:
+            except (TimeoutError, OSError, asyncssh.Error, asyncssh.ChannelListenError) as error:
+                # A refused forward (ChannelListenError is no asyncssh.Error).
                 conn.close()
-                return f"forward: {error!r}"
+                return f"forward {self.args.base_port + index}: {error!r}"
             self.connections.append(conn)
             return None
 

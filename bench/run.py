@@ -379,6 +379,8 @@ class Bench:
                     per_tunnel = (memory["pss_kib"] - base["pss_kib"]) / max(1, grown["tunnels"])
                     r = self.results
                     r.set(f"memory per idle tunnel @{size} KiB", server.name, per_tunnel)
+                    r.set(f"server RSS with {size} tunnels MiB", server.name,
+                          memory["rss_kib"] / 1024)  # fmt: skip
                     r.set(f"tunnel setup rate to {size} /s", server.name, rate, "higher")
                     r.set(f"server CPU per tunnel setup to {size} ms", server.name,
                           1000 * cpu_used / max(1, grown["opened"]))  # fmt: skip

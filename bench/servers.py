@@ -103,6 +103,9 @@ bind_address = "{self.bind}"
 port_min = {self.port_min}
 port_max = {self.port_max}
 max_forwards_per_member = 10000
+[limits]
+# One member holds every benchmark tunnel.
+max_connections_per_member = 10000
 [web]
 listen = "tcp:0:interface=127.0.0.1"
 [metrics]

@@ -284,7 +284,8 @@ def test_window_grows_while_the_mesh_client_keeps_up_and_never_past_the_maximum(
 
 
 def test_a_stalled_mesh_client_gives_the_growth_back_and_buffers_at_most_the_window():
-    """The mesh client stops reading: after STALL_SECONDS the window is 2 MiB again."""
+    """The mesh client stops reading: after STALL_SECONDS the window is 2 MiB again, and
+    the budget is released only as the member uses up what it was already granted."""
     conn, _mesh, socket, channel, forward, confirm = setup()
     confirm()
     budget = ForwardedChannel.budget
@@ -292,15 +293,22 @@ def test_a_stalled_mesh_client_gives_the_growth_back_and_buffers_at_most_the_win
     sent = send_from_member(conn, channel, 16 << 20)
     assert channel.localWindowSize == MAX_CHANNEL_WINDOW
     assert budget.used == before + MAX_CHANNEL_WINDOW - CHANNEL_WINDOW
-    channel.pauseProducing()  # the mesh socket backs up ...
-    forward.avatar.clock.advance(STALL_SECONDS)  # ... and stays backed up
+    clock = forward.avatar.clock
+    # The mesh socket backs up and stays backed up; Twisted repeats the pause
+    # on every write, which must not restart the stall clock.
+    channel.pauseProducing()
+    for _ in range(4):
+        clock.advance(STALL_SECONDS / 4)
+        channel.pauseProducing()
     assert channel.localWindowSize == CHANNEL_WINDOW
-    assert budget.used == before
+    outstanding = channel.localWindowLeft
+    assert budget.used == before + max(0, outstanding - CHANNEL_WINDOW)
     # The member may use up what it was granted, and gets nothing more.
     buffered_from = len(socket.value())
-    sent += send_from_member(conn, channel, channel.localWindowLeft)
+    sent += send_from_member(conn, channel, outstanding)
     assert member_window(conn, sent) == 0
     assert not channel.localClosed
+    assert budget.used == before
     assert len(socket.value()) - buffered_from <= MAX_CHANNEL_WINDOW
     channel.resumeProducing()  # the slow client finally drained it all
     assert member_window(conn, sent) == CHANNEL_WINDOW
@@ -336,3 +344,12 @@ def test_growth_comes_from_one_budget_for_the_process(monkeypatch):
     conn.ssh_CHANNEL_CLOSE(struct.pack(">L", channel.id))
     assert channel.growth == 0
     assert budget.used == sum(c.growth for _, c in channels[1:])
+
+
+def test_packets_to_the_member_stay_within_256_kib_whatever_it_announces():
+    conn, mesh, _socket, channel, _forward, confirm = setup(remote_packet=2**20)
+    confirm()
+    assert channel.remoteMaxPacket == CHANNEL_MAX_PACKET
+    mesh.dataReceived(b"m" * (600 * 1024))
+    sizes = [len(p) - 8 for p in conn.transport.of(connection.MSG_CHANNEL_DATA)]
+    assert sum(sizes) == 600 * 1024 and max(sizes) <= CHANNEL_MAX_PACKET

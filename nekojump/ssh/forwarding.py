@@ -220,6 +220,8 @@ class ForwardedChannel(SSHChannel):
 
     def channelOpen(self, specificData: bytes) -> None:
         self.is_open = True
+        # Whatever the member announces, our packets stay within 256 KiB.
+        self.remoteMaxPacket = min(self.remoteMaxPacket, CHANNEL_MAX_PACKET)
         if self.mesh_closed:
             self.loseConnection()
             return
@@ -300,6 +302,7 @@ class ForwardedChannel(SSHChannel):
     def replenish(self, grow: bool = True) -> None:
         """Give the member back the window its data used, once that data is on
         its way to the mesh client; grow the window while the client keeps up."""
+        self._settle_growth()
         if self.reading_paused or not self.is_open or self.localClosed:
             return
         consumed = self.localWindowSize - self.localWindowLeft
@@ -313,11 +316,20 @@ class ForwardedChannel(SSHChannel):
             consumed += extra
         self.conn.adjustWindow(self, consumed)
 
+    def _settle_growth(self) -> None:
+        """Hold budget for what the member may still send beyond CHANNEL_WINDOW
+        (the window, or more if it was granted before a shrink), not more."""
+        held = max(self.localWindowSize, self.localWindowLeft) - CHANNEL_WINDOW
+        excess = self.growth - max(0, held)
+        if excess > 0:
+            self.budget.give_back(excess)
+            self.growth -= excess
+
     def _shrink_window(self) -> None:
-        """Back to the starting window; the growth goes back to the budget."""
-        self.localWindowSize -= self.growth
-        self.budget.give_back(self.growth)
-        self.growth = 0
+        """Back to the starting window; the growth goes back to the budget as
+        the member uses up what it was already granted."""
+        self.localWindowSize = CHANNEL_WINDOW
+        self._settle_growth()
 
     # -- IPushProducer, for the mesh socket's write buffer ------------------------
     #
@@ -334,8 +346,10 @@ class ForwardedChannel(SSHChannel):
         return self.forward.avatar.clock
 
     def pauseProducing(self) -> None:
+        # Twisted calls this on every write while the buffer is full.
+        if not self.reading_paused:
+            self._paused_since = self._clock.seconds()
         self.reading_paused = True
-        self._paused_since = self._clock.seconds()
         if self.growth and self._stall_check is None:
             self._stall_check = self._clock.callLater(STALL_SECONDS, self._check_stall)
 
@@ -361,7 +375,8 @@ class ForwardedChannel(SSHChannel):
         if self._stall_check is not None and self._stall_check.active():
             self._stall_check.cancel()
         self._stall_check = None
-        self._shrink_window()
+        self.budget.give_back(self.growth)
+        self.growth = 0
 
     @property
     def forward(self) -> ActiveForward:
