@@ -107,11 +107,15 @@ def submit(driver: WebDriver, form_css: str) -> None:
     try:
         find(driver, f"{form_css} button[type=submit]").click()
     except WebDriverException:
-        # Under heavy load chromedriver sometimes loses the node it just found
-        # ("does not belong to the document"); find it again and click once more.
+        # Under heavy load, and after CDP screenshots, chromedriver sometimes
+        # loses the node it just found ("does not belong to the document",
+        # "unhandled inspector error"); click it from the page's own script,
+        # which needs no node id from chromedriver.
         if expected_conditions.staleness_of(old_body)(driver):
             raise
-        find(driver, f"{form_css} button[type=submit]").click()
+        driver.execute_script(
+            "document.querySelector(arguments[0]).click()", f"{form_css} button[type=submit]"
+        )
     wait(driver, 10).until(expected_conditions.staleness_of(old_body))
     wait(driver, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
 

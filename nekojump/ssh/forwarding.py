@@ -11,7 +11,7 @@ more than one SSH window in the server:
 
 Windows start at OpenSSH's 2 MiB and are given back in steps of an eighth as
 the data goes out to the mesh socket.  While the mesh client keeps up, each
-step also grows the window, up to 8 MiB, so one connection over a long link
+step also grows the window, up to 16 MiB, so one connection over a long link
 is not window-bound; the growth comes from one budget for the whole process
 and goes back to it when the mesh socket stays backed up for
 ``STALL_SECONDS`` (or the channel closes).  A slow reader therefore holds
@@ -44,13 +44,17 @@ from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
 from nekojump.policy import IPNetwork, source_allowed
 from nekojump.ssh.registry import ActiveForward
+from nekojump.ssh.sending import send_now
 
 #: The window a forwarded connection starts with (OpenSSH's), and the most
 #: it grows to while the mesh client reads as fast as the member sends.
 CHANNEL_WINDOW = 2 * 1024 * 1024
-MAX_CHANNEL_WINDOW = 8 * 1024 * 1024
+MAX_CHANNEL_WINDOW = 16 * 1024 * 1024
 #: Window beyond CHANNEL_WINDOW that all forwarded connections together may hold.
 WINDOW_GROWTH_BUDGET = 128 * 1024 * 1024
+#: Each step grows the window by this many times the data it gives back:
+#: from 2 MiB to the maximum within the first round trip of a fast transfer.
+GROWTH_FACTOR = 7
 #: A mesh socket backed up this long (seconds) means a slow mesh client.
 STALL_SECONDS = 0.1
 #: The largest data packet the member may send: a CHANNEL_DATA packet of this
@@ -172,7 +176,12 @@ class MeshConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.forward.bytes_to_member += len(data)
         assert self.channel is not None
-        self.channel.write(data)
+        output = getattr(self.channel.conn.transport, "output", None)
+        if output is None:
+            self.channel.write(data)
+            return
+        with output.held():  # the packets of this read leave in one send
+            self.channel.write(data)
 
     def readConnectionLost(self) -> None:
         """The mesh member sent FIN: pass EOF on, keep the other direction."""
@@ -245,7 +254,7 @@ class ForwardedChannel(SSHChannel):
 
     def dataReceived(self, data: bytes) -> None:
         self.forward.bytes_from_member += len(data)
-        self.mesh.transport.write(data)
+        send_now(self.mesh.transport, data)
 
     def eofReceived(self) -> None:
         # The member sends no more: stop being the socket's producer (a paused
@@ -310,7 +319,7 @@ class ForwardedChannel(SSHChannel):
             return
         room = MAX_CHANNEL_WINDOW - self.localWindowSize
         if grow and room > 0:
-            extra = self.budget.take(min(consumed, room))
+            extra = self.budget.take(min(GROWTH_FACTOR * consumed, room))
             self.growth += extra
             self.localWindowSize += extra
             consumed += extra

@@ -41,6 +41,7 @@ from nekojump.ssh.ciphers import (
     PacketCiphers,
     Plain,
 )
+from nekojump.ssh.sending import Cork
 
 STRICT_KEX_S = b"kex-strict-s-v00@openssh.com"
 STRICT_KEX_C = b"kex-strict-c-v00@openssh.com"
@@ -302,11 +303,25 @@ class PacketLayerMixin:
     def sendUnimplemented(self) -> None:
         self.sendPacket(MSG_UNIMPLEMENTED, struct.pack(">L", self._last_incoming_sequence))
 
+    #: Where sealed packets go: sent at once, or gathered while a burst of
+    #: input is handled (``output.held()``) and then sent together.
+    _output: Cork | None = None
+
+    @property
+    def output(self) -> Cork:
+        if self._output is None or self._output.transport is not self.transport:
+            self._output = Cork(self.transport)
+        return self._output
+
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         if self._closing:
             return
         self._closing = True
+        # Conch closes the socket right after queueing DISCONNECT: nothing
+        # may stay gathered behind it.
+        self.output.release()
         super().sendDisconnect(reason, desc)
+        self.output.release()
         self.buf = b""
 
     # -- packets -----------------------------------------------------------
@@ -355,7 +370,7 @@ class PacketLayerMixin:
         else:
             packet = b"".join((head, payload, self._padding(padding)))
         wire = tx.seal(self.outgoingPacketSequence, packet)
-        self.transport.write(wire)
+        self.output.write(wire)
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & _SEQ_MASK
         self._tx_packets += 1
         self._tx_bytes += len(wire)
@@ -376,10 +391,11 @@ class PacketLayerMixin:
         if not isinstance(self.buf, bytearray):
             self.buf = bytearray(self.buf)
         self.buf += data
-        packet = self.getPacket()
-        while packet:
-            self.dispatchMessage(packet[0], packet[1:])
+        with self.output.held():
             packet = self.getPacket()
+            while packet:
+                self.dispatchMessage(packet[0], packet[1:])
+                packet = self.getPacket()
 
     #: Length of the packet at the head of ``buf``, once its first 4 bytes are read.
     _head_length: int | None = None

@@ -1,0 +1,83 @@
+"""send_now and Cork: writes leave at once, in order, and bursts in one send."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+
+from nekojump.ssh.sending import Cork, send_now
+
+
+def connection() -> tuple[tcp.Connection, socket.socket, MemoryReactor]:
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    reactor = MemoryReactor()
+    conn = tcp.Connection(ours, Protocol(), reactor)
+    conn.connected = True
+    return conn, peer, reactor
+
+
+def drain(conn: tcp.Connection, peer: socket.socket, expected: int) -> bytes:
+    """What the peer reads while the reactor would keep calling doWrite."""
+    peer.setblocking(False)
+    got = bytearray()
+    while len(got) < expected:
+        conn.doWrite()
+        try:
+            got += peer.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    return bytes(got)
+
+
+def test_a_write_on_an_idle_socket_goes_out_without_waiting_for_the_reactor():
+    conn, peer, reactor = connection()
+    send_now(conn, b"ping")
+    assert peer.recv(16) == b"ping"
+    assert conn._tempDataBuffer == [] and conn not in reactor.writers
+
+
+def test_what_the_socket_cannot_take_is_queued_and_later_writes_stay_behind_it():
+    conn, peer, reactor = connection()
+    big = bytes(range(256)) * (32 * 1024)  # 8 MiB, more than the socket buffers hold
+    send_now(conn, big)
+    assert conn in reactor.writers  # the rest waits for the reactor, as with write()
+    send_now(conn, b"tail")
+    assert drain(conn, peer, len(big) + 4) == big + b"tail"
+
+
+def test_a_closing_transport_is_left_to_twisted():
+    conn, _peer, _reactor = connection()
+    conn.disconnecting = True
+    send_now(conn, b"late")
+    assert conn._tempDataBuffer == [b"late"]
+
+
+def test_a_cork_sends_a_burst_in_one_write_and_nested_holds_join_it():
+    transport = StringTransport()
+    writes: list[bytes] = []
+    transport.write = writes.append  # type: ignore[method-assign]
+    cork = Cork(transport)
+    with cork.held():
+        cork.write(b"a")
+        with cork.held():
+            cork.write(b"b")
+        assert writes == []
+        cork.write(b"c")
+    assert writes == [b"abc"]
+    cork.write(b"d")  # not held: at once
+    assert writes == [b"abc", b"d"]
+
+
+def test_releasing_a_cork_sends_what_it_holds_before_the_block_ends():
+    transport = StringTransport()
+    cork = Cork(transport)
+    with cork.held():
+        cork.write(b"disconnect")
+        cork.release()
+        assert transport.value() == b"disconnect"
+        cork.write(b"after")
+        assert transport.value() == b"disconnectafter"
