@@ -601,25 +601,41 @@ class DeferredStore:
             start_job = not self._job_pending
             self._job_pending = True
         if start_job:
-            self._pool.callInThread(self._run_batch)
+            self._start_job()
         return result
 
+    def _start_job(self) -> None:
+        try:
+            self._pool.callInThread(self._run_batch)
+        except BaseException:
+            with self._lock:
+                self._job_pending = False
+            raise
+
     def _run_batch(self) -> None:
-        """On the store thread: every queued call, then their results back at once."""
+        """On the store thread: up to BATCH queued calls, then their results back at once."""
         with self._lock:
-            batch, self._queue = self._queue, []
-            self._job_pending = False
+            batch, self._queue = self._queue[: self.BATCH], self._queue[self.BATCH :]
+            more = bool(self._queue)
+            self._job_pending = more
+        if more:
+            self._pool.callInThread(self._run_batch)
         outcomes: list[tuple[Deferred, bool, object]] = []
         for method, args, kwargs, result in batch:
             try:
                 outcomes.append((result, True, method(*args, **kwargs)))
-            except Exception:  # noqa: BLE001 - it goes to the caller's errback
+            except BaseException:  # noqa: BLE001 - it goes to the caller's errback
                 outcomes.append((result, False, Failure()))
         self._reactor.callFromThread(self._deliver, outcomes)
+
+    #: Calls per trip: a quick lookup waits behind at most this many others.
+    BATCH = 32
 
     @staticmethod
     def _deliver(outcomes: list[tuple[Deferred, bool, object]]) -> None:
         for result, ok, value in outcomes:
+            if result.called:  # cancelled by its caller meanwhile
+                continue
             if ok:
                 result.callback(value)
             else:

@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from nekojump.model import Identity
+from nekojump.ssh import forwarding
 from nekojump.ssh.connection import TunnelConnection
 from nekojump.ssh.forwarding import (
     CHANNEL_MAX_PACKET,
@@ -353,3 +354,16 @@ def test_packets_to_the_member_stay_within_256_kib_whatever_it_announces():
     mesh.dataReceived(b"m" * (600 * 1024))
     sizes = [len(p) - 8 for p in conn.transport.of(connection.MSG_CHANNEL_DATA)]
     assert sum(sizes) == 600 * 1024 and max(sizes) <= CHANNEL_MAX_PACKET
+
+
+def test_the_window_does_not_grow_while_the_kernel_holds_what_the_client_has_not_read(
+    monkeypatch,
+):
+    """A mesh client that reads slowly from the start: its socket buffers fill, and
+    the member keeps the starting window however fast it sends."""
+    monkeypatch.setattr(forwarding, "unsent_bytes", lambda transport: 1 << 30)
+    conn, _mesh, _socket, channel, _forward, confirm = setup()
+    confirm()
+    sent = send_from_member(conn, channel, 8 << 20)
+    assert channel.localWindowSize == CHANNEL_WINDOW
+    assert member_window(conn, sent) <= CHANNEL_WINDOW

@@ -8,7 +8,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from nekojump.ssh.sending import Cork, send_now
+from nekojump.ssh.sending import Cork, send_now, unsent_bytes
 
 
 def connection() -> tuple[tcp.Connection, socket.socket, MemoryReactor]:
@@ -81,3 +81,13 @@ def test_releasing_a_cork_sends_what_it_holds_before_the_block_ends():
         assert transport.value() == b"disconnect"
         cork.write(b"after")
         assert transport.value() == b"disconnectafter"
+
+
+def test_unsent_bytes_counts_what_the_peer_has_not_read_yet():
+    conn, peer, _reactor = connection()
+    send_now(conn, b"x" * 50_000)
+    assert unsent_bytes(conn) >= 50_000
+    got = 0
+    while got < 50_000:
+        got += len(peer.recv(1 << 20))
+    assert unsent_bytes(conn) == 0

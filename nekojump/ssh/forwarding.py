@@ -44,7 +44,7 @@ from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
 from nekojump.policy import IPNetwork, source_allowed
 from nekojump.ssh.registry import ActiveForward
-from nekojump.ssh.sending import send_now
+from nekojump.ssh.sending import send_now, unsent_bytes
 
 #: The window a forwarded connection starts with (OpenSSH's), and the most
 #: it grows to while the mesh client reads as fast as the member sends.
@@ -318,7 +318,9 @@ class ForwardedChannel(SSHChannel):
         if consumed < self.localWindowSize // 8:
             return
         room = MAX_CHANNEL_WINDOW - self.localWindowSize
-        if grow and room > 0:
+        # Grow only while the mesh client really keeps up: what we wrote has
+        # left the socket, not just moved into the kernel's send buffer.
+        if grow and room > 0 and unsent_bytes(self.mesh.transport) < consumed // 2:
             extra = self.budget.take(min(GROWTH_FACTOR * consumed, room))
             self.growth += extra
             self.localWindowSize += extra

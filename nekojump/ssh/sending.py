@@ -14,6 +14,10 @@ and sends them with one system call.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
+import termios
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,6 +32,8 @@ def _idle(transport: object) -> bool:
         and not transport.disconnecting
         and not transport._writeDisconnecting
         and not transport._writeDisconnected
+        and not transport._aborting
+        and not transport.TLS
         and not transport._tempDataBuffer
         and len(transport.dataBuffer) == transport.offset
     )
@@ -49,9 +55,13 @@ def send_now(transport: object, data: bytes) -> None:
         transport.write(data[sent:])
 
 
+#: The most buffers one ``sendmsg`` takes (Linux: 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
+
 def send_all_now(transport: object, pieces: list[bytes]) -> None:
     """Several ``send_now`` writes in one system call (no joining when all fit)."""
-    if len(pieces) == 1 or not _idle(transport):
+    if len(pieces) == 1 or len(pieces) > _IOV_MAX or not _idle(transport):
         send_now(transport, b"".join(pieces))
         return
     try:
@@ -93,3 +103,16 @@ class Cork:
         pieces, self._pieces = self._pieces, None
         if pieces:
             send_all_now(self.transport, pieces)
+
+
+def unsent_bytes(transport: object) -> int:
+    """Bytes written to ``transport`` that its peer has not yet received: what
+    Twisted still queues plus, on Linux, the socket's send queue (SIOCOUTQ)."""
+    if not isinstance(transport, tcp.Connection):
+        return 0
+    queued = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    try:
+        packed = fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return queued
+    return queued + struct.unpack("i", packed)[0]
