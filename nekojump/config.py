@@ -41,6 +41,8 @@ class SSHConfig:
     penalty_seconds: float = 30.0
     #: Also offer aes*-ctr with ETM MACs, for clients without AEAD ciphers.
     compat_ctr_ciphers: bool = False
+    #: Also offer chacha20-poly1305@openssh.com (OpenSSH clients then pick it).
+    chacha20_poly1305: bool = False
 
     @property
     def limits(self) -> StartupLimits:
@@ -245,6 +247,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "max_startups": (_integer(1, 100000), 100),
         "max_startups_per_source": (_integer(1, 100000), 10),
         "compat_ctr_ciphers": (_boolean, False),
+        "chacha20_poly1305": (_boolean, False),
         # More failed logins than this from one address within a minute ...
         "penalty_failures": (_integer(1, 100000), 10),
         # ... and new connections from it are refused for this long.

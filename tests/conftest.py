@@ -418,8 +418,12 @@ def running(jumphost: Jumphost, keys: dict[str, Path]) -> Jumphost:
 
 @pytest.fixture
 def compat(tmp_path: Path, keys: dict[str, Path]) -> Iterator[Jumphost]:
-    """A running nekojump that also offers AES-CTR with ETM MACs; member alice."""
-    host = Jumphost(tmp_path, ssh_extra="login_grace_time = 5\ncompat_ctr_ciphers = true")
+    """A running nekojump that also offers the compatibility ciphers (AES-CTR with ETM
+    MACs, chacha20-poly1305); member alice."""
+    host = Jumphost(
+        tmp_path,
+        ssh_extra="login_grace_time = 5\ncompat_ctr_ciphers = true\nchacha20_poly1305 = true",
+    )
     host.add_member("alice", keys["alice"])
     host.start()
     yield host

@@ -31,7 +31,8 @@ from nekojump.ssh.packets import PacketLayerMixin
 from nekojump.store import ImmediateStore, SQLiteStore
 from tests.conftest import MESH_ADDRESS, exchange
 
-AEAD = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com"]
+CHACHA = "chacha20-poly1305@openssh.com"
+AEAD = [CHACHA, "aes256-gcm@openssh.com", "aes128-gcm@openssh.com"]
 CTR = ["aes128-ctr", "aes192-ctr", "aes256-ctr"]
 ETM = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"]
 
@@ -45,8 +46,14 @@ def _kex_line(result) -> str:
 
 
 @pytest.mark.e2e
+def host_offering(request, cipher: str):
+    """The default jumphost, or for chacha20-poly1305 the one that also offers it."""
+    return request.getfixturevalue("compat" if cipher == CHACHA else "running")
+
+
 @pytest.mark.parametrize("cipher", AEAD)
-def test_openssh_client_with_each_aead_cipher_forwards(running, keys, echo, cipher):
+def test_openssh_client_with_each_aead_cipher_forwards(request, keys, echo, cipher):
+    running = host_offering(request, cipher)
     port = running.port_min + 60 + AEAD.index(cipher)
     process = running.ssh_background(
         keys["alice"], "-c", cipher, "-v", "-R", f"{port}:127.0.0.1:{echo.port}"
@@ -64,11 +71,27 @@ def test_openssh_client_with_each_aead_cipher_forwards(running, keys, echo, ciph
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("cipher", AEAD)
-def test_openssh_negotiates_the_forced_cipher_with_strict_kex(running, keys, cipher):
+def test_openssh_negotiates_the_forced_cipher_with_strict_kex(request, keys, cipher):
+    running = host_offering(request, cipher)
     result = running.ssh(keys["alice"], "-v", "-c", cipher, "-T", command=("true",))
     log = _kex_line(result)
     assert b"Authenticated to" in result.stderr, result.stderr
     assert f"cipher: {cipher} MAC: <implicit>" in log, log
+
+
+@pytest.mark.e2e
+def test_a_default_openssh_client_gets_aes_gcm(running, keys):
+    """chacha20-poly1305 is not offered by default: OpenSSH clients would always pick it."""
+    result = running.ssh(keys["alice"], "-v", "-T", command=("true",))
+    assert "cipher: aes128-gcm@openssh.com MAC: <implicit>" in _kex_line(result), result.stderr
+    refused = running.ssh(keys["alice"], "-c", CHACHA, "-T", command=("true",))
+    assert b"no matching cipher found" in refused.stderr, refused.stderr
+
+
+@pytest.mark.e2e
+def test_with_chacha20_enabled_a_default_openssh_client_picks_it(compat, keys):
+    result = compat.ssh(keys["alice"], "-v", "-T", command=("true",))
+    assert f"cipher: {CHACHA} MAC: <implicit>" in _kex_line(result), result.stderr
 
 
 @pytest.mark.e2e
@@ -198,7 +221,8 @@ def _world(tmp_path, **ssh: Any):
 
 @pytest.fixture
 def factory(tmp_path):
-    store, factory = _world(tmp_path)
+    # chacha20-poly1305 too: the in-memory tests cover every cipher's framing.
+    store, factory = _world(tmp_path, chacha20_poly1305=True)
     yield factory
     store.close()
 
