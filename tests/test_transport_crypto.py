@@ -536,3 +536,21 @@ def test_forwarded_connections_stop_reading_while_keys_change(factory):
     assert conn.reading_blocked
     conn.key_exchange_running(False)
     assert not conn.reading_blocked
+
+
+def test_only_recently_busy_aes_gcm_directions_keep_an_openssl_context():
+    """Thousands of idle tunnels must not each hold two AES-GCM contexts; an idle
+    direction gets its context back when it next sends, and still agrees with its peer."""
+    key, iv = os.urandom(16), os.urandom(12)
+    pairs = [
+        (ciphers.AesGcm(key, iv), ciphers.AesGcm(key, iv)) for _ in range(ciphers.MAX_LIVE_CONTEXTS)
+    ]
+    packet = struct.pack(">L", 28) + bytes(28)
+    for seq, (sender, receiver) in enumerate(pairs):
+        assert receiver.open(seq, sender.seal(seq, packet)) == packet[4:]
+    live = sum(d._context is not None for pair in pairs for d in pair)
+    assert live == ciphers.MAX_LIVE_CONTEXTS
+    sender, receiver = pairs[0]  # idle the longest: no contexts left
+    assert sender._context is None and receiver._context is None
+    for seq in range(3):
+        assert receiver.open(seq, sender.seal(seq, packet)) == packet[4:]
