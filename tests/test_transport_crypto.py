@@ -45,12 +45,12 @@ def _kex_line(result) -> str:
     return "\n".join(line for line in text.splitlines() if "kex:" in line or "strict" in line)
 
 
-@pytest.mark.e2e
 def host_offering(request, cipher: str):
     """The default jumphost, or for chacha20-poly1305 the one that also offers it."""
     return request.getfixturevalue("compat" if cipher == CHACHA else "running")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("cipher", AEAD)
 def test_openssh_client_with_each_aead_cipher_forwards(request, keys, echo, cipher):
     running = host_offering(request, cipher)
@@ -554,3 +554,11 @@ def test_only_recently_busy_aes_gcm_directions_keep_an_openssl_context():
     assert sender._context is None and receiver._context is None
     for seq in range(3):
         assert receiver.open(seq, sender.seal(seq, packet)) == packet[4:]
+
+
+def test_a_direction_whose_keys_are_done_with_gives_its_context_up():
+    direction = ciphers.AesGcm(os.urandom(16), os.urandom(12))
+    direction.seal(0, struct.pack(">L", 28) + bytes(28))
+    assert direction in ciphers._live
+    direction.release()
+    assert direction not in ciphers._live and direction._context is None

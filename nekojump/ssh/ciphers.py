@@ -60,6 +60,9 @@ class Direction:
         """Wire bytes for ``packet`` (length field + body)."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """These keys are done with (replaced by a rekey, or the connection closed)."""
+
     def open(self, seq: int, wire: bytes) -> bytes | None:
         """The body of one whole packet on the wire, or None if forged.
 
@@ -111,6 +114,10 @@ class AesGcm(Direction):
         else:
             _live.move_to_end(self)
         return context
+
+    def release(self) -> None:
+        _live.pop(self, None)
+        self._context = None
 
     def _nonce(self) -> bytes:
         nonce = self._fixed + self._counter.to_bytes(8, "big")

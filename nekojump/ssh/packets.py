@@ -249,6 +249,7 @@ class PacketLayerMixin:
             self._gotNewKeys = 1
             self._rx_waiting = True
             return
+        self._rx.release()
         self._rx = rx
         self._peer_kexinit_this_round = False
         if self._strict:
@@ -299,6 +300,11 @@ class PacketLayerMixin:
         hold = getattr(self.service, "key_exchange_running", None)
         if hold is not None:
             hold(paused)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self._tx.release()
+        self._rx.release()
+        super().connectionLost(reason)
 
     def sendUnimplemented(self) -> None:
         self.sendPacket(MSG_UNIMPLEMENTED, struct.pack(">L", self._last_incoming_sequence))
@@ -375,6 +381,7 @@ class PacketLayerMixin:
         self._tx_packets += 1
         self._tx_bytes += len(wire)
         if messageType == MSG_NEWKEYS:
+            self._tx.release()
             self._tx = self.nextEncryptions.tx
             if self._strict:
                 self.outgoingPacketSequence = 0
