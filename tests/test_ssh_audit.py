@@ -67,9 +67,11 @@ def test_ssh_audit_finds_no_failures(server):
 
 @pytest.mark.parametrize("compat", [False, True])
 def test_ssh_audit_policy_passes(tmp_path, compat):
+    """Default algorithms, and with every compatibility cipher (CTR + ETM, chacha20)."""
     if not POLICY.exists():
         pytest.skip(f"{POLICY} is missing")
-    host = Jumphost(tmp_path, ssh_extra=f"compat_ctr_ciphers = {str(compat).lower()}")
+    flag = str(compat).lower()
+    host = Jumphost(tmp_path, ssh_extra=f"compat_ctr_ciphers = {flag}\nchacha20_poly1305 = {flag}")
     host.start()
     try:
         result = subprocess.run(

@@ -562,3 +562,20 @@ def test_a_direction_whose_keys_are_done_with_gives_its_context_up():
     assert direction in ciphers._live
     direction.release()
     assert direction not in ciphers._live and direction._context is None
+
+
+def test_in_memory_the_default_configuration_refuses_chacha20(tmp_path):
+    """With the default [ssh] settings a client offering only chacha20-poly1305 gets no
+    cipher, and one that lists it first still ends up on AES-GCM."""
+    store, default = _world(tmp_path)
+    try:
+        client = Client()
+        client.supportedCiphers = [b"chacha20-poly1305@openssh.com"]
+        server, client, _pump = connect(default, client)
+        assert server._closing  # "couldn't match all kex parts"
+        client = Client()
+        client.supportedCiphers = [b"chacha20-poly1305@openssh.com", b"aes128-gcm@openssh.com"]
+        server, client, _pump = connect(default, client)
+        assert server.currentEncryptions.outCipType == b"aes128-gcm@openssh.com"
+    finally:
+        store.close()
