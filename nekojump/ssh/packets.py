@@ -354,13 +354,14 @@ class PacketLayerMixin:
 
     def _padding(self, count: int) -> bytes:
         """``count`` random bytes from a pool refilled 4 KiB at a time."""
-        pool = self._padding_pool
-        if len(pool) < count:
-            pool = os.urandom(4096)
-        self._padding_pool = pool[count:]
-        return pool[:count]
+        start = self._padding_used
+        if start + count > len(self._padding_pool):
+            self._padding_pool, start = os.urandom(4096), 0
+        self._padding_used = start + count
+        return self._padding_pool[start : start + count]
 
     _padding_pool = b""
+    _padding_used = 0
 
     def _seal_and_write(
         self, messageType: int, payload: bytes | tuple[bytes, ...], size: int
