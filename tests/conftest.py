@@ -420,10 +420,14 @@ def running(jumphost: Jumphost, keys: dict[str, Path]) -> Jumphost:
 def compat(tmp_path: Path, keys: dict[str, Path]) -> Iterator[Jumphost]:
     """A running nekojump that also offers the compatibility ciphers (AES-CTR with ETM
     MACs, chacha20-poly1305); member alice."""
-    host = Jumphost(
-        tmp_path,
-        ssh_extra="login_grace_time = 5\ncompat_ctr_ciphers = true\nchacha20_poly1305 = true",
+    yield from alice_on_host(
+        tmp_path, keys, "login_grace_time = 5\ncompat_ctr_ciphers = true\nchacha20_poly1305 = true"
     )
+
+
+def alice_on_host(tmp_path: Path, keys: dict[str, Path], ssh_extra: str) -> Iterator[Jumphost]:
+    """For fixtures: a running nekojump with these extra [ssh] lines and member alice."""
+    host = Jumphost(tmp_path, ssh_extra=ssh_extra)
     host.add_member("alice", keys["alice"])
     host.start()
     yield host

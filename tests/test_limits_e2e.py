@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from tests.conftest import MESH_ADDRESS, SSH_HOST, Jumphost, exchange, tool, wait_for
+from tests.conftest import (
+    MESH_ADDRESS,
+    SSH_HOST,
+    Jumphost,
+    alice_on_host,
+    exchange,
+    tool,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,15 +35,9 @@ def closed_by_server(s: socket.socket, within: float) -> bool:
 
 @pytest.fixture
 def strict_host(tmp_path, keys):
-    host = Jumphost(
-        tmp_path,
-        ssh_extra="login_grace_time = 1\nmax_startups = 6\nmax_startups_per_source = 3",
+    yield from alice_on_host(
+        tmp_path, keys, "login_grace_time = 1\nmax_startups = 6\nmax_startups_per_source = 3"
     )
-    host.add_member("alice", keys["alice"])
-    host.start()
-    yield host
-    host.close_clients()
-    host.stop()
 
 
 def test_clients_that_never_authenticate_are_dropped_after_the_grace_time(strict_host):
