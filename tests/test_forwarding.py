@@ -10,6 +10,7 @@ import struct
 
 from attrs import define, field
 from twisted.conch.ssh import common, connection
+from twisted.conch.ssh.channel import SSHChannel
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -367,3 +368,38 @@ def test_the_window_does_not_grow_while_the_kernel_holds_what_the_client_has_not
     sent = send_from_member(conn, channel, 8 << 20)
     assert channel.localWindowSize == CHANNEL_WINDOW
     assert member_window(conn, sent) <= CHANNEL_WINDOW
+
+
+def test_a_large_read_from_the_mesh_is_cut_into_packets_that_add_up_to_it():
+    conn, mesh, _socket, channel, _forward, confirm = setup(remote_window=4 << 20)
+    confirm()
+    burst = bytes(range(251)) * 4200  # ~1 MiB, not a multiple of the packet size
+    mesh.dataReceived(burst)
+    payloads = [common.getNS(p[4:])[0] for p in conn.transport.of(connection.MSG_CHANNEL_DATA)]
+    assert all(len(p) <= 32768 for p in payloads)
+    assert b"".join(payloads) == burst
+    assert channel.remoteWindowLeft == (4 << 20) - len(burst)
+
+
+class RecordingChannel(SSHChannel):
+    name = b"session"
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.received: list[object] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+def test_channel_data_reaches_channels_as_views_only_if_they_take_them():
+    conn, _mesh, socket, channel, _forward, confirm = setup()
+    confirm()
+    conn.ssh_CHANNEL_DATA(memoryview(data_packet(channel, b"to the mesh")))
+    assert socket.value() == b"to the mesh"
+
+    session = RecordingChannel(conn=conn)
+    session.id = 99
+    conn.channels[session.id] = session
+    conn.ssh_CHANNEL_DATA(memoryview(struct.pack(">L", session.id) + common.NS(b"typed")))
+    assert session.received == [b"typed"] and type(session.received[0]) is bytes

@@ -49,6 +49,16 @@ def test_what_the_socket_cannot_take_is_queued_and_later_writes_stay_behind_it()
     assert drain(conn, peer, len(big) + 4) == big + b"tail"
 
 
+def test_a_view_of_a_packet_is_sent_and_what_is_queued_is_a_copy():
+    conn, peer, reactor = connection()
+    packet = bytes(range(256)) * (32 * 1024)
+    send_now(conn, memoryview(packet)[100:])  # more than the socket takes at once
+    assert conn in reactor.writers
+    assert all(type(piece) is bytes for piece in conn._tempDataBuffer)
+    send_now(conn, memoryview(b"tail"))  # queued behind: Twisted only takes bytes
+    assert drain(conn, peer, len(packet) - 100 + 4) == packet[100:] + b"tail"
+
+
 def test_a_closing_transport_is_left_to_twisted():
     conn, _peer, _reactor = connection()
     conn.disconnecting = True

@@ -9,6 +9,7 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.connection import (
     MSG_CHANNEL_DATA,
     MSG_CHANNEL_OPEN_FAILURE,
+    MSG_CHANNEL_WINDOW_ADJUST,
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_RESOURCE_SHORTAGE,
     SSHConnection,
@@ -130,6 +131,16 @@ class TunnelConnection(SSHConnection):
             struct.pack(">2L", sender, code) + common.NS(text.encode("utf-8")) + common.NS(b""),
         )
 
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        # Data and window adjusts, nearly every message of a busy tunnel, skip
+        # Conch's dispatch by handler name.
+        if messageNum == MSG_CHANNEL_DATA:
+            self.ssh_CHANNEL_DATA(packet)
+        elif messageNum == MSG_CHANNEL_WINDOW_ADJUST:
+            self.ssh_CHANNEL_WINDOW_ADJUST(packet)
+        else:
+            super().packetReceived(messageNum, packet)
+
     def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
         """More window from the peer, never beyond the protocol's 2**32 - 1."""
         try:
@@ -143,9 +154,11 @@ class TunnelConnection(SSHConnection):
         if added > 0:
             channel.addWindowBytes(added)
 
-    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+    def ssh_CHANNEL_DATA(self, packet: bytes | memoryview) -> None:
         """Data for a channel, checked against its window and packet size.
 
+        ``packet`` may be a view of the decrypted packet: channels that say
+        ``takes_views`` get the data as a view, the others as ``bytes``.
         The window is given back after the data is delivered: by the channel's
         own ``replenish`` if it has one, else once half of it is used."""
         try:
@@ -167,6 +180,8 @@ class TunnelConnection(SSHConnection):
             self.sendClose(channel)
             return
         channel.localWindowLeft -= length
+        if isinstance(data, memoryview) and not getattr(channel, "takes_views", False):
+            data = data.tobytes()
         channel.dataReceived(data)
         replenish = getattr(channel, "replenish", None)
         if replenish is not None:

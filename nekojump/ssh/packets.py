@@ -23,6 +23,7 @@ import os
 import struct
 
 from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
 from twisted.conch.ssh.transport import (
     DISCONNECT_KEY_EXCHANGE_FAILED,
     DISCONNECT_MAC_ERROR,
@@ -286,7 +287,11 @@ class PacketLayerMixin:
             self._violation(f"unexpected message {messageNum} during the first key exchange")
             return
         if messageNum >= 50:
-            super().dispatchMessage(messageNum, payload)
+            service = self.service
+            if service is not None:
+                service.packetReceived(messageNum, payload)
+            else:
+                super().dispatchMessage(messageNum, payload)
             return
         try:
             super().dispatchMessage(messageNum, payload)
@@ -399,16 +404,32 @@ class PacketLayerMixin:
         if not isinstance(self.buf, bytearray):
             self.buf = bytearray(self.buf)
         self.buf += data
-        with self.output.held():
-            packet = self.getPacket()
-            while packet:
-                self.dispatchMessage(packet[0], packet[1:])
-                packet = self.getPacket()
+        with self.output:
+            while (opened := self._open_packet()) is not None:
+                body, end = opened
+                number = body[1]
+                if number == MSG_CHANNEL_DATA:
+                    # Channel data is passed on as a view of the decrypted
+                    # packet: no copies of up to 256 KiB per packet.
+                    self.dispatchMessage(number, memoryview(body)[2:end])
+                else:
+                    self.dispatchMessage(number, body[2:end])
 
     #: Length of the packet at the head of ``buf``, once its first 4 bytes are read.
     _head_length: int | None = None
 
     def getPacket(self) -> bytes | None:
+        """The next packet's payload (message number first), or None."""
+        opened = self._open_packet()
+        if opened is None:
+            return None
+        body, end = opened
+        return body[1:end]
+
+    def _open_packet(self) -> tuple[bytes, int] | None:
+        """Decrypt the packet at the head of ``buf``: its body (padding length,
+        payload, padding) and where the payload ends; None if there is no
+        whole packet yet or it was bad (then the connection is closing)."""
         if self._closing or self._rx_waiting:
             return None
         buf = self.buf
@@ -450,7 +471,7 @@ class PacketLayerMixin:
             return None
         if self._rx_packets >= self.rekey_packets or self._rx_bytes >= self.rekey_bytes:
             self._maybe_rekey()
-        return body[1 : len(body) - padding]
+        return body, len(body) - padding
 
     def _maybe_rekey(self) -> None:
         if (

@@ -18,8 +18,6 @@ import fcntl
 import os
 import struct
 import termios
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from twisted.internet import tcp
 
@@ -39,10 +37,12 @@ def _idle(transport: object) -> bool:
     )
 
 
-def send_now(transport: object, data: bytes) -> None:
-    """``transport.write(data)``, but sent at once if the socket takes it."""
+def send_now(transport: object, data: bytes | memoryview) -> None:
+    """``transport.write(data)``, but sent at once if the socket takes it.
+
+    ``data`` may be a ``memoryview``; what Twisted has to queue is copied."""
     if not data or not _idle(transport):
-        transport.write(data)
+        transport.write(bytes(data) if isinstance(data, memoryview) else data)
         return
     try:
         sent = transport.socket.send(data)
@@ -52,7 +52,7 @@ def send_now(transport: object, data: bytes) -> None:
         # Let Twisted find the error on its own write and close as usual.
         sent = 0
     if sent < len(data):
-        transport.write(data[sent:])
+        transport.write(bytes(data[sent:]))
 
 
 #: The most buffers one ``sendmsg`` takes (Linux: 1024).
@@ -74,11 +74,17 @@ def send_all_now(transport: object, pieces: list[bytes]) -> None:
 
 
 class Cork:
-    """Collects one transport's writes while corked; sends them together after."""
+    """Collects one transport's writes while held; sends them together after.
+
+    ``with cork.held():`` (or ``with cork:``) gathers; blocks nest and the
+    outermost one sends.  A plain class rather than ``contextlib``: it runs
+    twice per forwarded message.
+    """
 
     def __init__(self, transport: object) -> None:
         self.transport = transport
         self._pieces: list[bytes] | None = None
+        self._depth = 0
 
     def write(self, data: bytes) -> None:
         if self._pieces is not None:
@@ -86,16 +92,18 @@ class Cork:
         else:
             send_now(self.transport, data)
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """Gather writes made inside the block (nested blocks join the outer one)."""
-        if self._pieces is not None:
-            yield
-            return
-        self._pieces = []
-        try:
-            yield
-        finally:
+    def held(self) -> Cork:
+        """Gather writes made inside the ``with`` block (nested blocks join the outer one)."""
+        return self
+
+    def __enter__(self) -> None:
+        if self._depth == 0:
+            self._pieces = []
+        self._depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
             self.release()
 
     def release(self) -> None:

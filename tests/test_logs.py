@@ -1,0 +1,46 @@
+"""Conch's chatter is dropped before it is built; warnings still reach observers."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.logger import LogLevel, globalLogPublisher
+
+from nekojump.logs import conch_logger
+
+
+@pytest.fixture
+def published():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+class Chatty:
+    _log = conch_logger("chatty", LogLevel.warn)
+
+
+def test_events_below_the_level_are_dropped_and_the_rest_published(published):
+    chatty = Chatty()
+    chatty._log.debug("sending eof")
+    chatty._log.info("channel open")
+    chatty._log.warn("too much data on channel {id}", id=3)
+    chatty._log.error("bad")
+
+    formats = [e["log_format"] for e in published if e.get("log_source") is chatty]
+    assert formats == ["too much data on channel {id}", "bad"]
+    warned = next(e for e in published if e.get("log_source") is chatty)
+    assert warned["id"] == 3
+    assert warned["log_namespace"] == f"{__name__}.Chatty"
+    assert warned["log_level"] is LogLevel.warn
+
+
+def test_failures_are_always_published(published):
+    chatty = Chatty()
+    try:
+        raise ZeroDivisionError("channel crashed")
+    except ZeroDivisionError:
+        chatty._log.failure("channel crashed")
+    assert [e["log_format"] for e in published if e.get("log_source") is chatty] == [
+        "channel crashed"
+    ]
