@@ -21,6 +21,9 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
+    from nekojump.reactor import install_unless_chosen
+
+    install_unless_chosen()
     from twisted.internet import reactor
 
     from nekojump.service import make_service

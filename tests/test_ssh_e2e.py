@@ -305,6 +305,7 @@ def test_start_log_tells_what_a_newcomer_needs(jumphost):
     assert f"forwards bind on {MESH_ADDRESS}" in log
     assert re.search(r"host key SHA256:[A-Za-z0-9+/]{43} \(ED25519\)", log)
     assert "nekojump-admin --config" in log and "member add NAME" in log
+    assert "reactor class: nekojump.reactor.TunnelReactor" in log
 
 
 def test_sources_outside_the_allowlist_get_no_byte(tmp_path, keys, echo):
