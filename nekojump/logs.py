@@ -31,15 +31,19 @@ class QuietLogger(Logger):
         super().__init__(namespace, source, observer)
         self.level = level
         self._dropped = _BELOW[level]
+        self._bound: dict[type, QuietLogger] = {}
 
     def __get__(self, instance: object, owner: type | None = None) -> QuietLogger:
+        """The logger of ``owner``'s namespace, made once per class (Twisted's
+        makes one per attribute access, with the instance as ``log_source``;
+        no message of Conch's or ours shows the source)."""
         assert owner is not None
-        return QuietLogger(
-            f"{owner.__module__}.{owner.__name__}",
-            owner if instance is None else instance,
-            self.observer,
-            self.level,
-        )
+        bound = self._bound.get(owner)
+        if bound is None:
+            bound = self._bound[owner] = QuietLogger(
+                f"{owner.__module__}.{owner.__name__}", owner, self.observer, self.level
+            )
+        return bound
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
         if level in self._dropped:

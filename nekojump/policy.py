@@ -6,6 +6,7 @@ asks, and acts on the answer.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from collections.abc import Callable, Container, Iterable, Mapping
@@ -28,13 +29,23 @@ def source_allowed(host: str, networks: Iterable[IPNetwork]) -> bool:
     IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) count as their IPv4
     address; anything that is not an IP address is refused.
     """
+    address = _peer_address(host)
+    if address is None:
+        return False
+    return any(address in network for network in networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` parsed (mapped IPv6 as IPv4), None if it is not an address.
+    Cached: the same few peers connect again and again."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+        return address.ipv4_mapped
+    return address
 
 
 @frozen
