@@ -114,3 +114,59 @@ def test_unknown_key_query_gets_no_pk_ok(world):
     _store, private, _record, checker = world
     query = Credentials(b"root", b"ssh-ed25519", private.public().blob(), MESSAGE, None)
     outcome(checker, query).trap(UnauthorizedLogin)
+
+
+class CountingStore(ImmediateStore):
+    """Counts the store calls the checker makes."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        super().__init__(store)
+        self.calls = 0
+
+    def call(self, method, *args, **kwargs):
+        self.calls += 1
+        return super().call(method, *args, **kwargs)
+
+
+def query_for(private) -> Credentials:
+    return Credentials(b"tunnel", b"ssh-ed25519", private.public().blob(), MESSAGE, None)
+
+
+def test_the_signed_request_after_pk_ok_needs_no_second_lookup(world):
+    store, private, record, _checker = world
+    counting = CountingStore(store)
+    now = [100.0]
+    checker = TunnelKeyChecker(counting, "tunnel", clock=lambda: now[0])
+
+    outcome(checker, query_for(private)).trap(ValidPublicKey)
+    now[0] += 1
+    assert outcome(checker, signed(private)).key_id == record.id
+    assert counting.calls == 1
+
+    # Later than CONFIRMED_SECONDS, the store is asked again ...
+    now[0] += TunnelKeyChecker.CONFIRMED_SECONDS
+    store.set_member_active("alice", False)
+    outcome(checker, signed(private)).trap(UnauthorizedLogin)
+    assert counting.calls == 2
+    # ... and a query always is, so a removed key gets no PK_OK.
+    outcome(checker, query_for(private)).trap(UnauthorizedLogin)
+    assert counting.calls == 3
+
+
+def test_a_remembered_key_still_needs_a_good_signature_and_the_right_user(world):
+    _store, private, _record, checker = world
+    outcome(checker, query_for(private)).trap(ValidPublicKey)
+    good = signed(private)
+    forged = Credentials(good.username, good.algName, good.blob, b"other data", good.signature)
+    outcome(checker, forged).trap(UnauthorizedLogin)
+    outcome(checker, signed(private, user=b"root")).trap(UnauthorizedLogin)
+    assert outcome(checker, signed(private)).member_name == "alice"
+
+
+def test_at_most_confirmed_max_keys_are_remembered(world, monkeypatch):
+    _store, _private, _record, checker = world
+    monkeypatch.setattr(TunnelKeyChecker, "CONFIRMED_MAX", 3)
+    keys = [Key(ed25519.Ed25519PrivateKey.generate()) for _ in range(5)]
+    for key in keys:
+        checker._remember(key.public().blob(), key.public(), _record)
+    assert list(checker._confirmed) == [k.public().blob() for k in keys[2:]]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import struct
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from zope.interface import implementer
 from nekojump.keys import fingerprint_of_blob
 from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
-from nekojump.model import Identity
+from nekojump.model import Identity, KeyRecord
 from nekojump.ssh.avatar import TunnelAvatar
 from nekojump.ssh.transport import USER_SIGNATURE_ALGORITHMS
 from nekojump.store import DeferredStore
@@ -44,26 +45,47 @@ class TunnelKeyChecker:
     credentialInterfaces = (ISSHPrivateKey,)
     log = Logger()
 
-    def __init__(self, store: DeferredStore, user: str, metrics: Metrics | None = None):
+    #: A key the store confirmed for a query (PK_OK) is taken from memory for
+    #: the signed request that follows within this many seconds, instead of
+    #: a second lookup.  The avatar re-checks every login against the store
+    #: right after it, so a key removed meanwhile still loses the session.
+    CONFIRMED_SECONDS = 5.0
+    #: Keys remembered at most (the most recently confirmed).
+    CONFIRMED_MAX = 1024
+
+    def __init__(
+        self,
+        store: DeferredStore,
+        user: str,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.store = store
         self.user = user.encode("utf-8")
         self.metrics = metrics if metrics is not None else Metrics()
+        self._clock = clock
+        self._confirmed: OrderedDict[bytes, tuple[float, Key, KeyRecord]] = OrderedDict()
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Identity]:
         return Deferred.fromCoroutine(self._check(credentials))
 
     async def _check(self, credentials: Any) -> Identity:
-        try:
-            key = Key.fromString(credentials.blob)
-            fingerprint = fingerprint_of_blob(credentials.blob)
-        except (BadKeyError, ValueError, IndexError, struct.error):
-            raise UnauthorizedLogin(_DENIED) from None
-        record = await self.store.call(self.store.store.find_key, fingerprint)
+        confirmed = self._confirmed.get(credentials.blob) if credentials.signature else None
+        if confirmed is not None and self._clock() - confirmed[0] < self.CONFIRMED_SECONDS:
+            _, key, record = confirmed
+        else:
+            try:
+                key = Key.fromString(credentials.blob)
+                fingerprint = fingerprint_of_blob(credentials.blob)
+            except (BadKeyError, ValueError, IndexError, struct.error):
+                raise UnauthorizedLogin(_DENIED) from None
+            record = await self.store.call(self.store.store.find_key, fingerprint)
         if credentials.username != self.user or record is None or not record.usable:
             if credentials.signature:
                 self.metrics.auth.labels("unknown_key_or_user").inc()
             raise UnauthorizedLogin(_DENIED)
         if not credentials.signature:
+            self._remember(credentials.blob, key, record)
             raise ValidPublicKey()
         try:
             signature_algorithm = getNS(credentials.signature)[0]
@@ -85,6 +107,12 @@ class TunnelKeyChecker:
             key_description=record.description,
             tier=record.member_tier,
         )
+
+    def _remember(self, blob: bytes, key: Key, record: KeyRecord) -> None:
+        self._confirmed[blob] = (self._clock(), key, record)
+        self._confirmed.move_to_end(blob)
+        if len(self._confirmed) > self.CONFIRMED_MAX:
+            self._confirmed.popitem(last=False)
 
 
 @implementer(IRealm)
