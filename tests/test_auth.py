@@ -132,41 +132,50 @@ def query_for(private) -> Credentials:
     return Credentials(b"tunnel", b"ssh-ed25519", private.public().blob(), MESSAGE, None)
 
 
-def test_the_signed_request_after_pk_ok_needs_no_second_lookup(world):
+def test_the_signed_request_after_pk_ok_on_the_same_connection_needs_no_second_lookup(world):
     store, private, record, _checker = world
     counting = CountingStore(store)
-    now = [100.0]
-    checker = TunnelKeyChecker(counting, "tunnel", clock=lambda: now[0])
+    shared = TunnelKeyChecker(counting, "tunnel")
+    connection = shared.for_connection()
 
-    outcome(checker, query_for(private)).trap(ValidPublicKey)
-    now[0] += 1
-    assert outcome(checker, signed(private)).key_id == record.id
+    outcome(connection, query_for(private)).trap(ValidPublicKey)
+    assert outcome(connection, signed(private)).key_id == record.id
     assert counting.calls == 1
 
-    # Later than CONFIRMED_SECONDS, the store is asked again ...
-    now[0] += TunnelKeyChecker.CONFIRMED_SECONDS
+    # Used once: another signed request asks the store again.
     store.set_member_active("alice", False)
-    outcome(checker, signed(private)).trap(UnauthorizedLogin)
+    outcome(connection, signed(private)).trap(UnauthorizedLogin)
     assert counting.calls == 2
-    # ... and a query always is, so a removed key gets no PK_OK.
-    outcome(checker, query_for(private)).trap(UnauthorizedLogin)
-    assert counting.calls == 3
 
 
-def test_a_remembered_key_still_needs_a_good_signature_and_the_right_user(world):
+def test_a_confirmed_key_is_not_shared_between_connections(world):
+    store, private, _record, _checker = world
+    counting = CountingStore(store)
+    shared = TunnelKeyChecker(counting, "tunnel")
+    first, second = shared.for_connection(), shared.for_connection()
+    outcome(first, query_for(private)).trap(ValidPublicKey)
+    store.set_member_active("alice", False)
+    outcome(second, signed(private)).trap(UnauthorizedLogin)
+    assert counting.calls == 2
+
+
+def test_any_other_request_forgets_the_confirmed_key(world):
+    store, private, _record, _checker = world
+    connection = TunnelKeyChecker(ImmediateStore(store), "tunnel").for_connection()
+    other = Key(ed25519.Ed25519PrivateKey.generate())
+    outcome(connection, query_for(private)).trap(ValidPublicKey)
+    outcome(connection, query_for(other)).trap(UnauthorizedLogin)
+    store.set_member_active("alice", False)
+    outcome(connection, signed(private)).trap(UnauthorizedLogin)
+
+
+def test_a_confirmed_key_still_needs_a_good_signature_and_the_right_user(world):
     _store, private, _record, checker = world
-    outcome(checker, query_for(private)).trap(ValidPublicKey)
+    connection = checker.for_connection()
     good = signed(private)
     forged = Credentials(good.username, good.algName, good.blob, b"other data", good.signature)
-    outcome(checker, forged).trap(UnauthorizedLogin)
-    outcome(checker, signed(private, user=b"root")).trap(UnauthorizedLogin)
-    assert outcome(checker, signed(private)).member_name == "alice"
-
-
-def test_at_most_confirmed_max_keys_are_remembered(world, monkeypatch):
-    _store, _private, _record, checker = world
-    monkeypatch.setattr(TunnelKeyChecker, "CONFIRMED_MAX", 3)
-    keys = [Key(ed25519.Ed25519PrivateKey.generate()) for _ in range(5)]
-    for key in keys:
-        checker._remember(key.public().blob(), key.public(), _record)
-    assert list(checker._confirmed) == [k.public().blob() for k in keys[2:]]
+    for attempt in (forged, signed(private, user=b"root")):
+        outcome(connection, query_for(private)).trap(ValidPublicKey)
+        outcome(connection, attempt).trap(UnauthorizedLogin)
+    outcome(connection, query_for(private)).trap(ValidPublicKey)
+    assert outcome(connection, signed(private)).member_name == "alice"

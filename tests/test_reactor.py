@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 from twisted.internet.abstract import FileDescriptor
@@ -94,7 +96,22 @@ def test_an_error_that_escapes_the_handler_is_logged_and_polling_goes_on(reactor
 
 
 def test_nekojump_runs_on_it_unless_another_reactor_was_chosen():
+    from twisted.internet import reactor as installed
+
     from nekojump.reactor import install_unless_chosen
 
-    # Under pytest-twisted a reactor is installed already: it is left alone.
-    assert install_unless_chosen() is False
+    assert install_unless_chosen() is False  # one is installed: it is left alone
+    assert not isinstance(installed, TunnelReactor)
+    fresh = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from nekojump.reactor import install_unless_chosen as i; first = i(); "
+            "from twisted.internet import reactor; "
+            "print(first, i(), type(reactor).__name__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert fresh.stdout.split() == ["True", "False", "TunnelReactor"]

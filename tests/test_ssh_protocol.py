@@ -23,7 +23,7 @@ from twisted.test import iosim
 
 from nekojump.capacity import DescriptorBudget
 from nekojump.config import parse_config
-from nekojump.keys import parse_public_key
+from nekojump.keys import fingerprint_of_blob, parse_public_key
 from nekojump.model import Identity
 from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
 from nekojump.ssh.avatar import MAX_REFUSALS, TunnelAvatar
@@ -34,6 +34,7 @@ from nekojump.store import ImmediateStore, SQLiteStore
 
 MSG_USERAUTH_REQUEST = 50
 MSG_USERAUTH_SUCCESS = 52
+MSG_USERAUTH_PK_OK = 60
 MSG_GLOBAL_REQUEST = 80
 MSG_REQUEST_SUCCESS = 81
 MSG_REQUEST_FAILURE = 82
@@ -211,6 +212,22 @@ def test_pipelined_auth_requests_log_in_once(world):
     pump.flush()
     assert recorder.count(MSG_USERAUTH_SUCCESS) == 1
     assert len(world.registry.avatars()) == 1
+
+
+def test_a_key_removed_between_pk_ok_and_the_signature_loses_the_session_at_once(world):
+    """The signed request reuses the key PK_OK confirmed; the re-check after login ends it."""
+    recorder, pump, server = world.connect()
+    blob = world.key.public().blob()
+    query = NS(b"tunnel") + NS(b"ssh-connection") + NS(b"publickey") + b"\x00"
+    recorder.send(MSG_USERAUTH_REQUEST, query + NS(b"ssh-ed25519") + NS(blob))
+    pump.flush()
+    assert recorder.count(MSG_USERAUTH_PK_OK) == 1
+    assert world.store.remove_key(fingerprint_of_blob(blob)).member_name == "alice"
+
+    recorder.send(MSG_USERAUTH_REQUEST, recorder.signed_auth(world.key))
+    pump.flush()
+    assert recorder.count(MSG_USERAUTH_SUCCESS) == 1
+    assert world.registry.avatars() == [] and server.transport.disconnecting
 
 
 def test_unauthenticated_connections_count_as_startups_until_auth(world):

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import struct
-import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
@@ -45,33 +44,21 @@ class TunnelKeyChecker:
     credentialInterfaces = (ISSHPrivateKey,)
     log = Logger()
 
-    #: A key the store confirmed for a query (PK_OK) is taken from memory for
-    #: the signed request that follows within this many seconds, instead of
-    #: a second lookup.  The avatar re-checks every login against the store
-    #: right after it, so a key removed meanwhile still loses the session.
-    CONFIRMED_SECONDS = 5.0
-    #: Keys remembered at most (the most recently confirmed).
-    CONFIRMED_MAX = 1024
-
-    def __init__(
-        self,
-        store: DeferredStore,
-        user: str,
-        metrics: Metrics | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ):
+    def __init__(self, store: DeferredStore, user: str, metrics: Metrics | None = None):
         self.store = store
         self.user = user.encode("utf-8")
         self.metrics = metrics if metrics is not None else Metrics()
-        self._clock = clock
-        self._confirmed: OrderedDict[bytes, tuple[float, Key, KeyRecord]] = OrderedDict()
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Identity]:
-        return Deferred.fromCoroutine(self._check(credentials))
+        return Deferred.fromCoroutine(self._check(credentials, None))
 
-    async def _check(self, credentials: Any) -> Identity:
-        confirmed = self._confirmed.get(credentials.blob) if credentials.signature else None
-        if confirmed is not None and self._clock() - confirmed[0] < self.CONFIRMED_SECONDS:
+    def for_connection(self) -> ConnectionKeyChecker:
+        """A checker for one SSH connection's requests (see ``ConnectionKeyChecker``)."""
+        return ConnectionKeyChecker(self)
+
+    async def _check(self, credentials: Any, memo: ConnectionKeyChecker | None) -> Identity:
+        confirmed = memo.take_confirmed() if memo is not None else None
+        if confirmed is not None and credentials.signature and confirmed[0] == credentials.blob:
             _, key, record = confirmed
         else:
             try:
@@ -85,7 +72,8 @@ class TunnelKeyChecker:
                 self.metrics.auth.labels("unknown_key_or_user").inc()
             raise UnauthorizedLogin(_DENIED)
         if not credentials.signature:
-            self._remember(credentials.blob, key, record)
+            if memo is not None:
+                memo.confirmed = (credentials.blob, key, record)
             raise ValidPublicKey()
         try:
             signature_algorithm = getNS(credentials.signature)[0]
@@ -108,11 +96,30 @@ class TunnelKeyChecker:
             tier=record.member_tier,
         )
 
-    def _remember(self, blob: bytes, key: Key, record: KeyRecord) -> None:
-        self._confirmed[blob] = (self._clock(), key, record)
-        self._confirmed.move_to_end(blob)
-        if len(self._confirmed) > self.CONFIRMED_MAX:
-            self._confirmed.popitem(last=False)
+
+@implementer(ICredentialsChecker)
+class ConnectionKeyChecker:
+    """``TunnelKeyChecker`` for the requests of one connection.
+
+    Clients ask whether a key would do (PK_OK) before they sign with it; the
+    signed request that comes next on the same connection uses the key the
+    store has just confirmed instead of looking it up again.  Any other
+    request forgets it.  The avatar re-checks each login against the store
+    right after it, as it does for a key removed during any lookup.
+    """
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(self, checker: TunnelKeyChecker) -> None:
+        self.checker = checker
+        self.confirmed: tuple[bytes, Key, KeyRecord] | None = None
+
+    def take_confirmed(self) -> tuple[bytes, Key, KeyRecord] | None:
+        confirmed, self.confirmed = self.confirmed, None
+        return confirmed
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Identity]:
+        return Deferred.fromCoroutine(self.checker._check(credentials, self))
 
 
 @implementer(IRealm)
@@ -148,6 +155,10 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
         self._stopped = False
         self._queue: deque[bytes] = deque()
         super().serviceStarted()
+        shared = self.portal
+        checker = shared.checkers.get(ISSHPrivateKey)
+        if isinstance(checker, TunnelKeyChecker):
+            self.portal = Portal(shared.realm, [checker.for_connection()])
 
     def serviceStopped(self) -> None:
         self._stopped = True
