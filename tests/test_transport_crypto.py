@@ -8,6 +8,7 @@ Terrapin-style attacker would send.
 from __future__ import annotations
 
 import os
+import random
 import struct
 from typing import Any
 
@@ -373,6 +374,54 @@ def test_a_flipped_bit_is_a_mac_error(factory, cipher):
     client.sendIgnore(b"hello" * 10)
     pump.flush()
     assert closed(server)
+
+
+def _cuts(stream: bytes, boundaries: list[int], how: str) -> list[bytes]:
+    """``stream`` in pieces: whole, a byte at a time, random, or split around packet
+    boundaries (inside the length field, one byte before, at, after)."""
+    if how == "whole":
+        return [stream]
+    if how == "bytes":
+        return [stream[i : i + 1] for i in range(len(stream))]
+    if how == "random":
+        rng = random.Random(7)
+        points = sorted(rng.sample(range(1, len(stream)), 60))
+    else:
+        points = sorted(
+            {b + d for b in boundaries for d in (-1, 1, 2, 3) if 0 < b + d < len(stream)}
+        )
+    return [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+
+
+@pytest.mark.parametrize("cipher", [c.encode() for c in AEAD] + [b"aes128-ctr"])
+@pytest.mark.parametrize("how", ["whole", "bytes", "random", "boundaries"])
+def test_packets_arrive_whole_however_the_stream_is_cut(tmp_path, cipher, how):
+    store, factory = _world(tmp_path, chacha20_poly1305=True, compat_ctr_ciphers=True)
+    client = Client()
+    client.supportedCiphers = [cipher]
+    client, server, _pump = connect(factory, client)
+    server.preauth_buffer_limit = 1 << 20  # big packets before auth are the point here
+    got: list[tuple[int, bytes]] = []
+    dispatch = server.dispatchMessage
+
+    def record(number: int, payload: bytes) -> None:
+        got.append((number, bytes(payload)))
+        dispatch(number, payload)
+
+    server.dispatchMessage = record  # type: ignore[method-assign]
+    sent: list[bytes] = []
+    boundaries = []
+    client.transport.write = sent.append  # type: ignore[method-assign]
+    sizes = [0, 1, 15, 16, 17, 300, 5000] if how == "bytes" else [0, 1, 17, 5000, 70_000, 250_000]
+    payloads = [os.urandom(size) for size in sizes]
+    for payload in payloads:
+        client.sendIgnore(payload)
+        boundaries.append(sum(map(len, sent)))
+    for piece in _cuts(b"".join(sent), boundaries, how):
+        server.dataReceived(piece)
+    assert got == [(transport.MSG_IGNORE, NS(payload)) for payload in payloads]
+    assert not closed(server) and len(server.buf) == 0
+    store.close()
 
 
 def test_server_rekeys_after_its_packet_limit(factory):
