@@ -396,24 +396,65 @@ class PacketLayerMixin:
             self._maybe_rekey()
 
     def dataReceived(self, data: bytes) -> None:
-        """Append to a ``bytearray`` (consumed from the front in O(1)) and
-        hand out every whole packet; Conch only reads the version line."""
+        """Hand out every whole packet; Conch only reads the version line.
+
+        Packets are decrypted straight out of ``data``: only a packet that
+        began in an earlier read is completed in ``buf`` (a ``bytearray``),
+        and only the incomplete tail is kept for the next read.  Appending
+        every read to one buffer and cutting packets off its front copied
+        each byte two or three times."""
         if not self.gotVersion:
             super().dataReceived(data)
             return
-        if not isinstance(self.buf, bytearray):
-            self.buf = bytearray(self.buf)
-        self.buf += data
         with self.output:
-            while (opened := self._open_packet()) is not None:
-                body, end = opened
-                number = body[1]
-                if number == MSG_CHANNEL_DATA:
-                    # Channel data is passed on as a view of the decrypted
-                    # packet: no copies of up to 256 KiB per packet.
-                    self.dispatchMessage(number, memoryview(body)[2:end])
-                else:
-                    self.dispatchMessage(number, body[2:end])
+            used = self._complete_held(data)
+            if used == len(data):
+                return
+            if len(self.buf):  # stuck: waiting for NEWKEYS, or closing
+                self.buf += data[used:]
+                return
+            self.buf = memoryview(data)[used:]
+            try:
+                self._dispatch_packets()
+            finally:
+                if isinstance(self.buf, memoryview):
+                    self.buf = bytearray(self.buf)
+
+    def _complete_held(self, data: bytes) -> int:
+        """Dispatch the packets held from earlier reads, completing the first
+        with as few bytes of ``data`` as it needs; returns how many it used."""
+        used = 0
+        while len(self.buf) and not self._closing and not self._rx_waiting:
+            if not isinstance(self.buf, bytearray):
+                self.buf = bytearray(self.buf)
+            buf = self.buf
+            if len(buf) < 4:
+                missing = 4 - len(buf)
+            else:
+                total = self._head_total()
+                if total is None:
+                    break
+                missing = total - len(buf)
+            if missing > 0:
+                take = min(missing, len(data) - used)
+                buf += data[used : used + take]
+                used += take
+                if take < missing:
+                    break
+                continue
+            self._dispatch_packets()
+        return used
+
+    def _dispatch_packets(self) -> None:
+        while (opened := self._open_packet()) is not None:
+            body, end = opened
+            number = body[1]
+            if number == MSG_CHANNEL_DATA:
+                # Channel data is passed on as a view of the decrypted
+                # packet: no copies of up to 256 KiB per packet.
+                self.dispatchMessage(number, memoryview(body)[2:end])
+            else:
+                self.dispatchMessage(number, body[2:end])
 
     #: Length of the packet at the head of ``buf``, once its first 4 bytes are read.
     _head_length: int | None = None
@@ -426,6 +467,20 @@ class PacketLayerMixin:
         body, end = opened
         return body[1:end]
 
+    def _head_total(self) -> int | None:
+        """Wire size of the packet at the head of ``buf`` (whose first 4 bytes
+        are there); None if its length is bad, and then the connection closes."""
+        length = self._head_length
+        rx = self._rx
+        if length is None:
+            length = rx.length(self.incomingPacketSequence, bytes(self.buf[:4]))
+            aligned = length if rx.length_outside else length + 4
+            if not 5 <= length <= MAX_PACKET_LENGTH or aligned % rx.block_size:
+                self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
+                return None
+            self._head_length = length
+        return 4 + length + rx.tag_size
+
     def _open_packet(self) -> tuple[bytes, int] | None:
         """Decrypt the packet at the head of ``buf``: its body (padding length,
         payload, padding) and where the payload ends; None if there is no
@@ -435,18 +490,10 @@ class PacketLayerMixin:
         buf = self.buf
         if len(buf) < 4:
             return None
-        rx, seq = self._rx, self.incomingPacketSequence
-        length = self._head_length
-        if length is None:
-            length = rx.length(seq, bytes(buf[:4]))
-            aligned = length if rx.length_outside else length + 4
-            if not 5 <= length <= MAX_PACKET_LENGTH or aligned % rx.block_size:
-                self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
-                return None
-            self._head_length = length
-        total = 4 + length + rx.tag_size
-        if len(buf) < total:
+        total = self._head_total()
+        if total is None or len(buf) < total:
             return None
+        rx, seq = self._rx, self.incomingPacketSequence
         if isinstance(buf, bytearray):
             with memoryview(buf) as view, view[:total] as wire:
                 body = rx.open(seq, wire)
