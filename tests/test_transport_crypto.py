@@ -424,6 +424,40 @@ def test_packets_arrive_whole_however_the_stream_is_cut(tmp_path, cipher, how):
     store.close()
 
 
+@pytest.mark.parametrize("cipher", [c.encode() for c in AEAD])
+def test_rekeying_while_the_stream_arrives_in_small_pieces_loses_nothing(factory, cipher):
+    client = Client()
+    client.supportedCiphers = [cipher]
+    client, server, pump = connect(factory, client)
+    rng = random.Random(3)
+    receive = server.dataReceived
+
+    def in_pieces(data: bytes) -> None:
+        if not data:
+            receive(data)
+        for start in range(0, len(data), step := rng.randint(1, 700)):
+            receive(data[start : start + step])
+
+    server.dataReceived = in_pieces  # type: ignore[method-assign]
+    got: list[bytes] = []
+    ssh_ignore = server.ssh_IGNORE
+
+    def record(packet: bytes) -> None:
+        got.append(packet)
+        ssh_ignore(packet)
+
+    server.ssh_IGNORE = record  # type: ignore[method-assign]
+    server.rekey_packets, client.rekey_packets = 5, 7
+    first_keys = server._tx
+    payloads = [os.urandom(rng.randint(0, 3000)) for _ in range(40)]
+    for payload in payloads:
+        client.sendIgnore(payload)
+        server.sendIgnore(b"x")
+        pump.flush()
+    assert server._tx is not first_keys and not closed(server)
+    assert got == [NS(payload) for payload in payloads]
+
+
 def test_server_rekeys_after_its_packet_limit(factory):
     client, server, pump = connect(factory)
     server.rekey_packets = 5
