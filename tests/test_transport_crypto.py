@@ -424,6 +424,19 @@ def test_packets_arrive_whole_however_the_stream_is_cut(tmp_path, cipher, how):
     store.close()
 
 
+def test_a_forged_packet_split_across_reads_closes_and_keeps_nothing(factory):
+    client, server, _pump = connect(factory)
+    sent: list[bytes] = []
+    client.transport.write = sent.append  # type: ignore[method-assign]
+    client.sendIgnore(os.urandom(30_000))
+    client.sendIgnore(os.urandom(30_000))
+    forged = bytearray(sent[0])
+    forged[-20] ^= 1
+    server.dataReceived(bytes(forged[:10_000]))
+    server.dataReceived(bytes(forged[10_000:]) + sent[1])
+    assert closed(server) and len(server.buf) == 0
+
+
 @pytest.mark.parametrize("cipher", [c.encode() for c in AEAD])
 def test_rekeying_while_the_stream_arrives_in_small_pieces_loses_nothing(factory, cipher):
     client = Client()

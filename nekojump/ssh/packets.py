@@ -408,7 +408,7 @@ class PacketLayerMixin:
             return
         with self.output:
             used = self._complete_held(data)
-            if used == len(data):
+            if used == len(data) or self._closing:
                 return
             if len(self.buf):  # stuck: waiting for NEWKEYS, or closing
                 self.buf += data[used:]
