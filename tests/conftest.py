@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from twisted.logger import globalLogPublisher
 
 T = TypeVar("T")
 
@@ -100,6 +101,15 @@ class EchoServer(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), _Echo)
         self.port = self.server_address[1]
         threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def logged() -> Iterator[list[dict]]:
+    """Every log event published while the test runs."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest.fixture

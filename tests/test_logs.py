@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from nekojump.logs import conch_logger
-
-
-@pytest.fixture
-def published():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 class Chatty:
     _log = conch_logger("chatty", LogLevel.warn)
 
 
-def test_events_below_the_level_are_dropped_and_the_rest_published(published):
+def test_events_below_the_level_are_dropped_and_the_rest_published(logged):
     chatty = Chatty()
     chatty._log.debug("sending eof")
     chatty._log.info("channel open")
     chatty._log.warn("too much data on channel {id}", id=3)
     chatty._log.error("bad")
 
-    ours = [e for e in published if e["log_namespace"] == f"{__name__}.Chatty"]
+    ours = [e for e in logged if e["log_namespace"] == f"{__name__}.Chatty"]
     assert [e["log_format"] for e in ours] == ["too much data on channel {id}", "bad"]
     warned = ours[0]
     assert warned["id"] == 3
@@ -35,12 +26,12 @@ def test_events_below_the_level_are_dropped_and_the_rest_published(published):
     assert warned["log_level"] is LogLevel.warn
 
 
-def test_failures_are_always_published(published):
+def test_failures_are_always_published(logged):
     chatty = Chatty()
     try:
         raise ZeroDivisionError("channel crashed")
     except ZeroDivisionError:
         chatty._log.failure("channel crashed")
-    assert [e["log_format"] for e in published if e["log_namespace"].endswith("Chatty")] == [
+    assert [e["log_format"] for e in logged if e["log_namespace"].endswith("Chatty")] == [
         "channel crashed"
     ]

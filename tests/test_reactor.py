@@ -8,7 +8,6 @@ import sys
 
 import pytest
 from twisted.internet.abstract import FileDescriptor
-from twisted.logger import globalLogPublisher
 
 from nekojump.reactor import TunnelReactor
 
@@ -42,14 +41,6 @@ def reactor():
     yield reactor
     reactor.removeAll()
     reactor._poller.close()
-
-
-@pytest.fixture
-def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
