@@ -101,9 +101,29 @@ def absent(driver: WebDriver, css: str) -> bool:
     return not driver.find_elements(By.CSS_SELECTOR, css)
 
 
+def mark_page(driver: WebDriver) -> None:
+    """Tag the current document, so ``wait_for_next_page`` can tell when it is replaced."""
+    driver.execute_script("window.nekojumpOldPage = true")
+
+
+def wait_for_next_page(driver: WebDriver, timeout: float = 10) -> None:
+    """Wait until the page marked by ``mark_page`` is replaced and the new one loaded.
+
+    Asks the page's own script rather than chromedriver about an element of
+    the old page: mid-navigation chromedriver sometimes answers "Node with
+    given id does not belong to the document" instead of "stale element"."""
+    WebDriverWait(
+        driver, timeout, poll_frequency=0.05, ignored_exceptions=(WebDriverException,)
+    ).until(
+        lambda d: d.execute_script(
+            "return !window.nekojumpOldPage && document.readyState === 'complete'"
+        )
+    )
+
+
 def submit(driver: WebDriver, form_css: str) -> None:
     """Click the form's submit button and wait for the page it leads to."""
-    old_body = find(driver, "body")
+    mark_page(driver)
     try:
         find(driver, f"{form_css} button[type=submit]").click()
     except WebDriverException:
@@ -111,13 +131,15 @@ def submit(driver: WebDriver, form_css: str) -> None:
         # loses the node it just found ("does not belong to the document",
         # "unhandled inspector error"); click it from the page's own script,
         # which needs no node id from chromedriver.
-        if expected_conditions.staleness_of(old_body)(driver):
-            raise
-        driver.execute_script(
-            "document.querySelector(arguments[0]).click()", f"{form_css} button[type=submit]"
-        )
-    wait(driver, 10).until(expected_conditions.staleness_of(old_body))
-    wait(driver, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
+        try:
+            still_here = driver.execute_script("return window.nekojumpOldPage === true")
+        except WebDriverException:
+            still_here = False  # the click went through: the page is navigating
+        if still_here:
+            driver.execute_script(
+                "document.querySelector(arguments[0]).click()", f"{form_css} button[type=submit]"
+            )
+    wait_for_next_page(driver)
 
 
 def log_in(driver: WebDriver, jumphost: Jumphost, name: str) -> None:
@@ -352,13 +374,12 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     watcher.start()
     remove = find(browser, "form[action='/keys/remove'] button[type=submit]")
     assert remove.text == "Remove Key"
-    old_body = find(browser, "body")
+    mark_page(browser)
     remove.click()
     dialog = wait(browser).until(expected_conditions.alert_is_present())
     assert "Remove this key" in dialog.text
     dialog.accept()
-    wait(browser, 10).until(expected_conditions.staleness_of(old_body))
-    wait(browser, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    wait_for_next_page(browser)
     responded_at = navigation_redirect_end(browser)
     watcher.join(timeout=max(0.0, responded_at + 1.0 - time.time()))
     assert exit_times, "ssh was still running 1 s after the Remove Key response"
