@@ -56,6 +56,12 @@ class PacketLog:
     def send_packet_parts(self, message: int, *parts: bytes) -> None:
         self.packets.append((message, b"".join(parts)))
 
+    def send_channel_data(self, recipient: int, data: bytes, max_packet: int) -> None:
+        for offset in range(0, len(data), max_packet):
+            piece = bytes(data[offset : offset + max_packet])
+            head = struct.pack(">2L", recipient, len(piece))
+            self.packets.append((connection.MSG_CHANNEL_DATA, head + piece))
+
     def of(self, message: int) -> list[bytes]:
         return [payload for kind, payload in self.packets if kind == message]
 
@@ -355,6 +361,17 @@ def test_packets_to_the_member_stay_within_256_kib_whatever_it_announces():
     mesh.dataReceived(b"m" * (600 * 1024))
     sizes = [len(p) - 8 for p in conn.transport.of(connection.MSG_CHANNEL_DATA)]
     assert sum(sizes) == 600 * 1024 and max(sizes) <= CHANNEL_MAX_PACKET
+
+
+def test_a_member_announcing_tiny_packets_gets_an_error_not_a_crash():
+    conn, mesh, socket, _channel, forward, confirm = setup(remote_packet=0)
+    confirm()
+    mesh.dataReceived(b"m" * 1000)
+    assert socket.disconnecting
+    assert not conn.transport.of(connection.MSG_CHANNEL_DATA)
+    assert conn.transport.of(connection.MSG_CHANNEL_CLOSE)
+    assert "packets of only 0 bytes" in forward.last_error
+    assert forward.avatar.failures == [forward.last_error]
 
 
 def test_the_window_does_not_grow_while_the_kernel_holds_what_the_client_has_not_read(

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
 from twisted.conch.ssh.keys import Key
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
@@ -422,6 +423,70 @@ def test_packets_arrive_whole_however_the_stream_is_cut(tmp_path, cipher, how):
     assert got == [(transport.MSG_IGNORE, NS(payload)) for payload in payloads]
     assert not closed(server) and len(server.buf) == 0
     store.close()
+
+
+def _client_recording(factory, cipher: bytes):
+    """A connected client that records the CHANNEL_DATA and IGNORE messages it
+    gets, and the number of every message in ``client.numbers``."""
+    client = Client()
+    client.supportedCiphers = [cipher]
+    client, server, pump = connect(factory, client)
+    got: list[tuple[int, bytes]] = []
+    client.numbers = []
+    dispatch = client.dispatchMessage
+
+    def record(number: int, payload: bytes) -> None:
+        client.numbers.append(number)
+        if number in (MSG_CHANNEL_DATA, transport.MSG_IGNORE):
+            got.append((number, bytes(payload)))
+        else:
+            dispatch(number, payload)
+
+    client.dispatchMessage = record  # type: ignore[method-assign]
+    return client, server, pump, got
+
+
+def _data_messages(recipient: int, data: bytes, max_packet: int) -> list[tuple[int, bytes]]:
+    pieces = [data[i : i + max_packet] for i in range(0, len(data), max_packet)]
+    return [(MSG_CHANNEL_DATA, struct.pack(">2L", recipient, len(p)) + p) for p in pieces]
+
+
+@pytest.mark.parametrize("cipher", [c.encode() for c in AEAD] + [b"aes128-ctr"])
+def test_channel_data_sealed_in_one_pass_arrives_as_separate_packets(tmp_path, cipher):
+    """A 256 KiB read leaves as 32 KiB packets sealed in one loop: the peer
+    reads each one, and the packets after them still check out."""
+    store, factory = _world(tmp_path, chacha20_poly1305=True, compat_ctr_ciphers=True)
+    client, server, pump, got = _client_recording(factory, cipher)
+    data = os.urandom(256 * 1024 + 5)
+    server.send_channel_data(7, data, 32768)
+    server.send_channel_data(7, b"x", 32768)
+    server.sendIgnore(b"after")
+    pump.flush()
+    assert got == [
+        *_data_messages(7, data, 32768),
+        *_data_messages(7, b"x", 32768),
+        (transport.MSG_IGNORE, NS(b"after")),
+    ]
+    assert not closed(server) and not closed(client)
+    store.close()
+
+
+def test_channel_data_bursts_rekey_on_time_and_queue_during_the_key_exchange(factory):
+    client, server, pump, got = _client_recording(factory, b"aes128-gcm@openssh.com")
+    server.rekey_packets = 3
+    first_keys = server._tx
+    bursts = [os.urandom(size) for size in (5 * 1000, 2500, 7000)]
+    # The first burst passes the packet limit: the server starts a key
+    # exchange, and the next bursts wait for it.
+    for burst in bursts:
+        server.send_channel_data(3, burst, 1000)
+    assert server._tx is first_keys
+    pump.flush()
+    assert server._tx is not first_keys and not closed(server)
+    assert got == [message for burst in bursts for message in _data_messages(3, burst, 1000)]
+    # Between its KEXINIT and its NEWKEYS the server sends no channel data.
+    kex = client.numbers[client.numbers.index(transport.MSG_KEXINIT) :]
+    assert MSG_CHANNEL_DATA not in kex[: kex.index(transport.MSG_NEWKEYS)]
 
 
 def test_a_forged_packet_split_across_reads_closes_and_keeps_nothing(factory):

@@ -60,6 +60,10 @@ class Direction:
         """Wire bytes for ``packet`` (length field + body)."""
         raise NotImplementedError
 
+    def seal_pieces(self, seq: int, packet: bytes) -> tuple[bytes, ...]:
+        """``seal``, possibly as several pieces to be sent one after another."""
+        return (self.seal(seq, packet),)
+
     def release(self) -> None:
         """These keys are done with (replaced by a rekey, or the connection closed)."""
 
@@ -128,6 +132,12 @@ class AesGcm(Direction):
         with memoryview(packet) as view:
             head = view[:4]
             return b"".join((head, self._aead.encrypt(self._nonce(), view[4:], head)))
+
+    def seal_pieces(self, seq: int, packet: bytes) -> tuple[bytes, ...]:
+        # The clear length and the ciphertext, without joining 32 KiB+ again.
+        head = packet[:4]
+        with memoryview(packet) as view:
+            return head, self._aead.encrypt(self._nonce(), view[4:], head)
 
     def open(self, seq: int, wire: bytes) -> bytes | None:
         try:

@@ -201,6 +201,12 @@ class TunnelConnection(SSHConnection):
             data,
         )
 
+    def send_data_packets(self, channel: SSHChannel, data: bytes, max_packet: int) -> None:
+        """``sendData`` for ``data`` cut into packets of ``max_packet`` bytes."""
+        if channel.localClosed:
+            return
+        self.transport.send_channel_data(self.channelsToRemoteChannel[channel], data, max_packet)
+
     def adjustWindow(self, channel: SSHChannel, bytesToAdd: int) -> None:
         # A forwarded channel whose mesh socket is full gets its window back
         # in resumeProducing, once the socket drains.

@@ -61,6 +61,9 @@ STALL_SECONDS = 0.1
 #: size still fits OpenSSH's 256 KiB packet limit.  Bigger packets mean fewer
 #: per-packet steps in the server (OpenSSH sends them when its buffer backs up).
 CHANNEL_MAX_PACKET = 255 * 1024
+#: The smallest packets a member may ask for (OpenSSH asks for 32 KiB): data
+#: cut into tinier ones would cost a packet per few bytes.
+MIN_MEMBER_PACKET = 512
 
 #: Bytes read from a socket at once, and queued for writing before its
 #: producer is paused (Twisted's default is 64 KiB for both).
@@ -231,6 +234,15 @@ class ForwardedChannel(SSHChannel):
         self.is_open = True
         # Whatever the member announces, our packets stay within 256 KiB.
         self.remoteMaxPacket = min(self.remoteMaxPacket, CHANNEL_MAX_PACKET)
+        if self.remoteMaxPacket < MIN_MEMBER_PACKET:
+            message = (
+                f"your ssh client accepts packets of only {self.remoteMaxPacket} bytes "
+                f"(at least {MIN_MEMBER_PACKET} needed)"
+            )
+            self.forward.last_error = message
+            self.forward.avatar.forward_failed(self.forward, message)
+            self.mesh_closed = True
+            self.mesh.transport.loseConnection()
         if self.mesh_closed:
             self.loseConnection()
             return
@@ -260,16 +272,14 @@ class ForwardedChannel(SSHChannel):
         send_now(self.mesh.transport, data)
 
     def write(self, data: bytes) -> None:
-        """Conch's ``write``, cutting packets as views instead of copies."""
+        """Conch's ``write``; what the window allows now is sealed in one pass."""
+        if self.mesh_closed:  # refused: nothing more goes to the member
+            return
         size = len(data)
-        rmp = self.remoteMaxPacket
-        if size <= rmp or self.buf or size > self.remoteWindowLeft or self.closing:
+        if not size or self.buf or size > self.remoteWindowLeft or self.closing:
             super().write(data)
             return
-        view = memoryview(data)
-        send = self.conn.sendData
-        for offset in range(0, size, rmp):
-            send(self, view[offset : offset + rmp])
+        self.conn.send_data_packets(self, data, self.remoteMaxPacket)
         self.remoteWindowLeft -= size
 
     def eofReceived(self) -> None:

@@ -92,6 +92,13 @@ class Cork:
         else:
             send_now(self.transport, data)
 
+    def write_pieces(self, pieces: list[bytes]) -> None:
+        """``write`` each of ``pieces`` in turn (one system call if not held)."""
+        if self._pieces is not None:
+            self._pieces.extend(pieces)
+        else:
+            send_all_now(self.transport, pieces)
+
     def held(self) -> Cork:
         """Gather writes made inside the ``with`` block (nested blocks join the outer one)."""
         return self
