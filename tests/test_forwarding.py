@@ -29,6 +29,7 @@ from nekojump.ssh.forwarding import (
     WindowBudget,
 )
 from nekojump.ssh.registry import ActiveForward, TunnelRegistry
+from nekojump.ssh.sending import Burst
 
 
 class MeshSocket(StringTransport):
@@ -49,6 +50,7 @@ class PacketLog:
     """Stands in for the SSH transport: keeps (message, payload) pairs."""
 
     packets: list[tuple[int, bytes]] = field(factory=list)
+    burst: Burst = field(factory=Burst)
 
     def sendPacket(self, message: int, payload: bytes) -> None:
         self.packets.append((message, payload))
@@ -361,6 +363,20 @@ def test_packets_to_the_member_stay_within_256_kib_whatever_it_announces():
     mesh.dataReceived(b"m" * (600 * 1024))
     sizes = [len(p) - 8 for p in conn.transport.of(connection.MSG_CHANNEL_DATA)]
     assert sum(sizes) == 600 * 1024 and max(sizes) <= CHANNEL_MAX_PACKET
+
+
+def test_data_and_eof_in_one_read_reach_the_mesh_client_in_one_write_before_the_fin():
+    conn, _mesh, socket, channel, _forward, confirm = setup()
+    confirm()
+    events: list[bytes | str] = []
+    socket.write = lambda data: events.append(bytes(data))
+    socket.loseWriteConnection = lambda: events.append("FIN")
+    with conn.transport.burst:  # one read of the member's SSH socket
+        conn.ssh_CHANNEL_DATA(data_packet(channel, b"hello"))
+        conn.ssh_CHANNEL_DATA(data_packet(channel, b", world"))
+        assert events == []
+        conn.ssh_CHANNEL_EOF(struct.pack(">L", channel.id))
+    assert events == [b"hello, world", "FIN"]
 
 
 def test_a_member_announcing_tiny_packets_gets_an_error_not_a_crash():

@@ -8,7 +8,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from nekojump.ssh.sending import Cork, send_now, unsent_bytes
+from nekojump.ssh.sending import Burst, Cork, send_now, unsent_bytes
 
 
 def connection() -> tuple[tcp.Connection, socket.socket, MemoryReactor]:
@@ -91,6 +91,36 @@ def test_releasing_a_cork_sends_what_it_holds_before_the_block_ends():
         assert transport.value() == b"disconnect"
         cork.write(b"after")
         assert transport.value() == b"disconnectafter"
+
+
+def test_a_burst_sends_each_socket_its_writes_of_one_read_in_one_system_call():
+    """Several packets of one SSH read carry data for two forwarded connections:
+    each socket gets one sendmsg, with the pieces in order, at the end of the read."""
+    (a, peer_a, _), (b, peer_b, _) = connection(), connection()
+    calls: list[str] = []
+    for name, conn in (("a", a), ("b", b)):
+        real = conn.socket
+
+        class Counting:
+            def __getattr__(self, attr, real=real):
+                return getattr(real, attr)
+
+            def sendmsg(self, pieces, name=name, real=real):
+                calls.append(name)
+                return real.sendmsg(pieces)
+
+        conn.socket = Counting()
+    burst = Burst()
+    cork_a, cork_b = Cork(a), Cork(b)
+    with burst:
+        for piece in (b"1", memoryview(b"22"), b"333"):
+            burst.hold(cork_a).write(piece)
+            burst.hold(cork_b).write(piece.upper() if isinstance(piece, bytes) else piece)
+        assert calls == [] and cork_a._pieces
+    assert sorted(calls) == ["a", "b"]
+    assert peer_a.recv(16) == b"122333" and peer_b.recv(16) == b"122333"
+    burst.hold(cork_a).write(b"later")  # outside a read: at once
+    assert peer_a.recv(16) == b"later"
 
 
 def test_unsent_bytes_counts_what_the_peer_has_not_read_yet():

@@ -44,7 +44,7 @@ from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
 from nekojump.policy import IPNetwork, source_allowed
 from nekojump.ssh.registry import ActiveForward
-from nekojump.ssh.sending import send_now, unsent_bytes
+from nekojump.ssh.sending import Cork, unsent_bytes
 
 #: The window a forwarded connection starts with (OpenSSH's), and the most
 #: it grows to while the mesh client reads as fast as the member sends.
@@ -158,6 +158,8 @@ class MeshConnection(Protocol):
     def connectionMade(self) -> None:
         # Read nothing until the member's ssh has accepted the channel.
         self.transport.pauseProducing()
+        #: What the member sends, gathered over one read of its SSH socket.
+        self.output = Cork(self.transport)
         tune_socket(self.transport)
         forward = self.forward
         conn = forward.avatar.conn
@@ -269,7 +271,11 @@ class ForwardedChannel(SSHChannel):
 
     def dataReceived(self, data: bytes | memoryview) -> None:
         self.forward.bytes_from_member += len(data)
-        send_now(self.mesh.transport, data)
+        output = self.mesh.output
+        burst = getattr(self.conn.transport, "burst", None)
+        if burst is not None:
+            burst.hold(output)
+        output.write(data)
 
     def write(self, data: bytes) -> None:
         """Conch's ``write``; what the window allows now is sealed in one pass."""
@@ -295,6 +301,8 @@ class ForwardedChannel(SSHChannel):
         self.mesh.transport.loseConnection()
 
     def _stop_producing_for_mesh(self) -> None:
+        # What this read gathered goes before the FIN.
+        self.mesh.output.release()
         if self.mesh.transport.producer is self:
             self.mesh.transport.unregisterProducer()
 

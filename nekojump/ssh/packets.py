@@ -42,7 +42,7 @@ from nekojump.ssh.ciphers import (
     PacketCiphers,
     Plain,
 )
-from nekojump.ssh.sending import Cork
+from nekojump.ssh.sending import Burst, Cork
 
 STRICT_KEX_S = b"kex-strict-s-v00@openssh.com"
 STRICT_KEX_C = b"kex-strict-c-v00@openssh.com"
@@ -329,6 +329,15 @@ class PacketLayerMixin:
             self._output = Cork(self.transport)
         return self._output
 
+    _burst: Burst | None = None
+
+    @property
+    def burst(self) -> Burst:
+        """Where the writes to forwarded connections wait for the end of a read."""
+        if self._burst is None:
+            self._burst = Burst()
+        return self._burst
+
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         if self._closing:
             return
@@ -455,7 +464,7 @@ class PacketLayerMixin:
         if not self.gotVersion:
             super().dataReceived(data)
             return
-        with self.output:
+        with self.output, self.burst:
             used = self._complete_held(data)
             if used == len(data) or self._closing:
                 return

@@ -9,7 +9,8 @@ once when nothing is queued, the way asyncio's transports do, and leaves
 the rest (a full socket, errors, closing) to Twisted as before.
 
 ``Cork`` gathers the packets produced while one burst of input is handled
-and sends them with one system call.
+and sends them with one system call; ``Burst`` does the same for the other
+sockets that one read of input writes to.
 """
 
 from __future__ import annotations
@@ -59,9 +60,12 @@ def send_now(transport: object, data: bytes | memoryview) -> None:
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 
 
-def send_all_now(transport: object, pieces: list[bytes]) -> None:
+def send_all_now(transport: object, pieces: list[bytes | memoryview]) -> None:
     """Several ``send_now`` writes in one system call (no joining when all fit)."""
-    if len(pieces) == 1 or len(pieces) > _IOV_MAX or not _idle(transport):
+    if len(pieces) == 1:
+        send_now(transport, pieces[0])
+        return
+    if len(pieces) > _IOV_MAX or not _idle(transport):
         send_now(transport, b"".join(pieces))
         return
     try:
@@ -86,7 +90,7 @@ class Cork:
         self._pieces: list[bytes] | None = None
         self._depth = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self._pieces is not None:
             self._pieces.append(data)
         else:
@@ -118,6 +122,36 @@ class Cork:
         pieces, self._pieces = self._pieces, None
         if pieces:
             send_all_now(self.transport, pieces)
+
+
+class Burst:
+    """The corks of other transports held while one read is handled.
+
+    Each SSH packet of a read may carry data for a forwarded connection:
+    ``burst.hold(cork)`` gathers what one read writes to each, and the end
+    of the read sends it, one system call per socket instead of one per
+    packet.  Outside a ``with burst:`` block ``hold`` holds nothing.
+    """
+
+    def __init__(self) -> None:
+        self._corks: list[Cork] = []
+        self._depth = 0
+
+    def hold(self, cork: Cork) -> Cork:
+        if self._depth and cork._pieces is None:
+            cork.__enter__()
+            self._corks.append(cork)
+        return cork
+
+    def __enter__(self) -> None:
+        self._depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            corks, self._corks = self._corks, []
+            for cork in corks:
+                cork.__exit__()
 
 
 def unsent_bytes(transport: object) -> int:
