@@ -18,6 +18,8 @@ SSH_HOST = "127.0.0.1"
 KEX = "curve25519-sha256"
 #: What an AEAD cipher reports as its MAC in ``ssh -v``.
 IMPLICIT_MAC = "<implicit>"
+#: twistd's log observer, as etc/nekojump.service gives it.
+LOGGER = "--logger=nekojump.logs.text_observer"
 
 
 def tool(name: str) -> str | None:
@@ -134,7 +136,7 @@ listen = "tcp:0:interface=127.0.0.1"
         log = self.directory / "twistd.log"
         with open(log, "ab") as out:
             self.process = self.procs.spawn(
-                [twistd, "-n", "--pidfile=", "nekojump", "--config", str(config)],
+                [twistd, "-n", "--pidfile=", LOGGER, "nekojump", "--config", str(config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
+from functools import lru_cache
 
 from attrs import frozen
 from twisted.conch.ssh.keys import BadKeyError, FingerprintFormats, Key
@@ -49,10 +50,21 @@ class PublicKey:
         return ACCEPTED_TYPES[self.key_type]
 
 
+@lru_cache(maxsize=1024)
 def fingerprint_of_blob(blob: bytes) -> str:
-    """``SHA256:`` plus unpadded base64, as ``ssh-keygen -l`` prints it."""
-    raw = Key.fromString(blob).fingerprint(FingerprintFormats.SHA256_BASE64)
+    """``SHA256:`` plus unpadded base64, as ``ssh-keygen -l`` prints it.
+
+    Remembered for the last keys asked about: every login asks for its key's
+    fingerprint, and the same keys log in again and again."""
+    raw = key_from_blob(blob).fingerprint(FingerprintFormats.SHA256_BASE64)
     return "SHA256:" + raw.rstrip("=")
+
+
+@lru_cache(maxsize=1024)
+def key_from_blob(blob: bytes) -> Key:
+    """The public key in an SSH key blob (``BadKeyError`` and kin if it is
+    none), remembered like ``fingerprint_of_blob``."""
+    return Key.fromString(blob)
 
 
 def parse_public_key(text: str) -> PublicKey | Refused:

@@ -423,7 +423,8 @@ def jumphost(tmp_path: Path) -> Iterator[Jumphost]:
 def running(jumphost: Jumphost, keys: dict[str, Path]) -> Jumphost:
     jumphost.add_member("alice", keys["alice"], keys["alice2"])
     jumphost.add_member("bob", keys["bob"])
-    return jumphost.start()
+    # Logging as etc/nekojump.service does (other fixtures keep twistd's default).
+    return jumphost.start("--logger=nekojump.logs.text_observer")
 
 
 @pytest.fixture

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from twisted.logger import LogLevel
+import io
+import sys
 
-from nekojump.logs import conch_logger
+from twisted.logger import LogLevel, textFileLogObserver
+
+from nekojump.logs import conch_logger, text_observer
 
 
 class Chatty:
@@ -35,3 +38,29 @@ def test_failures_are_always_published(logged):
     assert [e["log_format"] for e in logged if e["log_namespace"].endswith("Chatty")] == [
         "channel crashed"
     ]
+
+
+def test_the_text_observer_writes_what_twistds_own_writes(monkeypatch):
+    """Same lines as ``twistd --logfile=-``, the time stamp made once a second."""
+    ours, theirs = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", ours)
+    observer = text_observer()
+    reference = textFileLogObserver(theirs)
+    start = 1_764_100_000.0
+    for offset in (0.1, 0.5, 0.99, 1.0, 1.7, 61.2, 3600.4):
+        event = {
+            "log_format": "{member} connected from {source}",
+            "member": "alice",
+            "source": "127.0.0.9",
+            "log_namespace": "nekojump.ssh.avatar.TunnelAvatar",
+            "log_level": LogLevel.info,
+            "log_time": start + offset,
+        }
+        observer(dict(event))
+        reference(dict(event))
+    assert ours.getvalue() == theirs.getvalue()
+    lines = ours.getvalue().splitlines()
+    assert len(lines) == 7 and lines[0] != lines[-1]
+    assert lines[0].endswith(
+        "[nekojump.ssh.avatar.TunnelAvatar#info] alice connected from 127.0.0.9"
+    )

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
-from nekojump.keys import fingerprint_of_blob
+from nekojump.keys import fingerprint_of_blob, key_from_blob
 from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
 from nekojump.model import Identity, KeyRecord
@@ -62,7 +62,7 @@ class TunnelKeyChecker:
             _, key, record = confirmed
         else:
             try:
-                key = Key.fromString(credentials.blob)
+                key = key_from_blob(credentials.blob)
                 fingerprint = fingerprint_of_blob(credentials.blob)
             except (BadKeyError, ValueError, IndexError, struct.error):
                 raise UnauthorizedLogin(_DENIED) from None
