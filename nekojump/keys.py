@@ -64,7 +64,43 @@ def fingerprint_of_blob(blob: bytes) -> str:
 def key_from_blob(blob: bytes) -> Key:
     """The public key in an SSH key blob (``BadKeyError`` and kin if it is
     none), remembered like ``fingerprint_of_blob``."""
-    return Key.fromString(blob)
+    return FixedKey.fromString(blob)
+
+
+class FixedKey(Key):
+    """A ``Key`` that works out its type and blob once.
+
+    Conch asks a key for its type, a chain of ``isinstance`` checks against
+    abstract classes, about twenty times per login (the host key's for the
+    key exchange, the member's for the signature), and serializes the host
+    key's blob twice per key exchange.  Keys do not change, so the answers
+    are kept.
+    """
+
+    _type: str | None = None
+    _blob: bytes | None = None
+
+    @classmethod
+    def of(cls, key: Key) -> FixedKey:
+        """``key`` as a ``FixedKey`` (the same key object underneath)."""
+        if isinstance(key, FixedKey):
+            return key
+        fixed = cls.__new__(cls)
+        fixed.__dict__.update(key.__dict__)
+        return fixed
+
+    def type(self) -> str:
+        if self._type is None:
+            self._type = super().type()
+        return self._type
+
+    def blob(self) -> bytes:
+        if self._blob is None:
+            self._blob = super().blob()
+        return self._blob
+
+    def public(self) -> FixedKey:
+        return FixedKey.of(super().public())
 
 
 def parse_public_key(text: str) -> PublicKey | Refused:

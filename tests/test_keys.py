@@ -6,8 +6,9 @@ import subprocess
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
+from twisted.conch.ssh.keys import Key
 
-from nekojump.keys import parse_public_key
+from nekojump.keys import FixedKey, key_from_blob, parse_public_key
 from nekojump.model import Refused
 from tests.conftest import tool
 
@@ -103,3 +104,25 @@ def test_private_key_text_never_appears_in_the_message():
     result = parse_public_key(private)
     body = private.splitlines()[1]
     assert body not in result.reason
+
+
+def test_a_fixed_key_answers_like_the_key_it_fixes(tmp_path):
+    """Host and member keys whose type and blob are kept behave as Conch's own."""
+    for private in (
+        Key(ed25519.Ed25519PrivateKey.generate()),
+        Key(rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        Key(ec.generate_private_key(ec.SECP256R1())),
+    ):
+        fixed = FixedKey.of(private)
+        public = fixed.public()
+        assert isinstance(public, FixedKey) and public == private.public()
+        assert (fixed.type(), fixed.sshType(), fixed.blob()) == (
+            private.type(),
+            private.sshType(),
+            private.blob(),
+        )
+        assert key_from_blob(public.blob()) == public
+        algorithm = fixed.supportedSignatureAlgorithms()[0]
+        signature = fixed.sign(b"exchange hash", algorithm)
+        assert key_from_blob(fixed.blob()).verify(signature, b"exchange hash")
+        assert not key_from_blob(fixed.blob()).verify(signature, b"another hash")

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from nekojump.capacity import DescriptorBudget
 from nekojump.config import Config
+from nekojump.keys import FixedKey
 from nekojump.metrics import Metrics
 from nekojump.policy import source_allowed, startup_refusal
 from nekojump.ssh.auth import TunnelUserAuthServer
@@ -49,6 +50,7 @@ class TunnelSSHFactory(SSHFactory):
         self.portal = portal
         self.config = config
         self.reactor = reactor
+        host_key = FixedKey.of(host_key)
         self.privateKeys = {host_key.sshType(): host_key}
         self.publicKeys = {host_key.sshType(): host_key.public()}
         self.primes = None
