@@ -50,21 +50,41 @@ class PublicKey:
         return ACCEPTED_TYPES[self.key_type]
 
 
-@lru_cache(maxsize=1024)
+#: Blobs up to this size are remembered (an RSA 8192-bit key is about 1 KiB):
+#: a client can send anything as its key, up to the 256 KiB packet limit.
+MAX_REMEMBERED_BLOB = 2048
+
+
 def fingerprint_of_blob(blob: bytes) -> str:
     """``SHA256:`` plus unpadded base64, as ``ssh-keygen -l`` prints it.
 
     Remembered for the last keys asked about: every login asks for its key's
     fingerprint, and the same keys log in again and again."""
-    raw = key_from_blob(blob).fingerprint(FingerprintFormats.SHA256_BASE64)
-    return "SHA256:" + raw.rstrip("=")
+    if len(blob) <= MAX_REMEMBERED_BLOB:
+        return _remembered_fingerprint(blob)
+    return _fingerprint(Key.fromString(blob))
 
 
-@lru_cache(maxsize=1024)
 def key_from_blob(blob: bytes) -> Key:
     """The public key in an SSH key blob (``BadKeyError`` and kin if it is
     none), remembered like ``fingerprint_of_blob``."""
+    if len(blob) <= MAX_REMEMBERED_BLOB:
+        return _remembered_key(blob)
     return FixedKey.fromString(blob)
+
+
+@lru_cache(maxsize=1024)
+def _remembered_key(blob: bytes) -> Key:
+    return FixedKey.fromString(blob)
+
+
+@lru_cache(maxsize=1024)
+def _remembered_fingerprint(blob: bytes) -> str:
+    return _fingerprint(_remembered_key(blob))
+
+
+def _fingerprint(key: Key) -> str:
+    return "SHA256:" + key.fingerprint(FingerprintFormats.SHA256_BASE64).rstrip("=")
 
 
 class FixedKey(Key):

@@ -379,6 +379,37 @@ def test_data_and_eof_in_one_read_reach_the_mesh_client_in_one_write_before_the_
     assert events == [b"hello, world", "FIN"]
 
 
+def test_data_waiting_for_window_still_reaches_the_member_after_the_mesh_client_left():
+    conn, mesh, _socket, channel, _forward, confirm = setup(remote_window=1000)
+    confirm()
+    mesh.dataReceived(b"a" * 3000)  # 1000 go now, 2000 wait for window
+    mesh.connectionLost(None)
+    assert not conn.transport.of(connection.MSG_CHANNEL_CLOSE)  # not before the rest
+    conn.ssh_CHANNEL_WINDOW_ADJUST(struct.pack(">2L", channel.id, 100_000))
+    sent = [common.getNS(p[4:])[0] for p in conn.transport.of(connection.MSG_CHANNEL_DATA)]
+    assert b"".join(sent) == b"a" * 3000
+    assert conn.transport.of(connection.MSG_CHANNEL_CLOSE)
+
+
+def test_a_mesh_client_that_reads_nothing_gets_no_window_growth_within_one_read(monkeypatch):
+    """The data of one SSH read leaves at its end; the window is given back
+    only then, when the socket shows the mesh client is not keeping up."""
+    conn, _mesh, socket, channel, _forward, confirm = setup()
+    confirm()
+    # Nothing the server writes is ever read.
+    monkeypatch.setattr(forwarding, "unsent_bytes", lambda transport: len(socket.value()))
+    adjusts_before = len(conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST))
+    with conn.transport.burst:
+        for _ in range(8):
+            conn.ssh_CHANNEL_DATA(data_packet(channel, b"d" * 32768))
+        assert socket.value() == b""
+    assert len(socket.value()) == 8 * 32768
+    assert channel.localWindowSize == CHANNEL_WINDOW and channel.growth == 0
+    # The used window itself is given back: the data is on its way.
+    assert len(conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST)) == adjusts_before + 1
+    assert channel.localWindowLeft == CHANNEL_WINDOW
+
+
 def test_a_member_announcing_tiny_packets_gets_an_error_not_a_crash():
     conn, mesh, socket, _channel, forward, confirm = setup(remote_packet=0)
     confirm()

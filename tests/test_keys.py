@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
-from twisted.conch.ssh.keys import Key
+from twisted.conch.ssh.keys import FingerprintFormats, Key
 
 from nekojump.keys import FixedKey, key_from_blob, parse_public_key
 from nekojump.model import Refused
@@ -126,3 +126,20 @@ def test_a_fixed_key_answers_like_the_key_it_fixes(tmp_path):
         signature = fixed.sign(b"exchange hash", algorithm)
         assert key_from_blob(fixed.blob()).verify(signature, b"exchange hash")
         assert not key_from_blob(fixed.blob()).verify(signature, b"another hash")
+
+
+def test_only_key_sized_blobs_are_remembered(monkeypatch):
+    """A client may send anything as its key; what is kept stays small."""
+    from nekojump import keys
+
+    monkeypatch.setattr(keys, "MAX_REMEMBERED_BLOB", 100)
+    public = Key(ed25519.Ed25519PrivateKey.generate()).public()  # 51 bytes
+    before = keys._remembered_key.cache_info().currsize
+    assert key_from_blob(public.blob()) == public
+    assert keys._remembered_key.cache_info().currsize == before + 1
+    large = Key(rsa.generate_private_key(public_exponent=65537, key_size=2048)).public()
+    assert key_from_blob(large.blob()) == large
+    assert keys.fingerprint_of_blob(large.blob()) == "SHA256:" + large.fingerprint(
+        FingerprintFormats.SHA256_BASE64
+    ).rstrip("=")
+    assert keys._remembered_key.cache_info().currsize == before + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
@@ -131,3 +132,21 @@ def test_unsent_bytes_counts_what_the_peer_has_not_read_yet():
     while got < 50_000:
         got += len(peer.recv(1 << 20))
     assert unsent_bytes(conn) == 0
+
+
+def test_a_burst_sends_every_cork_and_runs_every_action_even_if_one_fails():
+    burst = Burst()
+    good, bad = StringTransport(), StringTransport()
+
+    def broken(data: bytes) -> None:
+        raise RuntimeError("transport gone wrong")
+
+    bad.write = broken  # type: ignore[method-assign]
+    ran: list[str] = []
+    with pytest.raises(RuntimeError):
+        with burst:
+            burst.hold(Cork(bad)).write(b"lost")
+            burst.hold(Cork(good)).write(b"kept")
+            burst.after("window", lambda: ran.append("first"))
+            burst.after("window", lambda: ran.append("last"))  # the last one per key
+    assert good.value() == b"kept" and ran == ["last"]

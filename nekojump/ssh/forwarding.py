@@ -22,6 +22,7 @@ at most 2 MiB of the member's data, and all fast ones together at most
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 from attrs import define
 from twisted.conch.error import ConchError
@@ -44,7 +45,7 @@ from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
 from nekojump.policy import IPNetwork, source_allowed
 from nekojump.ssh.registry import ActiveForward
-from nekojump.ssh.sending import Cork, unsent_bytes
+from nekojump.ssh.sending import Burst, Cork, unsent_bytes
 
 #: The window a forwarded connection starts with (OpenSSH's), and the most
 #: it grows to while the mesh client reads as fast as the member sends.
@@ -229,6 +230,8 @@ class ForwardedChannel(SSHChannel):
         self.window_blocked = False
         #: True while the mesh socket cannot take more: grant no window then.
         self.reading_paused = False
+        #: True if the member's client cannot take our packets (see channelOpen).
+        self.refused = False
 
     # -- channel events ----------------------------------------------------------
 
@@ -243,6 +246,7 @@ class ForwardedChannel(SSHChannel):
             )
             self.forward.last_error = message
             self.forward.avatar.forward_failed(self.forward, message)
+            self.refused = True
             self.mesh_closed = True
             self.mesh.transport.loseConnection()
         if self.mesh_closed:
@@ -272,14 +276,18 @@ class ForwardedChannel(SSHChannel):
     def dataReceived(self, data: bytes | memoryview) -> None:
         self.forward.bytes_from_member += len(data)
         output = self.mesh.output
-        burst = getattr(self.conn.transport, "burst", None)
+        burst = self._burst
         if burst is not None:
             burst.hold(output)
         output.write(data)
 
+    @property
+    def _burst(self) -> Burst | None:
+        return getattr(self.conn.transport, "burst", None)
+
     def write(self, data: bytes) -> None:
         """Conch's ``write``; what the window allows now is sealed in one pass."""
-        if self.mesh_closed:  # refused: nothing more goes to the member
+        if self.refused:  # nothing goes to this member's client
             return
         size = len(data)
         if not size or self.buf or size > self.remoteWindowLeft or self.closing:
@@ -345,6 +353,11 @@ class ForwardedChannel(SSHChannel):
     def replenish(self, grow: bool = True) -> None:
         """Give the member back the window its data used, once that data is on
         its way to the mesh client; grow the window while the client keeps up."""
+        burst = self._burst
+        if burst is not None and burst.holds(self.mesh.output):
+            # This read's data is still gathered: decide once it has left.
+            burst.after(self, partial(self.replenish, grow))
+            return
         self._settle_growth()
         if self.reading_paused or not self.is_open or self.localClosed:
             return

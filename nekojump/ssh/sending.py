@@ -19,6 +19,7 @@ import fcntl
 import os
 import struct
 import termios
+from collections.abc import Callable
 
 from twisted.internet import tcp
 
@@ -130,11 +131,14 @@ class Burst:
     Each SSH packet of a read may carry data for a forwarded connection:
     ``burst.hold(cork)`` gathers what one read writes to each, and the end
     of the read sends it, one system call per socket instead of one per
-    packet.  Outside a ``with burst:`` block ``hold`` holds nothing.
+    packet.  Work that must wait until then (giving window back once the
+    data has left) goes in ``burst.after``.  Outside a ``with burst:``
+    block ``hold`` holds nothing.
     """
 
     def __init__(self) -> None:
         self._corks: list[Cork] = []
+        self._after: dict[object, Callable[[], None]] = {}
         self._depth = 0
 
     def hold(self, cork: Cork) -> Cork:
@@ -143,15 +147,36 @@ class Burst:
             self._corks.append(cork)
         return cork
 
+    def holds(self, cork: Cork) -> bool:
+        return cork in self._corks
+
+    def after(self, key: object, action: Callable[[], None]) -> None:
+        """Run ``action`` once the held corks are sent (once per ``key``: the last one)."""
+        self._after[key] = action
+
     def __enter__(self) -> None:
         self._depth += 1
 
     def __exit__(self, *exc_info: object) -> None:
         self._depth -= 1
-        if self._depth == 0:
-            corks, self._corks = self._corks, []
-            for cork in corks:
+        if self._depth:
+            return
+        corks, self._corks = self._corks, []
+        after, self._after = self._after, {}
+        errors: list[Exception] = []
+        # Every cork is sent and every action run, whatever one of them raises.
+        for cork in corks:
+            try:
                 cork.__exit__()
+            except Exception as error:  # noqa: BLE001 - raised below, after the rest
+                errors.append(error)
+        for action in after.values():
+            try:
+                action()
+            except Exception as error:  # noqa: BLE001 - raised below, after the rest
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 def unsent_bytes(transport: object) -> int:
