@@ -107,3 +107,18 @@ def text_observer() -> ILogObserver:
     return FileLogObserver(
         sys.stdout, lambda event: formatEventAsClassicLogText(event, formatTime=stamp)
     )
+
+
+def duration(seconds: float) -> str:
+    """A span of time for log lines: ``45 s``, ``12 min``, ``3 h 05 min``, ``2 d 4 h``."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"

@@ -7,7 +7,7 @@ import sys
 
 from twisted.logger import LogLevel, textFileLogObserver
 
-from nekojump.logs import conch_logger, text_observer
+from nekojump.logs import conch_logger, duration, text_observer
 
 
 class Chatty:
@@ -64,3 +64,16 @@ def test_the_text_observer_writes_what_twistds_own_writes(monkeypatch):
     assert lines[0].endswith(
         "[nekojump.ssh.avatar.TunnelAvatar#info] alice connected from 127.0.0.9"
     )
+
+
+def test_durations_read_like_a_person_would_say_them():
+    assert [
+        duration(s) for s in (0, 45.9, 60, 12 * 60 + 5, 3 * 3600 + 5 * 60, 2 * 86400 + 4 * 3600)
+    ] == [
+        "0 s",
+        "45 s",
+        "1 min",
+        "12 min",
+        "3 h 05 min",
+        "2 d 4 h",
+    ]

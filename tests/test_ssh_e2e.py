@@ -498,3 +498,18 @@ def test_concurrent_large_bursts_arrive_intact_and_in_order(running, keys, echo)
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda p: exchange(MESH_ADDRESS, port, p), payloads))
     assert all(got == sent for got, sent in zip(results, payloads, strict=True))
+
+
+def test_the_log_says_who_disconnected_and_after_how_long(running, keys, echo):
+    process = running.forward(keys["bob"], running.port_min + 91, echo.port)
+    process.terminate()
+    process.wait(10)
+    line = wait_for(
+        lambda: next(
+            (line for line in running.log_text().splitlines() if "bob disconnected" in line),
+            None,
+        ),
+        what="the disconnect line",
+    )
+    assert re.search(r"bob disconnected from 127\.0\.0\.1 after \d+ s$", line), line
+    assert "connection lost" not in running.log_text()

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from nekojump import policy
 from nekojump.capacity import DescriptorBudget
+from nekojump.logs import duration
 from nekojump.metrics import Metrics
 from nekojump.model import Identity, Refused
 from nekojump.policy import Bind, Holder, Takeover
@@ -87,6 +88,8 @@ class TunnelAvatar(ConchUser):
         self.source = "unknown"
         self.forwards: dict[int, ActiveForward] = {}
         self.gone = False
+        #: When the connection service started (None until it does).
+        self.connected_at: float | None = None
         self.refusals = 0
         self.channelLookup[b"session"] = TunnelSession
 
@@ -106,6 +109,7 @@ class TunnelAvatar(ConchUser):
         if too_many is not None:
             self.disconnect(too_many.reason)
             return
+        self.connected_at = self.clock.seconds()
         self.log.info(
             "{member} connected from {source} with key {fingerprint}",
             member=self.identity.member_name,
@@ -135,6 +139,15 @@ class TunnelAvatar(ConchUser):
         if self.gone:
             return
         self.gone = True
+        if self.connected_at is not None:
+            self.log.info(
+                "{member} disconnected from {source} after {duration}",
+                member=self.identity.member_name,
+                source=self.source,
+                fingerprint=self.identity.fingerprint,
+                seconds=round(self.clock.seconds() - self.connected_at, 3),
+                duration=duration(self.clock.seconds() - self.connected_at),
+            )
         for forward in list(self.forwards.values()):
             self._release(forward)
         self.registry.remove_avatar(self)

@@ -314,7 +314,12 @@ class PacketLayerMixin:
     def connectionLost(self, reason: object = None) -> None:
         self._tx.release()
         self._rx.release()
-        super().connectionLost(reason)
+        # Conch's connectionLost without its line "connection lost", which
+        # says neither who nor why: the avatar logs who left, and when.
+        if self.service:
+            self.service.serviceStopped()
+        if hasattr(self, "avatar"):
+            self.logoutFunction()
 
     def sendUnimplemented(self) -> None:
         self.sendPacket(MSG_UNIMPLEMENTED, struct.pack(">L", self._last_incoming_sequence))
