@@ -500,7 +500,8 @@ class PacketLayerMixin:
                 missing = total - len(buf)
             if missing > 0:
                 take = min(missing, len(data) - used)
-                buf += data[used : used + take]
+                with memoryview(data) as view:  # one copy, not a slice and a copy
+                    buf += view[used : used + take]
                 used += take
                 if take < missing:
                     break
