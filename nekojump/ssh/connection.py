@@ -23,11 +23,11 @@ from nekojump import policy
 from nekojump.logs import conch_logger
 from nekojump.ssh.forwarding import ForwardedChannel
 from nekojump.ssh.keepalive import Keepalive
+from nekojump.ssh.packets import CHANNEL_DATA_FIELDS
 from nekojump.ssh.session import TunnelSession
 
 KEEPALIVE_REQUEST = b"keepalive@openssh.com"
 #: recipient channel, data length.
-_DATA_HEAD = struct.Struct(">2L")
 #: The largest window SSH can express (RFC 4254 5.2).
 MAX_WINDOW = 2**32 - 1
 
@@ -197,7 +197,7 @@ class TunnelConnection(SSHConnection):
             return
         self.transport.send_packet_parts(
             MSG_CHANNEL_DATA,
-            _DATA_HEAD.pack(self.channelsToRemoteChannel[channel], len(data)),
+            CHANNEL_DATA_FIELDS.pack(self.channelsToRemoteChannel[channel], len(data)),
             data,
         )
 

@@ -45,7 +45,7 @@ from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
 from nekojump.policy import IPNetwork, source_allowed
 from nekojump.ssh.registry import ActiveForward
-from nekojump.ssh.sending import Burst, Cork, unsent_bytes
+from nekojump.ssh.sending import Cork, unsent_bytes
 
 #: The window a forwarded connection starts with (OpenSSH's), and the most
 #: it grows to while the mesh client reads as fast as the member sends.
@@ -275,15 +275,7 @@ class ForwardedChannel(SSHChannel):
 
     def dataReceived(self, data: bytes | memoryview) -> None:
         self.forward.bytes_from_member += len(data)
-        output = self.mesh.output
-        burst = self._burst
-        if burst is not None:
-            burst.hold(output)
-        output.write(data)
-
-    @property
-    def _burst(self) -> Burst | None:
-        return getattr(self.conn.transport, "burst", None)
+        self.conn.transport.burst.hold(self.mesh.output).write(data)
 
     def write(self, data: bytes) -> None:
         """Conch's ``write``; what the window allows now is sealed in one pass."""
@@ -353,8 +345,8 @@ class ForwardedChannel(SSHChannel):
     def replenish(self, grow: bool = True) -> None:
         """Give the member back the window its data used, once that data is on
         its way to the mesh client; grow the window while the client keeps up."""
-        burst = self._burst
-        if burst is not None and burst.holds(self.mesh.output):
+        burst = self.conn.transport.burst
+        if burst.holds(self.mesh.output):
             # This read's data is still gathered: decide once it has left.
             burst.after(self, partial(self.replenish, grow))
             return

@@ -39,6 +39,7 @@ from nekojump.ssh.ciphers import (
     CIPHERS,
     IMPLICIT_MAC,
     MACS,
+    Direction,
     PacketCiphers,
     Plain,
 )
@@ -51,7 +52,7 @@ STRICT_KEX_C = b"kex-strict-c-v00@openssh.com"
 MAX_PACKET_LENGTH = 256 * 1024
 _SEQ_MASK = 0xFFFFFFFF
 #: CHANNEL_DATA's fields before the data: recipient channel, data length.
-_DATA_HEAD = struct.Struct(">2L")
+CHANNEL_DATA_FIELDS = struct.Struct(">2L")
 #: uint32 packet length, byte padding length, byte message number.
 _PACKET_HEAD = struct.Struct(">LBB")
 #: A CHANNEL_DATA packet up to its data: length, padding length, message
@@ -62,6 +63,14 @@ _DATA_PACKET_HEAD = struct.Struct(">LBBLL")
 def is_kex_message(number: int) -> bool:
     """Key exchange messages: KEXINIT, NEWKEYS and the method-specific 30..49."""
     return number in (MSG_KEXINIT, MSG_NEWKEYS) or 30 <= number <= 49
+
+
+def _padding_length(tx: Direction, size: int) -> int:
+    """Random padding for a packet whose payload after the message number is
+    ``size`` bytes: at least 4, and the encrypted part a whole number of blocks."""
+    block = tx.block_size
+    padding = block - (size + (2 if tx.length_outside else 6)) % block
+    return padding + block if padding < 4 else padding
 
 
 class PacketLayerMixin:
@@ -389,22 +398,18 @@ class PacketLayerMixin:
             for offset in range(0, size, max_packet):
                 piece = view[offset : offset + max_packet]
                 self.send_packet_parts(
-                    MSG_CHANNEL_DATA, _DATA_HEAD.pack(recipient, len(piece)), piece
+                    MSG_CHANNEL_DATA, CHANNEL_DATA_FIELDS.pack(recipient, len(piece)), piece
                 )
             return
         tx = self._tx
         seal_pieces = tx.seal_pieces
-        block = tx.block_size
-        unaligned = 10 if tx.length_outside else 14
         seq = self.outgoingPacketSequence
         pieces: list[bytes] = []
         count = wire_bytes = 0
         for offset in range(0, size, max_packet):
             piece = view[offset : offset + max_packet]
             length = len(piece)
-            padding = block - (length + unaligned) % block
-            if padding < 4:
-                padding += block
+            padding = _padding_length(tx, 8 + length)
             head = _DATA_PACKET_HEAD.pack(
                 length + padding + 10, padding, MSG_CHANNEL_DATA, recipient, length
             )
@@ -435,10 +440,7 @@ class PacketLayerMixin:
         self, messageType: int, payload: bytes | tuple[bytes, ...], size: int
     ) -> None:
         tx = self._tx
-        block = tx.block_size
-        padding = block - (size + (2 if tx.length_outside else 6)) % block
-        if padding < 4:
-            padding += block
+        padding = _padding_length(tx, size)
         head = _PACKET_HEAD.pack(size + padding + 2, padding, messageType)
         if isinstance(payload, tuple):
             packet = b"".join((head, *payload, self._padding(padding)))
