@@ -14,5 +14,5 @@ USER nekojump
 WORKDIR /var/lib/nekojump
 
 # The same command the systemd unit runs.
-ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "--logfile=-", "nekojump"]
+ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "--logger=nekojump.logs.text_observer", "nekojump"]
 CMD ["--config", "/etc/nekojump/nekojump.toml"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -61,6 +62,13 @@ def test_container_runs_the_same_command_as_the_unit():
     dockerfile = (REPO / "Dockerfile").read_text()
     compose = (REPO / "etc" / "compose.yaml").read_text()
     assert "twistd" in dockerfile and "nekojump" in dockerfile and "--config" in dockerfile
+    # The same twistd options (logging included) as etc/nekojump.service.
+    unit = (REPO / "etc" / "nekojump.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    unit_options = exec_start.split()[1 : exec_start.split().index("nekojump")]
+    entrypoint = next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))
+    container_options = json.loads(entrypoint.split(None, 1)[1])[1:-1]
+    assert container_options == unit_options
     assert "USER nekojump" in dockerfile
     assert "network_mode: host" in compose
     assert "/var/lib/nekojump" in compose

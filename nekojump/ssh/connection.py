@@ -27,7 +27,6 @@ from nekojump.ssh.packets import CHANNEL_DATA_FIELDS
 from nekojump.ssh.session import TunnelSession
 
 KEEPALIVE_REQUEST = b"keepalive@openssh.com"
-#: recipient channel, data length.
 #: The largest window SSH can express (RFC 4254 5.2).
 MAX_WINDOW = 2**32 - 1
 
