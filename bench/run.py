@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bulk-mib", type=int, default=128, help="MiB per bulk transfer")
     parser.add_argument("--rtt-mib", type=int, default=32, help="MiB per transfer at 40 ms RTT")
     parser.add_argument("--connects", type=int, default=100, help="fresh connections per round")
-    parser.add_argument("--gap-samples", type=int, default=20, help="connections after idle gap")
+    parser.add_argument("--gap-samples", type=int, default=40, help="connections after idle gap")
     parser.add_argument("--gap", type=float, default=0.5, help="idle gap in seconds")
     parser.add_argument("--echoes", type=int, default=1000, help="small echoes per round")
     parser.add_argument("--slow-seconds", type=float, default=10, help="slow-reader duration")
@@ -119,6 +119,16 @@ def python_module(procs: Processes, module: str, *args: str) -> subprocess.Popen
     )
 
 
+def paired_ratio(ours: list[float], theirs: list[float]) -> float | None:
+    """Median of ``ours[i] / theirs[i]``: samples taken side by side, one pair at
+    a time, so that the machine getting slower or faster between pairs cancels
+    out.  None unless there are pairs to compare."""
+    if len(ours) != len(theirs):
+        return None
+    pairs = [a / b for a, b in zip(ours, theirs, strict=True) if b]
+    return statistics.median(pairs) if pairs else None
+
+
 class Results:
     """results[metric][server] = value, plus notes."""
 
@@ -126,6 +136,17 @@ class Results:
         self.values: dict[str, dict[str, object]] = {}
         self.better: dict[str, str] = {}
         self.raw: dict[str, dict[str, object]] = {}
+        #: nekojump / sshd per metric, from samples paired round by round.
+        self.ratios: dict[str, float] = {}
+
+    def pair(self, metric: str, raw: str) -> None:
+        """``metric``'s ratio from the samples in ``raw[raw]``, paired by index."""
+        samples = self.raw.get(raw, {})
+        ours, theirs = samples.get("nekojump"), samples.get("sshd")
+        if isinstance(ours, list) and isinstance(theirs, list):
+            ratio = paired_ratio(ours, theirs)
+            if ratio is not None:
+                self.ratios[metric] = ratio
 
     def set(self, metric: str, server: str, value: object, better: str = "lower") -> None:
         self.values.setdefault(metric, {})[server] = value
@@ -265,6 +286,7 @@ class Bench:
             for metric, better in metrics:
                 for server_name, samples in self.results.raw[metric].items():
                     self.results.set(metric, server_name, statistics.median(samples), better)
+                self.results.pair(metric, metric)
 
     # -- latency -------------------------------------------------------------------
 
@@ -288,6 +310,7 @@ class Bench:
                     f"fresh connection, back-to-back p{q} ms", server.name,
                     1000 * statistics.median(samples),
                 )  # fmt: skip
+            self.results.pair(f"fresh connection, back-to-back p{q} ms", f"b2b p{q}")
         for server in self.servers:
             self.results.set(
                 "fresh connection, back-to-back: % over 20 ms", server.name,
@@ -307,6 +330,8 @@ class Bench:
                     1000 * percentile(gap_times[server.name], q),
                 )  # fmt: skip
             self.results.raw.setdefault("gap samples", {})[server.name] = gap_times[server.name]
+        # Each gap measures both servers: the p50 ratio is the median of those pairs.
+        self.results.pair(f"fresh connection after {self.args.gap:g} s idle p50 ms", "gap samples")
 
     def request_response(self) -> None:
         for round_ in range(self.args.repeats):
@@ -322,6 +347,7 @@ class Bench:
                     f"64 B request/response p{q} us", server.name,
                     1e6 * statistics.median(self.results.raw[f"rr p{q}"][server.name]),
                 )  # fmt: skip
+            self.results.pair(f"64 B request/response p{q} us", f"rr p{q}")
 
     # -- memory --------------------------------------------------------------------
 
@@ -534,7 +560,13 @@ def render(bench: Bench) -> str:
         values = bench.results.values[metric]
         cells = [_fmt(values.get(name)) for name in names]
         nj, ss = values.get("nekojump"), values.get("sshd")
-        ratio = f"{nj / ss:.2f}" if isinstance(nj, float) and isinstance(ss, float) and ss else "-"
+        paired = bench.results.ratios.get(metric)
+        if paired is not None:
+            ratio = f"{paired:.2f}"
+        elif isinstance(nj, float) and isinstance(ss, float) and ss:
+            ratio = f"{nj / ss:.2f}"
+        else:
+            ratio = "-"
         rows.append((metric, *cells, ratio, better))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
@@ -549,7 +581,10 @@ def render(bench: Bench) -> str:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     header = [
         "nekojump vs OpenSSH sshd, tunnel-only jumphost on loopback "
-        f"(medians of {bench.args.repeats} rounds; ratio = nekojump / sshd)",
+        f"(medians of {bench.args.repeats} rounds; ratio = nekojump / sshd, and for rows "
+        "measured in rounds or pairs the median of the per-round ratios, both servers "
+        "measured back to back, so a machine that speeds up or slows down between rounds "
+        "does not tilt it)",
     ]
     for name, found in bench.negotiated.items():
         header.append(
@@ -614,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "values": bench.results.values,
+                    "ratios": bench.results.ratios,
                     "raw": bench.results.raw,
                     "negotiated": bench.negotiated,
                     "notes": bench.notes,
