@@ -467,3 +467,26 @@ def test_channel_data_reaches_channels_as_views_only_if_they_take_them():
     conn.channels[session.id] = session
     conn.ssh_CHANNEL_DATA(memoryview(struct.pack(">L", session.id) + common.NS(b"typed")))
     assert session.received == [b"typed"] and type(session.received[0]) is bytes
+
+
+def test_a_mesh_read_bigger_than_the_window_leaves_in_one_send(tmp_path):
+    """The member's window takes only part of a read: the packets that fit are
+    still sealed and sent to the member's ssh in one write, not one per packet."""
+    from tests.test_transport_crypto import Client, _world, connect
+
+    _store, factory = _world(tmp_path)
+    client = Client()
+    client.supportedCiphers = [b"aes128-gcm@openssh.com"]
+    client, server, _pump = connect(factory, client)
+    conn, mesh, _socket, channel, _forward, confirm = setup(
+        remote_window=40_000, remote_packet=16_384
+    )
+    confirm()
+    conn.transport = server
+    writes: list[bytes] = []
+    server.transport.write = writes.append
+    mesh.dataReceived(b"x" * 100_000)
+    assert len(writes) == 1
+    # Three packets (16384 + 16384 + 7232 bytes of data), each 4 + 12 + data + padding + tag.
+    assert 40_000 < len(writes[0]) < 40_000 + 3 * (4 + 13 + 255 + 16)
+    assert len(channel.buf) == 60_000

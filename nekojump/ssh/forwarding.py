@@ -182,12 +182,7 @@ class MeshConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.forward.bytes_to_member += len(data)
         assert self.channel is not None
-        output = getattr(self.channel.conn.transport, "output", None)
-        if output is None:
-            self.channel.write(data)
-            return
-        with output.held():  # the packets of this read leave in one send
-            self.channel.write(data)
+        self.channel.write(data)
 
     def readConnectionLost(self) -> None:
         """The mesh member sent FIN: pass EOF on, keep the other direction."""
@@ -283,8 +278,15 @@ class ForwardedChannel(SSHChannel):
             return
         size = len(data)
         if not size or self.buf or size > self.remoteWindowLeft or self.closing:
-            super().write(data)
+            # Conch's write: as many packets as the window takes, one send.
+            output = getattr(self.conn.transport, "output", None)
+            if output is None:
+                super().write(data)
+                return
+            with output.held():
+                super().write(data)
             return
+        # All of it fits: one pass seals every packet and sends them together.
         self.conn.send_data_packets(self, data, self.remoteMaxPacket)
         self.remoteWindowLeft -= size
 
@@ -345,6 +347,10 @@ class ForwardedChannel(SSHChannel):
     def replenish(self, grow: bool = True) -> None:
         """Give the member back the window its data used, once that data is on
         its way to the mesh client; grow the window while the client keeps up."""
+        if not self.growth and (
+            self.localWindowSize - self.localWindowLeft < self.localWindowSize // 8
+        ):
+            return  # too little used to give back, and no growth to settle
         burst = self.conn.transport.burst
         if burst.holds(self.mesh.output):
             # This read's data is still gathered: decide once it has left.
