@@ -26,6 +26,7 @@ from bench.procs import Processes, cpu_seconds, descendants, memory_kib, wait_un
 from bench.servers import (
     IMPLICIT_MAC,
     KEX,
+    ConchReference,
     Nekojump,
     Server,
     Sshd,
@@ -35,6 +36,7 @@ from bench.servers import (
 REPO = Path(__file__).resolve().parent.parent
 NEKOJUMP_BIND = "127.0.0.2"
 SSHD_BIND = "127.0.0.3"
+CONCH_BIND = "127.0.0.4"
 GIB = 1 << 30
 #: Idle tunnels beyond this many are measured on nekojump only.
 SSHD_MAX_TUNNELS = 1000
@@ -375,67 +377,113 @@ class Bench:
             # sshd's per-connection processes exit once their clients are gone.
             wait_until(lambda server=server: not descendants(server.pid), 15,
                        f"{server.name} connections to close")  # fmt: skip
-            time.sleep(1)
-            base = memory_kib(server.pid)
-            self.results.raw.setdefault("baseline memory", {})[server.name] = base
-            generator = python_module(
-                self.procs, "bench.loadgen",
-                "--port", str(server.ssh_port), "--user", server.user, "--key", str(self.key),
-                "--bind", server.bind, "--base-port", str(server.load_base_port),
-                "--echo", str(self.services["echo"]),
-                "--cipher", self.cipher[0], "--mac", self.cipher[1],
-            )  # fmt: skip
-            try:
-                read_json_line(generator, 60, "load generator")
-                have = 0
-                for size in sizes:
-                    if isinstance(server, Sshd) and size > SSHD_MAX_TUNNELS:
-                        self.notes.append(
-                            f"sshd held at most {SSHD_MAX_TUNNELS} idle tunnels: at ~1.6 MiB "
-                            f"and two processes each, {size} would need "
-                            f"~{size * 1.6 / 1024:.0f} GiB and {2 * size} processes"
-                        )
-                        break
-                    cpu_before = cpu_seconds(server.pid)
-                    assert generator.stdin is not None
-                    generator.stdin.write(f"grow {size}\n".encode())
-                    generator.stdin.flush()
-                    grown = read_json_line(generator, 60 + size * 0.05, f"{size} tunnels")
-                    cpu_used = cpu_seconds(server.pid) - cpu_before
-                    time.sleep(2)  # let the server settle before sampling memory
-                    memory = memory_kib(server.pid)
-                    sample = random.sample(range(grown["tunnels"]), min(10, grown["tunnels"]))
-                    answering = sum(
-                        measure.echo_ok(server.bind, server.load_base_port + i) for i in sample
+            if isinstance(server, Sshd):
+                held = [size for size in sizes if size <= SSHD_MAX_TUNNELS]
+                if held != sizes:
+                    self.notes.append(
+                        f"sshd held at most {SSHD_MAX_TUNNELS} idle tunnels: at ~1.6 MiB "
+                        f"and two processes each, {sizes[-1]} would need "
+                        f"~{sizes[-1] * 1.6 / 1024:.0f} GiB and {2 * sizes[-1]} processes"
                     )
-                    added = size - have
-                    have = size
-                    rate = grown["opened"] / grown["seconds"] if grown["seconds"] else 0
-                    per_tunnel = (memory["pss_kib"] - base["pss_kib"]) / max(1, grown["tunnels"])
-                    r = self.results
-                    r.set(f"memory per idle tunnel @{size} KiB", server.name, per_tunnel)
-                    r.set(f"server RSS with {size} tunnels MiB", server.name,
-                          memory["rss_kib"] / 1024)  # fmt: skip
-                    r.set(f"tunnel setup rate to {size} /s", server.name, rate, "higher")
-                    r.set(f"server CPU per tunnel setup to {size} ms", server.name,
-                          1000 * cpu_used / max(1, grown["opened"]))  # fmt: skip
-                    r.set(f"tunnels up / sampled answering @{size}", server.name,
-                          f"{grown['tunnels']}/{size} {answering}/{len(sample)}", "")  # fmt: skip
-                    r.raw.setdefault(f"idle @{size}", {})[server.name] = {
-                        **grown, "memory": memory, "cpu_seconds": cpu_used,
-                        "answering": answering, "sampled": len(sample), "added": added,
-                    }  # fmt: skip
-                    log(
-                        f"{server.name}: {grown['tunnels']} tunnels in {grown['seconds']:.1f}s, "
-                        f"{per_tunnel:.0f} KiB each, {answering}/{len(sample)} answer"
-                        + (f", errors {grown['first_errors']}" if grown["failed"] else "")
-                    )
+            else:
+                held = sizes
+            steps = self._grow_tunnels(server, held, self.cipher)
+            for size, found in zip(held, steps, strict=True):
+                self._record_tunnels(server, size, found)
+        self.conch_floor(min(1000, sizes[-1]))
+
+    def conch_floor(self, size: int) -> None:
+        """CPU per tunnel setup of bare Twisted Conch (``bench/conch_reference.py``),
+        as a note: what nekojump spends beyond the framework it is built on."""
+        reference = ConchReference(
+            "bare Conch", self.directory / "conch", self.procs, user="tunnel",
+            bind=CONCH_BIND, port_min=30000, port_max=39999,
+        )  # fmt: skip
+        reference.directory.mkdir()
+        try:
+            reference.start(Path(f"{self.key}.pub"))
+            (found,) = self._grow_tunnels(reference, [size], reference.cipher)
+        except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
+            self.notes.append(f"bare Conch reference skipped: {error}")
+            return
+        finally:
+            reference.stop()
+        self.results.raw[f"bare Conch idle @{size}"] = found
+        ours = self.results.values.get(f"server CPU per tunnel setup to {size} ms", {})
+        mine = ours.get("nekojump")
+        ms = 1000 * found["cpu_seconds"] / max(1, found["opened"])
+        self.notes.append(
+            f"bare Twisted Conch (bench/conch_reference.py: publickey login and tcpip-forward, "
+            f"no store, audit, limits or logs; {'+'.join(reference.cipher)}) took {ms:.2f} ms "
+            f"of CPU per tunnel setup to {size} tunnels"
+            + (f" (nekojump {mine:.2f} ms, {mine / ms:.2f}x)" if isinstance(mine, float) else "")
+            + f", {found['tunnels']} up, {found['answering']}/{found['sampled']} answering"
+        )
+        log(self.notes[-1])
+
+    def _grow_tunnels(
+        self, server: Server, sizes: list[int], cipher: tuple[str, str]
+    ) -> list[dict]:
+        """Grow one load generator's idle tunnels on ``server`` to each of
+        ``sizes`` in turn; what each step took and what the server held after it."""
+        time.sleep(1)
+        base = memory_kib(server.pid)
+        self.results.raw.setdefault("baseline memory", {})[server.name] = base
+        generator = python_module(
+            self.procs, "bench.loadgen",
+            "--port", str(server.ssh_port), "--user", server.user, "--key", str(self.key),
+            "--bind", server.bind, "--base-port", str(server.load_base_port),
+            "--echo", str(self.services["echo"]), "--cipher", cipher[0], "--mac", cipher[1],
+        )  # fmt: skip
+        steps = []
+        try:
+            read_json_line(generator, 60, "load generator")
+            have = 0
+            for size in sizes:
+                cpu_before = cpu_seconds(server.pid)
                 assert generator.stdin is not None
-                generator.stdin.write(b"quit\n")
+                generator.stdin.write(f"grow {size}\n".encode())
                 generator.stdin.flush()
-                read_json_line(generator, 60, "load generator to close")
-            finally:
-                self.procs.stop(generator)
+                grown = read_json_line(generator, 60 + size * 0.05, f"{size} tunnels")
+                cpu_used = cpu_seconds(server.pid) - cpu_before
+                time.sleep(2)  # let the server settle before sampling memory
+                memory = memory_kib(server.pid)
+                sample = random.sample(range(grown["tunnels"]), min(10, grown["tunnels"]))
+                answering = sum(
+                    measure.echo_ok(server.bind, server.load_base_port + i) for i in sample
+                )
+                steps.append({
+                    **grown, "memory": memory, "base": base, "cpu_seconds": cpu_used,
+                    "answering": answering, "sampled": len(sample), "added": size - have,
+                })  # fmt: skip
+                have = size
+                per_tunnel = (memory["pss_kib"] - base["pss_kib"]) / max(1, grown["tunnels"])
+                log(
+                    f"{server.name}: {grown['tunnels']} tunnels in {grown['seconds']:.1f}s, "
+                    f"{per_tunnel:.0f} KiB each, {answering}/{len(sample)} answer"
+                    + (f", errors {grown['first_errors']}" if grown["failed"] else "")
+                )
+            assert generator.stdin is not None
+            generator.stdin.write(b"quit\n")
+            generator.stdin.flush()
+            read_json_line(generator, 60, "load generator to close")
+        finally:
+            self.procs.stop(generator)
+        return steps
+
+    def _record_tunnels(self, server: Server, size: int, found: dict) -> None:
+        r = self.results
+        base, memory = found["base"], found["memory"]
+        per_tunnel = (memory["pss_kib"] - base["pss_kib"]) / max(1, found["tunnels"])
+        rate = found["opened"] / found["seconds"] if found["seconds"] else 0
+        r.set(f"memory per idle tunnel @{size} KiB", server.name, per_tunnel)
+        r.set(f"server RSS with {size} tunnels MiB", server.name, memory["rss_kib"] / 1024)
+        r.set(f"tunnel setup rate to {size} /s", server.name, rate, "higher")
+        r.set(f"server CPU per tunnel setup to {size} ms", server.name,
+              1000 * found["cpu_seconds"] / max(1, found["opened"]))  # fmt: skip
+        r.set(f"tunnels up / sampled answering @{size}", server.name,
+              f"{found['tunnels']}/{size} {found['answering']}/{found['sampled']}", "")  # fmt: skip
+        r.raw.setdefault(f"idle @{size}", {})[server.name] = found
 
     # -- profile -------------------------------------------------------------------
 

@@ -154,6 +154,46 @@ listen = "tcp:0:interface=127.0.0.1"
             raise RuntimeError(f"nekojump exited:\n{log.read_text(errors='replace')[-2000:]}")
 
 
+class ConchReference(Server):
+    """Bare Twisted Conch holding remote forwards (``bench/conch_reference.py``)."""
+
+    #: Conch has no AES-GCM: the reference uses CTR with HMAC-SHA2-256.
+    cipher = ("aes128-ctr", "hmac-sha2-256")
+
+    def start(self, public_key: Path) -> None:
+        host_key = self.directory / "ssh_host_ed25519_key"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
+            check=True,
+            timeout=30,
+        )
+        self.public_key = public_key
+        self.launch()
+
+    def launch(self) -> None:
+        log = self.directory / "conch.log"
+        with open(log, "ab") as out:
+            self.process = self.procs.spawn(
+                [
+                    sys.executable, "-m", "bench.conch_reference",
+                    "--port", str(self.ssh_port), "--host", SSH_HOST,
+                    "--host-key", str(self.directory / "ssh_host_ed25519_key"),
+                    "--authorized-key", str(self.public_key),
+                    "--user", self.user, "--bind", self.bind,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parent.parent,
+            )  # fmt: skip
+        wait_until(
+            lambda: can_connect(SSH_HOST, self.ssh_port) or self.process.poll() is not None,
+            30,
+            "the Conch reference to listen",
+        )
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the Conch reference exited: {log.read_text(errors='replace')}")
+
+
 SSHD_CONFIG = """\
 Port {port}
 ListenAddress {host}

@@ -1,12 +1,26 @@
-"""The benchmark's ratio column: samples paired round by round, not medians divided."""
+"""The benchmark's pure parts (the ratio column) and its bare-Conch reference server."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from bench.measure import echo_ok
 from bench.run import Results, paired_ratio, render
+from tests.conftest import (
+    EchoServer,
+    can_connect,
+    exited_within,
+    free_port,
+    tool,
+    wait_for,
+)
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_a_machine_that_slows_down_between_rounds_does_not_tilt_the_ratio() -> None:
@@ -58,3 +72,42 @@ def test_a_server_measured_alone_gets_no_paired_ratio() -> None:
     results.add_raw("rr p50", "nekojump", 0.0003)
     results.pair("64 B request/response p50 us", "rr p50")
     assert results.ratios == {}
+
+
+def test_the_bare_conch_reference_holds_a_real_ssh_forward(tmp_path, keys, echo: EchoServer):
+    """The floor the benchmark measures nekojump's login cost against is a working
+    jumphost: the real OpenSSH client logs in and its -R forward carries data."""
+    host_key = tmp_path / "host_key"
+    subprocess.run(
+        [tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True
+    )
+    ssh_port, forward_port = free_port(), free_port("127.0.0.2")
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "bench.conch_reference", "--port", str(ssh_port),
+            "--host-key", str(host_key), "--authorized-key", f"{keys['alice']}.pub",
+            "--user", "tunnel", "--bind", "127.0.0.2",
+        ],
+        cwd=REPO,
+    )  # fmt: skip
+    client = None
+    try:
+        wait_for(lambda: can_connect("127.0.0.1", ssh_port), what="the reference to listen")
+        client = subprocess.Popen(
+            [
+                tool("ssh"), "-F", "/dev/null", "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "IdentitiesOnly=yes", "-i", str(keys["alice"]), "-p", str(ssh_port),
+                "-c", "aes128-ctr", "-m", "hmac-sha2-256", "-N",
+                "-R", f"127.0.0.2:{forward_port}:127.0.0.1:{echo.port}", "tunnel@127.0.0.1",
+            ],
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        wait_for(lambda: can_connect("127.0.0.2", forward_port), what="the forward")
+        # As the benchmark samples tunnels: bare Conch closes on a half-close.
+        assert echo_ok("127.0.0.2", forward_port)
+    finally:
+        for process in (client, server):
+            if process is not None:
+                process.terminate()
+                assert exited_within(process, 10)
