@@ -426,9 +426,6 @@ class Bench:
     ) -> list[dict]:
         """Grow one load generator's idle tunnels on ``server`` to each of
         ``sizes`` in turn; what each step took and what the server held after it."""
-        time.sleep(1)
-        base = memory_kib(server.pid)
-        self.results.raw.setdefault("baseline memory", {})[server.name] = base
         generator = python_module(
             self.procs, "bench.loadgen",
             "--port", str(server.ssh_port), "--user", server.user, "--key", str(self.key),
@@ -438,6 +435,12 @@ class Bench:
         steps = []
         try:
             read_json_line(generator, 60, "load generator")
+            # The baseline once the load generator runs: PSS splits shared pages
+            # (libpython, libcrypto) among the processes that map them, so a
+            # process started later lowers the server's PSS by itself.
+            time.sleep(1)
+            base = memory_kib(server.pid)
+            self.results.raw.setdefault("baseline memory", {})[server.name] = base
             have = 0
             for size in sizes:
                 cpu_before = cpu_seconds(server.pid)
