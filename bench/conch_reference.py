@@ -10,6 +10,7 @@ spends on top of the framework it is built on is measured in the same run.
 from __future__ import annotations
 
 import argparse
+import resource
 import struct
 
 from twisted.conch.avatar import ConchUser
@@ -18,6 +19,7 @@ from twisted.conch.ssh import connection, factory, forwarding, keys, userauth
 from twisted.conch.ssh.common import getNS
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from zope.interface import implementer
 
@@ -36,7 +38,10 @@ class TunnelUser(ConchUser):
         listener_factory = forwarding.SSHListenForwardingFactory(
             self.conn, (self.bind, port), forwarding.SSHListenServerForwardingChannel
         )
-        self.listeners[port] = reactor.listenTCP(port, listener_factory, interface=self.bind)
+        try:
+            self.listeners[port] = reactor.listenTCP(port, listener_factory, interface=self.bind)
+        except CannotListenError:
+            return 0  # REQUEST_FAILURE, as Conch's own unix avatar answers
         return 1
 
     def logout(self) -> None:
@@ -63,6 +68,12 @@ def main() -> None:
     parser.add_argument("--user", required=True)
     parser.add_argument("--bind", required=True, help="address the forwards listen on")
     args = parser.parse_args()
+    # Two descriptors per tunnel, as for nekojump (which raises its limit the same way).
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass  # an unlimited hard limit: keep the soft one
 
     host_key = keys.Key.fromFile(args.host_key)
     key_db = InMemorySSHKeyDB({args.user.encode(): [keys.Key.fromFile(args.authorized_key)]})

@@ -324,6 +324,24 @@ def test_a_stalled_mesh_client_gives_the_growth_back_and_buffers_at_most_the_win
     assert member_window(conn, sent) == CHANNEL_WINDOW
 
 
+def test_after_a_stall_even_a_little_data_returns_its_growth_to_the_budget():
+    """The budget shrinks with every byte of the old, larger window the member
+    uses, however little at a time; it is not held until a big chunk arrives."""
+    conn, _mesh, _socket, channel, forward, confirm = setup()
+    confirm()
+    budget = ForwardedChannel.budget
+    before = budget.used
+    send_from_member(conn, channel, 16 << 20)
+    channel.pauseProducing()
+    forward.avatar.clock.advance(STALL_SECONDS)
+    assert channel.localWindowSize == CHANNEL_WINDOW
+    outstanding = channel.localWindowLeft
+    assert outstanding > CHANNEL_WINDOW + 1024
+    channel.resumeProducing()  # drained; the member sends a little
+    send_from_member(conn, channel, 1024)
+    assert budget.used == before + outstanding - 1024 - CHANNEL_WINDOW
+
+
 def test_a_short_pause_keeps_the_window_growing():
     """Twisted pauses on every full write buffer; a fast client resumes within a turn."""
     conn, _mesh, _socket, channel, forward, confirm = setup()
