@@ -73,20 +73,46 @@ def connect_latency(host: str, port: int, timeout: float = 10) -> float:
 
 def request_response(host: str, port: int, count: int, size: int = 64) -> list[float]:
     """Round-trip times of ``count`` small echoes on one connection."""
+    with _connect(host, port, 10) as s:
+        return echoes(s, count, size)
+
+
+def echoes(s: socket.socket, count: int, size: int = 64) -> list[float]:
+    """Round-trip times of ``count`` echoes of ``size`` bytes on the open socket ``s``."""
     payload = bytes(size)
     times = []
-    with _connect(host, port, 10) as s:
-        for _ in range(count):
-            start = time.perf_counter()
-            s.sendall(payload)
-            got = 0
-            while got < size:
-                chunk = s.recv(size - got)
-                if not chunk:
-                    raise RuntimeError("echo connection closed")
-                got += len(chunk)
-            times.append(time.perf_counter() - start)
+    for _ in range(count):
+        start = time.perf_counter()
+        s.sendall(payload)
+        got = 0
+        while got < size:
+            chunk = s.recv(size - got)
+            if not chunk:
+                raise RuntimeError("echo connection closed")
+            got += len(chunk)
+        times.append(time.perf_counter() - start)
     return times
+
+
+def interleaved_echoes(
+    targets: dict[str, tuple[str, int]], count: int, block: int = 250, size: int = 64
+) -> dict[str, list[list[float]]]:
+    """``echoes`` on one connection per target, ``block`` at a time to each in turn
+    (the first target alternating), so that every target is measured in the same
+    moments of a machine whose speed drifts from one second to the next.  The
+    round-trip times come back block by block: block i of each target is a pair."""
+    blocks: dict[str, list[list[float]]] = {name: [] for name in targets}
+    sockets = {name: _connect(host, port, 10) for name, (host, port) in targets.items()}
+    try:
+        order = list(sockets)
+        for turn in range(math.ceil(count / block)):
+            n = min(block, count - turn * block)
+            for name in order if turn % 2 == 0 else reversed(order):
+                blocks[name].append(echoes(sockets[name], n, size))
+    finally:
+        for s in sockets.values():
+            s.close()
+    return blocks
 
 
 def echo_ok(host: str, port: int) -> bool:

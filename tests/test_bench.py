@@ -111,3 +111,22 @@ def test_the_bare_conch_reference_holds_a_real_ssh_forward(tmp_path, keys, echo:
             if process is not None:
                 process.terminate()
                 assert exited_within(process, 10)
+
+
+def test_interleaved_echoes_measure_every_target_block_by_block() -> None:
+    from bench.measure import interleaved_echoes
+
+    first, second = EchoServer(), EchoServer()
+    try:
+        found = interleaved_echoes(
+            {"a": ("127.0.0.1", first.port), "b": ("127.0.0.1", second.port)}, count=7, block=3
+        )
+    finally:
+        for server in (first, second):
+            server.shutdown()
+            server.server_close()
+    assert {name: [len(block) for block in blocks] for name, blocks in found.items()} == {
+        "a": [3, 3, 1],
+        "b": [3, 3, 1],
+    }
+    assert all(0 < t < 5 for blocks in found.values() for block in blocks for t in block)
