@@ -264,11 +264,12 @@ class Bench:
     def bulk(self, kind: str, size_mib: int, label: str, cpu: bool) -> None:
         size = size_mib * MIB
         for round_ in range(self.args.repeats):
-            for server in self.servers:
-                tunnel = self.tunnels.get((server.name, kind))
-                if tunnel is None:
-                    continue
-                for direction, run in (("up", measure.upload), ("down", measure.download)):
+            # The two servers' transfers of one direction right after each other.
+            for direction, run in (("up", measure.upload), ("down", measure.download)):
+                for server in self._in_turn(round_):
+                    tunnel = self.tunnels.get((server.name, kind))
+                    if tunnel is None:
+                        continue
                     port = tunnel.ports["sink" if direction == "up" else "source"]
                     before = cpu_seconds(server.pid)
                     elapsed = run(server.bind, port, size)
@@ -280,7 +281,7 @@ class Bench:
                         self.results.add_raw(
                             f"server CPU s/GiB {direction}", server.name, used / (size / GIB)
                         )
-                log(f"{label} round {round_ + 1}/{self.args.repeats} done")
+            log(f"{label} round {round_ + 1}/{self.args.repeats} done")
         for direction in ("up", "down"):
             metrics = [(f"{label} {direction} MiB/s", "higher")]
             if cpu:
@@ -292,9 +293,14 @@ class Bench:
 
     # -- latency -------------------------------------------------------------------
 
+    def _in_turn(self, round_: int) -> list[Server]:
+        """The servers in the order of this round: who goes first alternates, so
+        that a machine drifting faster or slower favours neither."""
+        return self.servers if round_ % 2 == 0 else self.servers[::-1]
+
     def connect_latency(self) -> None:
         for round_ in range(self.args.repeats):
-            for server in self.servers:
+            for server in self._in_turn(round_):
                 port = self.tunnels[server.name, "main"].ports["echo"]
                 times = [
                     measure.connect_latency(server.bind, port) for _ in range(self.args.connects)
