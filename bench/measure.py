@@ -98,12 +98,16 @@ def interleaved_echoes(
     targets: dict[str, tuple[str, int]], count: int, block: int = 250, size: int = 64
 ) -> dict[str, list[list[float]]]:
     """``echoes`` on one connection per target, ``block`` at a time to each in turn
-    (the first target alternating), so that every target is measured in the same
+    (who goes first alternating), so that every target is measured in the same
     moments of a machine whose speed drifts from one second to the next.  The
-    round-trip times come back block by block: block i of each target is a pair."""
+    round-trip times come back block by block: block i of each target is a pair,
+    and every block but perhaps the last has ``block`` echoes."""
     blocks: dict[str, list[list[float]]] = {name: [] for name in targets}
-    sockets = {name: _connect(host, port, 10) for name, (host, port) in targets.items()}
+    sockets: dict[str, socket.socket] = {}
     try:
+        for name, (host, port) in targets.items():
+            sockets[name] = _connect(host, port, 10)
+            echoes(sockets[name], 1, size)  # the channel is open before timing starts
         order = list(sockets)
         for turn in range(math.ceil(count / block)):
             n = min(block, count - turn * block)

@@ -40,6 +40,8 @@ CONCH_BIND = "127.0.0.4"
 GIB = 1 << 30
 #: Idle tunnels beyond this many are measured on nekojump only.
 SSHD_MAX_TUNNELS = 1000
+#: Echoes to one server before the other's turn in the request/response rounds.
+ECHO_BLOCK = 250
 #: Measurement groups, in the order they run (``--only`` picks some).
 GROUPS = ("slow", "bulk", "rtt", "connect", "echo", "idle")
 
@@ -82,8 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--only takes some of {','.join(GROUPS)}")
     if not 1 <= args.max_tunnels <= 9500:
         parser.error("--max-tunnels must be between 1 and 9500")
-    if args.repeats < 1 or args.bulk_mib < 1 or args.rtt_mib < 1:
-        parser.error("--repeats, --bulk-mib and --rtt-mib must be positive")
+    counts = ("repeats", "bulk_mib", "rtt_mib", "connects", "gap_samples", "echoes")
+    if any(getattr(args, name) < 1 for name in counts):
+        parser.error(
+            "--repeats, --bulk-mib, --rtt-mib, --connects, --gap-samples and --echoes "
+            "must be positive"
+        )
     return args
 
 
@@ -138,7 +144,8 @@ class Results:
         self.values: dict[str, dict[str, object]] = {}
         self.better: dict[str, str] = {}
         self.raw: dict[str, dict[str, object]] = {}
-        #: nekojump / sshd per metric, from samples paired round by round.
+        #: nekojump / sshd per metric: the median over paired samples (rounds,
+        #: request/response blocks or idle gaps; see ``pair``).
         self.ratios: dict[str, float] = {}
 
     def pair(self, metric: str, raw: str) -> None:
@@ -265,8 +272,11 @@ class Bench:
         size = size_mib * MIB
         for round_ in range(self.args.repeats):
             # The two servers' transfers of one direction right after each other.
-            for direction, run in (("up", measure.upload), ("down", measure.download)):
-                for server in self._in_turn(round_):
+            for turn, (direction, run) in enumerate(
+                (("up", measure.upload), ("down", measure.download))
+            ):
+                # First A up, B up, B down, A down; the next round B, A, A, B.
+                for server in self._in_turn(round_ + turn):
                     tunnel = self.tunnels.get((server.name, kind))
                     if tunnel is None:
                         continue
@@ -327,7 +337,7 @@ class Bench:
         gap_times: dict[str, list[float]] = {s.name: [] for s in self.servers}
         for sample in range(self.args.gap_samples):
             # Every connection after a gap of its own: the machine idle, not just
-            # this tunnel.  Sample i of each server is a pair, half a second apart.
+            # this tunnel.  Sample i of each server is a pair, one gap apart.
             for server in self._in_turn(sample):
                 time.sleep(self.args.gap)
                 port = self.tunnels[server.name, "main"].ports["echo"]
@@ -344,19 +354,21 @@ class Bench:
         self.results.pair(f"fresh connection after {self.args.gap:g} s idle p50 ms", "gap samples")
 
     def request_response(self) -> None:
-        # Both servers in the same moments: 50 echoes to one, 50 to the other, ...
-        targets = {
-            server.name: (server.bind, self.tunnels[server.name, "main"].ports["echo"])
-            for server in self.servers
-        }
+        # Both servers in the same moments: a block of echoes to one, then to the other.
+        block = min(ECHO_BLOCK, self.args.echoes)
         for round_ in range(self.args.repeats):
-            found = measure.interleaved_echoes(targets, self.args.echoes)
+            targets = {
+                server.name: (server.bind, self.tunnels[server.name, "main"].ports["echo"])
+                for server in self._in_turn(round_)
+            }
+            found = measure.interleaved_echoes(targets, self.args.echoes, block)
             for name, blocks in found.items():
-                times = [t for block in blocks for t in block]
+                times = [t for each in blocks for t in each]
                 self.results.add_raw("rr p50", name, percentile(times, 50))
                 self.results.add_raw("rr p99", name, percentile(times, 99))
-                for block in blocks:
-                    self.results.add_raw("rr block p50", name, percentile(block, 50))
+                for each in blocks:
+                    if len(each) == block:  # a short last block would weigh as much
+                        self.results.add_raw("rr block p50", name, percentile(each, 50))
             log(f"request/response round {round_ + 1}/{self.args.repeats} done")
         for q in (50, 99):
             for server in self.servers:
@@ -655,8 +667,9 @@ def render(bench: Bench) -> str:
     header = [
         "nekojump vs OpenSSH sshd, tunnel-only jumphost on loopback "
         f"(medians of {bench.args.repeats} rounds; ratio = nekojump / sshd, and for rows "
-        "both servers measure in the same rounds the median of the per-round ratios, "
-        "so a machine that speeds up or slows down between rounds does not tilt it)",
+        "both servers measure side by side the median of the paired ratios: per round, "
+        "per request/response block (p50), per idle gap (p50); so a machine that speeds "
+        "up or slows down between rounds does not tilt it)",
     ]
     for name, found in bench.negotiated.items():
         header.append(
