@@ -81,6 +81,16 @@ class Server:
     def launch(self) -> None:
         raise NotImplementedError
 
+    def _wait_listening(self, what: str, log: Path) -> None:
+        """Until the SSH port takes connections; if the process exits first, its log's end."""
+        wait_until(
+            lambda: can_connect(SSH_HOST, self.ssh_port) or self.process.poll() is not None,
+            30,
+            f"{what} to listen",
+        )
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text(errors='replace')[-2000:]}")
+
     def restart(self) -> None:
         """A fresh process (same config, keys and data), e.g. for clean memory baselines."""
         self.stop()
@@ -185,13 +195,7 @@ class ConchReference(Server):
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parent.parent,
             )  # fmt: skip
-        wait_until(
-            lambda: can_connect(SSH_HOST, self.ssh_port) or self.process.poll() is not None,
-            30,
-            "the Conch reference to listen",
-        )
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the Conch reference exited: {log.read_text(errors='replace')}")
+        self._wait_listening("the Conch reference", log)
 
 
 SSHD_CONFIG = """\
@@ -285,13 +289,7 @@ class Sshd(Server):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(
-            lambda: can_connect(SSH_HOST, self.ssh_port) or self.process.poll() is not None,
-            30,
-            "sshd to listen",
-        )
-        if self.process.poll() is not None:
-            raise RuntimeError(f"sshd exited: {log.read_text(errors='replace')[-2000:]}")
+        self._wait_listening("sshd", log)
 
     @classmethod
     def cleanup_privsep_dir(cls) -> None:
