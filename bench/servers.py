@@ -81,6 +81,19 @@ class Server:
     def launch(self) -> None:
         raise NotImplementedError
 
+    @property
+    def host_key(self) -> Path:
+        return self.directory / "ssh_host_ed25519_key"
+
+    def _make_host_key(self) -> Path:
+        """A fresh ed25519 host key for a throwaway server (OpenSSH format)."""
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)],
+            check=True,
+            timeout=30,
+        )
+        return self.host_key
+
     def _wait_listening(self, what: str, log: Path) -> None:
         """Until the SSH port takes connections; if the process exits first, its log's end."""
         wait_until(
@@ -171,12 +184,7 @@ class ConchReference(Server):
     cipher = ("aes128-ctr", "hmac-sha2-256")
 
     def start(self, public_key: Path) -> None:
-        host_key = self.directory / "ssh_host_ed25519_key"
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
-            check=True,
-            timeout=30,
-        )
+        self._make_host_key()
         self.public_key = public_key
         self.launch()
 
@@ -187,7 +195,7 @@ class ConchReference(Server):
                 [
                     sys.executable, "-m", "bench.conch_reference",
                     "--port", str(self.ssh_port), "--host", SSH_HOST,
-                    "--host-key", str(self.directory / "ssh_host_ed25519_key"),
+                    "--host-key", str(self.host_key),
                     "--authorized-key", str(self.public_key),
                     "--user", self.user, "--bind", self.bind,
                 ],
@@ -252,12 +260,7 @@ class Sshd(Server):
         return None
 
     def start(self, public_key: Path) -> None:
-        host_key = self.directory / "ssh_host_ed25519_key"
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
-            check=True,
-            timeout=30,
-        )
+        host_key = self._make_host_key()
         authorized_keys = self.directory / "authorized_keys"
         authorized_keys.write_text(public_key.read_text())
         config = self.directory / "sshd_config"
