@@ -89,9 +89,9 @@ class NekojumpService(MultiService):
     def _forward_changed(self, forward: ActiveForward | None, port: int) -> None:
         sqlite = self.store.store
         if forward is None:
-            d = self.store.call(sqlite.drop_live_forward, port)
+            d = self.store.write_later(sqlite.drop_live_forward, port)
         else:
-            d = self.store.call(sqlite.put_live_forward, forward.live())
+            d = self.store.write_later(sqlite.put_live_forward, forward.live())
         d.addErrback(
             lambda f: self.log.failure("could not record live forward {port}", f, port=port)
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -37,6 +37,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+class _StoreReactor(IReactorFromThreads, IReactorTime):
+    """What ``DeferredStore`` needs of a reactor."""
 
 
 def schema_scripts() -> list[tuple[int, str]]:
@@ -96,14 +100,29 @@ class SQLiteStore:
         self._db.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All statements of the block commit together, or none does.
+
+        Inside another ``transaction`` block it is a savepoint: its own
+        statements roll back on an error, the outer block's stay."""
+        db = self._db
+        if db.in_transaction:
+            db.execute("SAVEPOINT nested")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK TO nested")
+                db.execute("RELEASE nested")
+                raise
+            db.execute("RELEASE nested")
+            return
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            yield db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
     def data_version(self) -> int:
         """A number that changes whenever another process commits a change."""
@@ -128,7 +147,7 @@ class SQLiteStore:
         if tier not in TIERS:
             return Refused("tier-invalid", f"tier must be one of {', '.join(TIERS)}")
         try:
-            with self._transaction() as db:
+            with self.transaction() as db:
                 db.execute(
                     "INSERT INTO members (name, tier, is_admin, password_hash, created_at)"
                     " VALUES (?, ?, ?, ?, ?)",
@@ -152,7 +171,7 @@ class SQLiteStore:
 
     def set_member_active(self, name: str, active: bool) -> Member | Refused:
         """Enable or disable a member; a disabled member's keys stop working."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             changed = db.execute(
                 "UPDATE members SET active = ? WHERE name = ?", (int(active), name)
             ).rowcount
@@ -175,7 +194,7 @@ class SQLiteStore:
             return Refused("no-such-member", f"there is no member named {member_name!r}")
         description = description.strip() or key.comment
         try:
-            with self._transaction() as db:
+            with self.transaction() as db:
                 db.execute(
                     "INSERT INTO keys (member_id, fingerprint, key_type, public_key,"
                     " description, created_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -215,7 +234,7 @@ class SQLiteStore:
         record = self.find_key(fingerprint)
         if record is None:
             return Refused("no-such-key", f"no key has fingerprint {fingerprint}")
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM keys WHERE id = ?", (record.id,))
             self._audit(
                 db,
@@ -258,7 +277,7 @@ class SQLiteStore:
         if len(description) > 200:
             return Refused("description-too-long", "keep the description under 200 characters")
         try:
-            with self._transaction() as db:
+            with self.transaction() as db:
                 db.execute(
                     "INSERT INTO ports (port, member_id, description, created_at)"
                     " VALUES (?, ?, ?, ?)",
@@ -288,7 +307,7 @@ class SQLiteStore:
         mine = [p for p in self.list_ports(member_name) if p.port == port]
         if not mine:
             return Refused("no-such-port", f"you have not registered port {port}")
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM ports WHERE port = ?", (port,))
             self._audit(db, "port-unregistered", member=member_name, detail={"port": port})
         return mine[0]
@@ -302,7 +321,7 @@ class SQLiteStore:
         return row[0] if row else None
 
     def set_password_hash(self, name: str, password_hash: str) -> Member | Refused:
-        with self._transaction() as db:
+        with self.transaction() as db:
             changed = db.execute(
                 "UPDATE members SET password_hash = ? WHERE name = ?", (password_hash, name)
             ).rowcount
@@ -319,7 +338,7 @@ class SQLiteStore:
         assert member is not None
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = self._clock()
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM web_sessions WHERE expires_at < ?", (now,))
             db.execute(
                 "INSERT INTO web_sessions VALUES (?, ?, ?, ?, ?)",
@@ -346,7 +365,7 @@ class SQLiteStore:
         if member is None:
             return Refused("no-such-member", f"there is no member named {member_name!r}")
         token = "nkj_" + secrets.token_urlsafe(32)
-        with self._transaction() as db:
+        with self.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO api_tokens (member_id, token_hash, created_at) VALUES (?, ?, ?)",
                 (member.id, _digest(token), self._clock()),
@@ -357,7 +376,7 @@ class SQLiteStore:
         return cursor.lastrowid, token
 
     def revoke_token(self, token_id: int) -> bool:
-        with self._transaction() as db:
+        with self.transaction() as db:
             changed = db.execute(
                 "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                 (self._clock(), token_id),
@@ -391,7 +410,7 @@ class SQLiteStore:
 
     def request_kill(self, action: str, target: str, actor: str | None = None) -> int:
         """Ask the running server to end tunnels (``kill-port`` or ``kill-member``)."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO control_requests (action, target, actor, created_at)"
                 " VALUES (?, ?, ?, ?)",
@@ -401,7 +420,7 @@ class SQLiteStore:
 
     def take_control_requests(self) -> list[tuple[str, str]]:
         """Pending requests, oldest first, marked done as they are handed out."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             rows = db.execute(
                 "SELECT id, action, target FROM control_requests WHERE done_at IS NULL ORDER BY id"
             ).fetchall()
@@ -414,7 +433,7 @@ class SQLiteStore:
     def set_member_tier(self, name: str, tier: str) -> Member | Refused:
         if tier not in TIERS:
             return Refused("tier-invalid", f"tier must be one of {', '.join(TIERS)}")
-        with self._transaction() as db:
+        with self.transaction() as db:
             changed = db.execute(
                 "UPDATE members SET tier = ? WHERE name = ?", (tier, name)
             ).rowcount
@@ -475,13 +494,13 @@ class SQLiteStore:
 
     def start_server(self, pid: int) -> None:
         """Forget forwards left by a previous server and record who runs now."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM live_forwards")
             db.execute("INSERT OR REPLACE INTO server_state VALUES ('pid', ?)", (str(pid),))
 
     def stop_server(self) -> None:
         """Mark the server stopped: no live forwards remain."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM live_forwards")
             db.execute("DELETE FROM server_state WHERE name = 'pid'")
 
@@ -572,18 +591,28 @@ class DeferredStore:
     last job) go over together: one hop to the thread and one back per
     batch instead of per call, which matters when hundreds of tunnels log
     in at once.
+
+    Writes nobody waits for (audit events, live forwards, last-used times)
+    go through ``write_later``: those made within ``WRITE_DELAY`` of each
+    other commit in one transaction.  A login makes four such writes; each
+    commit of its own cost the store thread more than the write.
     """
 
-    def __init__(self, store: SQLiteStore, reactor: IReactorFromThreads, pool: ThreadPool):
+    #: How long a ``write_later`` write may wait for others to share its commit.
+    WRITE_DELAY = 0.02
+
+    def __init__(self, store: SQLiteStore, reactor: _StoreReactor, pool: ThreadPool):
         self.store = store
         self._reactor = reactor
         self._pool = pool
         self._lock = threading.Lock()
         self._queue: list[tuple[Callable[..., Any], tuple, dict, Deferred]] = []
         self._job_pending = False
+        self._writes: list[tuple[Callable[..., Any], tuple, dict, Deferred]] = []
+        self._flush: IDelayedCall | None = None
 
     @classmethod
-    def with_own_thread(cls, store: SQLiteStore, reactor: IReactorFromThreads) -> DeferredStore:
+    def with_own_thread(cls, store: SQLiteStore, reactor: _StoreReactor) -> DeferredStore:
         """A store with its own single worker thread (start/stop it with the service)."""
         return cls(store, reactor, ThreadPool(minthreads=1, maxthreads=1, name="nekojump-store"))
 
@@ -591,18 +620,52 @@ class DeferredStore:
         self._pool.start()
 
     def stop(self) -> None:
-        self._pool.stop()
+        """Commit the writes still waiting, then end the thread once its work is done."""
+        try:
+            self.flush_writes()
+        finally:
+            self._pool.stop()
+
+    def write_later(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        """Run the write ``method`` on the store thread within ``WRITE_DELAY``,
+        in one transaction with the other writes made meanwhile.  Each write
+        still succeeds or fails on its own; a failed commit fails them all."""
+        result: Deferred[T] = Deferred()
+        self._writes.append((method, args, kwargs, result))
+        if self._flush is None:
+            self._flush = self._reactor.callLater(self.WRITE_DELAY, self.flush_writes)
+        return result
+
+    def flush_writes(self) -> None:
+        """Send the waiting ``write_later`` writes to the store thread now."""
+        if self._flush is not None:
+            if self._flush.active():
+                self._flush.cancel()
+            self._flush = None
+        writes, self._writes = self._writes, []
+        if writes:
+            together: Deferred[list[tuple[bool, object]]] = Deferred()
+            together.addBoth(_hand_out, [result for _, _, _, result in writes])
+            self._enqueue(_write_together, (self.store, writes), {}, together)
 
     def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
-        """Run ``method`` (a method of ``self.store``) on the store thread."""
+        """Run ``method`` (a method of ``self.store``) on the store thread,
+        after the writes made before it."""
         result: Deferred[T] = Deferred()
+        if self._writes:
+            self.flush_writes()
+        self._enqueue(method, args, kwargs, result)
+        return result
+
+    def _enqueue(
+        self, method: Callable[..., Any], args: tuple, kwargs: dict, result: Deferred
+    ) -> None:
         with self._lock:
             self._queue.append((method, args, kwargs, result))
             start_job = not self._job_pending
             self._job_pending = True
         if start_job:
             self._start_job()
-        return result
 
     def _start_job(self) -> None:
         try:
@@ -642,6 +705,37 @@ class DeferredStore:
                 result.errback(value)
 
 
+def _write_together(
+    store: SQLiteStore, writes: list[tuple[Callable[..., Any], tuple, dict, Deferred]]
+) -> list[tuple[bool, object]]:
+    """On the store thread: run ``writes`` in one transaction, each one's outcome its own."""
+    outcomes: list[tuple[bool, object]] = []
+    with store.transaction():
+        for method, args, kwargs, _ in writes:
+            # A write that fails takes back its own statement (SQLite undoes a
+            # failed statement, and a write's own transaction is a savepoint).
+            try:
+                outcomes.append((True, method(*args, **kwargs)))
+            except Exception:  # noqa: BLE001 - it goes to that write's errback
+                outcomes.append((False, Failure()))
+    return outcomes
+
+
+def _hand_out(outcomes: list[tuple[bool, object]] | Failure, results: list[Deferred]) -> None:
+    """Fire each write's ``Deferred`` with its own outcome (all fail if the commit did)."""
+    for i, result in enumerate(results):
+        if result.called:  # cancelled by its caller meanwhile
+            continue
+        if isinstance(outcomes, Failure):
+            result.errback(outcomes)
+        else:
+            ok, value = outcomes[i]
+            if ok:
+                result.callback(value)
+            else:
+                result.errback(value)
+
+
 class ImmediateStore(DeferredStore):
     """A ``DeferredStore`` that runs calls at once: for protocol tests."""
 
@@ -656,3 +750,5 @@ class ImmediateStore(DeferredStore):
 
     def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         return succeed(method(*args, **kwargs))
+
+    write_later = call

@@ -119,7 +119,7 @@ class TunnelAvatar(ConchUser):
         self._audit("ssh-login")
         # A key removed between the auth lookup and now would escape the
         # revocation watcher; this second look closes that window.
-        self.store.call(self.store.store.confirm_login, self.identity.key_id).addCallbacks(
+        self.store.write_later(self.store.store.confirm_login, self.identity.key_id).addCallbacks(
             self._confirmed, self._confirm_failed
         )
 
@@ -367,7 +367,7 @@ class TunnelAvatar(ConchUser):
         return "\n".join(lines) + "\n"
 
     def _audit(self, event: str, **detail: object) -> None:
-        self.store.call(
+        self.store.write_later(
             self.store.store.audit,
             event,
             member=self.identity.member_name,
