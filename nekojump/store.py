@@ -649,11 +649,12 @@ class DeferredStore:
             self._enqueue(_write_together, (self.store, writes), {}, together)
 
     def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
-        """Run ``method`` (a method of ``self.store``) on the store thread,
-        after the writes made before it."""
+        """Run ``method`` (a method of ``self.store``) on the store thread.
+
+        It may overtake ``write_later`` writes still waiting for company
+        (by at most ``WRITE_DELAY``): those are records, which no call of
+        the server waits for."""
         result: Deferred[T] = Deferred()
-        if self._writes:
-            self.flush_writes()
         self._enqueue(method, args, kwargs, result)
         return result
 

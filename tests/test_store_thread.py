@@ -119,17 +119,6 @@ def test_writes_nobody_waits_for_commit_together_and_each_fails_alone(threaded, 
     ]
 
 
-def test_a_call_after_writes_sees_them(threaded, sqlite):
-    store, reactor = threaded
-    store.write_later(sqlite.audit, "ssh-login", member="alice")
-    seen: list[list] = []
-    store.call(sqlite.audit_events, member="alice").addCallback(seen.append)
-    while not seen:  # no waiting for WRITE_DELAY: the call takes the writes along
-        reactor.deliver()
-    assert [e["event"] for e in seen[0]] == ["ssh-login"]
-    assert not reactor.getDelayedCalls()
-
-
 def test_stopping_commits_the_waiting_writes(tmp_path):
     sqlite = SQLiteStore.open(tmp_path)
     reactor = ClockAndThreads()
