@@ -104,25 +104,30 @@ class SQLiteStore:
         """All statements of the block commit together, or none does.
 
         Inside another ``transaction`` block it is a savepoint: its own
-        statements roll back on an error, the outer block's stay."""
+        statements roll back on an error, the outer block's stay.  Some
+        errors (a full disk) make SQLite roll back the whole transaction: the
+        outer block then gets the error too, and the connection is left out of
+        any transaction whatever fails."""
         db = self._db
         if db.in_transaction:
             db.execute("SAVEPOINT nested")
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK TO nested")
-                db.execute("RELEASE nested")
+                if db.in_transaction:
+                    db.execute("ROLLBACK TO nested")
+                    db.execute("RELEASE nested")
                 raise
             db.execute("RELEASE nested")
             return
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def data_version(self) -> int:
         """A number that changes whenever another process commits a change."""
@@ -592,9 +597,9 @@ class DeferredStore:
     batch instead of per call, which matters when hundreds of tunnels log
     in at once.
 
-    Writes nobody waits for (audit events, live forwards, last-used times)
-    go through ``write_later``: those made within ``WRITE_DELAY`` of each
-    other commit in one transaction.  A login makes four such writes; each
+    Writes that need not happen at once (audit events, live forwards,
+    last-used times) go through ``write_later``: those made within
+    ``WRITE_DELAY`` of each other commit in one transaction.  A login makes four such writes; each
     commit of its own cost the store thread more than the write.
     """
 
@@ -625,6 +630,10 @@ class DeferredStore:
             self.flush_writes()
         finally:
             self._pool.stop()
+        # A stopped pool drops the batches still queued behind the last one:
+        # run them here (the store thread is gone, so nothing races).
+        while self._queue:
+            self._deliver(self._run_calls(self._take_batch()[0]))
 
     def write_later(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Run the write ``method`` on the store thread within ``WRITE_DELAY``,
@@ -652,8 +661,8 @@ class DeferredStore:
         """Run ``method`` (a method of ``self.store``) on the store thread.
 
         It may overtake ``write_later`` writes still waiting for company
-        (by at most ``WRITE_DELAY``): those are records, which no call of
-        the server waits for."""
+        (by at most ``WRITE_DELAY``): nothing the server looks up depends
+        on them."""
         result: Deferred[T] = Deferred()
         self._enqueue(method, args, kwargs, result)
         return result
@@ -678,19 +687,29 @@ class DeferredStore:
 
     def _run_batch(self) -> None:
         """On the store thread: up to BATCH queued calls, then their results back at once."""
-        with self._lock:
-            batch, self._queue = self._queue[: self.BATCH], self._queue[self.BATCH :]
-            more = bool(self._queue)
-            self._job_pending = more
+        batch, more = self._take_batch()
         if more:
             self._pool.callInThread(self._run_batch)
+        self._reactor.callFromThread(self._deliver, self._run_calls(batch))
+
+    def _take_batch(self) -> tuple[list[tuple[Callable[..., Any], tuple, dict, Deferred]], bool]:
+        """The next calls to run, and whether more wait behind them."""
+        with self._lock:
+            batch, self._queue = self._queue[: self.BATCH], self._queue[self.BATCH :]
+            self._job_pending = more = bool(self._queue)
+        return batch, more
+
+    @staticmethod
+    def _run_calls(
+        batch: list[tuple[Callable[..., Any], tuple, dict, Deferred]],
+    ) -> list[tuple[Deferred, bool, object]]:
         outcomes: list[tuple[Deferred, bool, object]] = []
         for method, args, kwargs, result in batch:
             try:
                 outcomes.append((result, True, method(*args, **kwargs)))
             except BaseException:  # noqa: BLE001 - it goes to the caller's errback
                 outcomes.append((result, False, Failure()))
-        self._reactor.callFromThread(self._deliver, outcomes)
+        return outcomes
 
     #: Calls per trip: a quick lookup waits behind at most this many others.
     BATCH = 32
@@ -709,15 +728,17 @@ class DeferredStore:
 def _write_together(
     store: SQLiteStore, writes: list[tuple[Callable[..., Any], tuple, dict, Deferred]]
 ) -> list[tuple[bool, object]]:
-    """On the store thread: run ``writes`` in one transaction, each one's outcome its own."""
+    """On the store thread: run ``writes`` in one transaction, each one's outcome
+    its own.  An error that undoes the whole transaction fails the group."""
     outcomes: list[tuple[bool, object]] = []
-    with store.transaction():
+    with store.transaction() as db:
         for method, args, kwargs, _ in writes:
-            # A write that fails takes back its own statement (SQLite undoes a
-            # failed statement, and a write's own transaction is a savepoint).
             try:
-                outcomes.append((True, method(*args, **kwargs)))
-            except Exception:  # noqa: BLE001 - it goes to that write's errback
+                with store.transaction():  # a write that fails takes back all of itself
+                    outcomes.append((True, method(*args, **kwargs)))
+            except Exception:  # it goes to that write's errback
+                if not db.in_transaction:  # SQLite undid the whole group
+                    raise
                 outcomes.append((False, Failure()))
     return outcomes
 

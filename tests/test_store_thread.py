@@ -119,6 +119,64 @@ def test_writes_nobody_waits_for_commit_together_and_each_fails_alone(threaded, 
     ]
 
 
+def test_a_write_that_fails_halfway_leaves_nothing_and_the_others_commit(threaded, sqlite):
+    store, reactor = threaded
+
+    def two_steps() -> None:
+        sqlite.audit("half", member="alice")
+        raise ValueError("second step failed")
+
+    results: list[object] = []
+    store.write_later(two_steps).addErrback(lambda f: results.append(f.type))
+    store.write_later(sqlite.audit, "kept", member="alice").addCallback(results.append)
+    reactor.advance(DeferredStore.WRITE_DELAY)
+    reactor.deliver()
+    assert results == [ValueError, None]
+    assert [e["event"] for e in sqlite.audit_events(member="alice")] == ["kept"]
+
+
+def test_an_error_that_undoes_the_whole_group_fails_every_write_with_that_error(threaded, sqlite):
+    store, reactor = threaded
+    db = sqlite._db
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages + 2}")  # a disk that is nearly full
+    results: list[object] = []
+    store.write_later(sqlite.audit, "first", member="alice").addErrback(results.append)
+    store.write_later(sqlite.audit, "huge", member="alice", detail={"x": "y" * 200_000}).addErrback(
+        results.append
+    )
+    store.write_later(sqlite.audit, "third", member="alice").addErrback(results.append)
+    reactor.advance(DeferredStore.WRITE_DELAY)
+    reactor.deliver()
+    assert [str(f.value) for f in results] == ["database or disk is full"] * 3
+    assert not db.in_transaction  # the next writes are not swallowed by a dangling one
+    db.execute("PRAGMA max_page_count = 1000000")
+    store.write_later(sqlite.audit, "later", member="alice")
+    reactor.advance(DeferredStore.WRITE_DELAY)
+    reactor.deliver()
+    assert [e["event"] for e in sqlite.audit_events(member="alice")] == ["later"]
+
+
+def test_stopping_runs_everything_queued_however_long_the_queue(tmp_path):
+    sqlite = SQLiteStore.open(tmp_path)
+    reactor = ClockAndThreads()
+    store = DeferredStore(sqlite, reactor, ThreadPool(1, 1, name="test-store"))
+    store.start()
+    busy = threading.Event()
+    store.call(busy.wait, 5)  # the store thread is in a slow call
+    answered: list[int] = []
+    for _ in range(3 * DeferredStore.BATCH):
+        store.call(sqlite.data_version).addCallback(answered.append)
+    store.write_later(sqlite.audit, "disconnect", member="alice")
+    threading.Timer(0.2, busy.set).start()
+    store.stop()
+    while not reactor.handed_back.empty():  # what the thread handed back before it ended
+        reactor.deliver()
+    assert [e["event"] for e in sqlite.audit_events(member="alice")] == ["disconnect"]
+    assert len(answered) == 3 * DeferredStore.BATCH
+    sqlite.close()
+
+
 def test_stopping_commits_the_waiting_writes(tmp_path):
     sqlite = SQLiteStore.open(tmp_path)
     reactor = ClockAndThreads()
