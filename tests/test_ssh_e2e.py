@@ -500,8 +500,9 @@ def test_concurrent_large_bursts_arrive_intact_and_in_order(running, keys, echo)
     assert all(got == sent for got, sent in zip(results, payloads, strict=True))
 
 
-def test_the_log_says_who_disconnected_and_after_how_long(running, keys, echo):
-    process = running.forward(keys["bob"], running.port_min + 91, echo.port)
+def test_the_log_says_whose_forward_opened_and_who_disconnected_after_how_long(running, keys, echo):
+    port = running.port_min + 91
+    process = running.forward(keys["bob"], port, echo.port)
     process.terminate()
     process.wait(10)
     line = wait_for(
@@ -513,3 +514,5 @@ def test_the_log_says_who_disconnected_and_after_how_long(running, keys, echo):
     )
     assert re.search(r"bob disconnected from 127\.0\.0\.1 after \d+ s$", line), line
     assert "connection lost" not in running.log_text()
+    # The port's own line says whose it is (Twisted's says the factory's class).
+    assert f"bob's forward starting on {port}" in running.log_text()

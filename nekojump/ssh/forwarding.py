@@ -116,6 +116,12 @@ class ForwardListenerFactory(Factory):
         self.allowed_sources = tuple(allowed_sources)
         self.metrics = metrics
 
+    def logPrefix(self) -> str:
+        """Who the port is for, in Twisted's "... starting on PORT" line."""
+        if self.forward is None:
+            return "a released forward"
+        return f"{self.forward.avatar.identity.member_name}'s forward"
+
     def buildProtocol(self, addr: IAddress) -> MeshConnection | None:
         if self.forward is None:
             return None
