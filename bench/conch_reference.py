@@ -1,10 +1,10 @@
-"""Bare Twisted Conch as a tunnel jumphost: the floor under nekojump's login cost.
+"""Bare Twisted Conch as a tunnel jumphost: the same-run reference for nekojump's login cost.
 
 Run by the benchmark as ``python3 -m bench.conch_reference ...``.  One account,
 one authorized key, ``tcpip-forward`` on one address and nothing else: no
 store, audit, limits, metrics or logs.  The idle-tunnel measurement grows the
-same load generator's tunnels on it, so the CPU per tunnel setup that nekojump
-spends on top of the framework it is built on is measured in the same run.
+same load generator's tunnels on it, so nekojump's CPU per tunnel setup can be set
+beside the framework's own, measured in the same run.
 """
 
 from __future__ import annotations

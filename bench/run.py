@@ -419,12 +419,13 @@ class Bench:
             steps = self._grow_tunnels(server, held, self.cipher)
             for size, found in zip(held, steps, strict=True):
                 self._record_tunnels(server, size, found)
-        self.conch_floor([size for size in sizes if size <= 1000])
+        self.conch_reference([size for size in sizes if size <= 1000])
 
-    def conch_floor(self, sizes: list[int]) -> None:
+    def conch_reference(self, sizes: list[int]) -> None:
         """CPU per tunnel setup of bare Twisted Conch (``bench/conch_reference.py``),
-        grown through the same steps as nekojump, as a note: what nekojump spends
-        beyond the framework it is built on.  Optional: any failure only says so."""
+        grown through the same steps as nekojump, as a note beside nekojump's: the
+        framework it is built on, measured in the same run.  Optional: any failure
+        only says so."""
         reference = ConchReference(
             "bare Conch", self.directory / "conch", self.procs, user="tunnel",
             bind=CONCH_BIND, port_min=30000, port_max=39999,

@@ -75,7 +75,7 @@ def test_a_server_measured_alone_gets_no_paired_ratio() -> None:
 
 
 def test_the_bare_conch_reference_holds_a_real_ssh_forward(tmp_path, keys, echo: EchoServer):
-    """The floor the benchmark measures nekojump's login cost against is a working
+    """The reference the benchmark sets nekojump's login cost beside is a working
     jumphost: the real OpenSSH client logs in and its -R forward carries data."""
     host_key = tmp_path / "host_key"
     subprocess.run(
