@@ -127,6 +127,11 @@ def python_module(procs: Processes, module: str, *args: str) -> subprocess.Popen
     )
 
 
+def per_round(turns: list[float], per: int = 2) -> list[float]:
+    """The mean of each round's ``per`` turns (a round runs A B B A: two turns each)."""
+    return [statistics.mean(turns[i : i + per]) for i in range(0, len(turns) - per + 1, per)]
+
+
 def paired_ratio(ours: list[float], theirs: list[float]) -> float | None:
     """Median of ``ours[i] / theirs[i]``: samples taken side by side, one pair at
     a time, so that the machine getting slower or faster between pairs cancels
@@ -419,57 +424,99 @@ class Bench:
             steps = self._grow_tunnels(server, held, self.cipher)
             for size, found in zip(held, steps, strict=True):
                 self._record_tunnels(server, size, found)
-        self.conch_reference([size for size in sizes if size <= 1000])
+        self.conch_reference()
 
-    def conch_reference(self, sizes: list[int]) -> None:
-        """CPU per tunnel setup of bare Twisted Conch (``bench/conch_reference.py``),
-        grown through the same steps as nekojump, as a note beside nekojump's: the
-        framework it is built on, measured in the same run.  Optional: any failure
-        only says so."""
+    #: Rounds of the login comparison with bare Conch, and tunnels per turn.
+    LOGIN_ROUNDS = 4
+    LOGIN_STEP = 200
+
+    def conch_reference(self) -> None:
+        """nekojump's CPU per tunnel setup beside bare Twisted Conch's
+        (``bench/conch_reference.py``, the framework nekojump is built on), as a
+        note.  The two take turns adding ``LOGIN_STEP`` tunnels, A B B A in one
+        round and B A A B in the next; the ratio is the median over rounds, so
+        the machine's speed drifting between rounds cancels out.  Optional: any
+        failure only says so."""
+        nekojump = self.servers[0]
         reference = ConchReference(
             "bare Conch", self.directory / "conch", self.procs, user="tunnel",
             bind=CONCH_BIND, port_min=30000, port_max=39999,
         )  # fmt: skip
+        generators: list[subprocess.Popen] = []
+        turns: dict[str, list[float]] = {nekojump.name: [], reference.name: []}
+        have = dict.fromkeys(turns, 0)
         try:
+            nekojump.restart()  # a fresh server, as for the idle tunnels
             reference.directory.mkdir()
             reference.start(Path(f"{self.key}.pub"))
-            steps = self._grow_tunnels(reference, sizes, reference.cipher)
+            both = []
+            for server, cipher in ((nekojump, self.cipher), (reference, reference.cipher)):
+                generators.append(self._load_generator(server, cipher))
+                both.append((server, generators[-1]))
+            for round_ in range(self.LOGIN_ROUNDS):
+                order = both if round_ % 2 == 0 else both[::-1]
+                for server, generator in [*order, *order[::-1]]:
+                    have[server.name] += self.LOGIN_STEP
+                    grown, cpu = self._grow_to(server, generator, have[server.name])
+                    if grown["failed"] or not grown["opened"]:
+                        raise RuntimeError(f"{server.name}: {grown['first_errors']}")
+                    turns[server.name].append(1000 * cpu / grown["opened"])
         except Exception as error:  # noqa: BLE001 - a note, never the end of the run
             self.notes.append(f"bare Conch reference skipped: {error!r}")
+            log(self.notes[-1])
             return
         finally:
+            for generator in generators:
+                self.procs.stop(generator)
             reference.stop()
-        size, found = sizes[-1], steps[-1]
-        self.results.raw["bare Conch idle"] = dict(zip(map(str, sizes), steps, strict=True))
-        if not found["opened"] or not found["cpu_seconds"]:
-            self.notes.append(f"bare Conch reference opened no tunnels: {found['first_errors']}")
+        self.results.raw["login turns ms"] = turns
+        ours, theirs = per_round(turns[nekojump.name]), per_round(turns[reference.name])
+        ratio = paired_ratio(ours, theirs)
+        if ratio is None:  # pragma: no cover - every round has both servers' turns
             return
-        ms = 1000 * found["cpu_seconds"] / found["opened"]
-        mine = self.results.values.get(f"server CPU per tunnel setup to {size} ms", {})
-        nekojump = mine.get("nekojump")
         self.notes.append(
             f"bare Twisted Conch (bench/conch_reference.py: publickey login and tcpip-forward, "
-            f"no store, audit, limits or logs; {'+'.join(reference.cipher)}) took {ms:.2f} ms "
-            f"of CPU per tunnel setup to {size} tunnels"
-            + (f" (nekojump {nekojump:.2f} ms, {nekojump / ms:.2f}x)" if nekojump else "")
-            + f", {found['tunnels']} up, {found['answering']}/{found['sampled']} answering"
+            f"no store, audit, limits or logs; {'+'.join(reference.cipher)}) took "
+            f"{statistics.median(theirs):.2f} ms of CPU per tunnel setup, nekojump "
+            f"{statistics.median(ours):.2f} ms: {ratio:.2f}x (median of {len(ours)} rounds "
+            f"in which the two took turns adding {self.LOGIN_STEP} tunnels, up to "
+            f"{have[reference.name]} each)"
         )
         log(self.notes[-1])
 
-    def _grow_tunnels(
-        self, server: Server, sizes: list[int], cipher: tuple[str, str]
-    ) -> list[dict]:
-        """Grow one load generator's idle tunnels on ``server`` to each of
-        ``sizes`` in turn; what each step took and what the server held after it."""
+    def _load_generator(self, server: Server, cipher: tuple[str, str]) -> subprocess.Popen:
+        """A load generator for ``server``, started and ready for ``grow``."""
         generator = python_module(
             self.procs, "bench.loadgen",
             "--port", str(server.ssh_port), "--user", server.user, "--key", str(self.key),
             "--bind", server.bind, "--base-port", str(server.load_base_port),
             "--echo", str(self.services["echo"]), "--cipher", cipher[0], "--mac", cipher[1],
         )  # fmt: skip
-        steps = []
         try:
             read_json_line(generator, 60, "load generator")
+        except BaseException:
+            self.procs.stop(generator)
+            raise
+        return generator
+
+    @staticmethod
+    def _grow_to(server: Server, generator: subprocess.Popen, size: int) -> tuple[dict, float]:
+        """Have ``generator`` hold ``size`` tunnels; its report and the server CPU it took."""
+        cpu_before = cpu_seconds(server.pid)
+        assert generator.stdin is not None
+        generator.stdin.write(f"grow {size}\n".encode())
+        generator.stdin.flush()
+        grown = read_json_line(generator, 60 + size * 0.05, f"{size} tunnels")
+        return grown, cpu_seconds(server.pid) - cpu_before
+
+    def _grow_tunnels(
+        self, server: Server, sizes: list[int], cipher: tuple[str, str]
+    ) -> list[dict]:
+        """Grow one load generator's idle tunnels on ``server`` to each of
+        ``sizes`` in turn; what each step took and what the server held after it."""
+        generator = self._load_generator(server, cipher)
+        steps = []
+        try:
             # The baseline once the load generator runs: PSS splits shared pages
             # (libpython, libcrypto) among the processes that map them, so a
             # process started later lowers the server's PSS by itself.
@@ -478,12 +525,7 @@ class Bench:
             self.results.raw.setdefault("baseline memory", {})[server.name] = base
             have = 0
             for size in sizes:
-                cpu_before = cpu_seconds(server.pid)
-                assert generator.stdin is not None
-                generator.stdin.write(f"grow {size}\n".encode())
-                generator.stdin.flush()
-                grown = read_json_line(generator, 60 + size * 0.05, f"{size} tunnels")
-                cpu_used = cpu_seconds(server.pid) - cpu_before
+                grown, cpu_used = self._grow_to(server, generator, size)
                 time.sleep(2)  # let the server settle before sampling memory
                 memory = memory_kib(server.pid)
                 sample = random.sample(range(grown["tunnels"]), min(10, grown["tunnels"]))

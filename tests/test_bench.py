@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.measure import echo_ok
-from bench.run import Results, paired_ratio, render
+from bench.run import Results, paired_ratio, per_round, render
 from tests.conftest import (
     EchoServer,
     can_connect,
@@ -30,6 +30,16 @@ def test_a_machine_that_slows_down_between_rounds_does_not_tilt_the_ratio() -> N
     sshd = [100.0, 100.0, 50.0, 50.0, 100.0]
     # The ratio of the medians (55 / 100) would say it is 45 % slower.
     assert paired_ratio(nekojump, sshd) == pytest.approx(1.1)
+
+
+def test_login_turns_pair_up_by_round() -> None:
+    # Two turns each per round (A B B A); nekojump needs 1.2x Conch's CPU per
+    # login throughout, and the machine slows down by half after the first round.
+    nekojump = [2.4, 2.4, 4.8, 4.8]
+    conch = [2.0, 2.0, 4.0, 4.0]
+    assert per_round(nekojump) == [2.4, 4.8]
+    assert paired_ratio(per_round(nekojump), per_round(conch)) == pytest.approx(1.2)
+    assert per_round([1.0, 2.0, 3.0]) == [1.5]  # an unfinished round does not count
 
 
 def test_unpaired_or_empty_samples_give_no_ratio() -> None:
