@@ -2,15 +2,14 @@
 
 Run by the benchmark as ``python3 -m bench.conch_reference ...``.  One account,
 one authorized key, ``tcpip-forward`` on one address and nothing else: no
-store, audit, limits, metrics or logs.  The idle-tunnel measurement grows the
-same load generator's tunnels on it, so nekojump's CPU per tunnel setup can be set
-beside the framework's own, measured in the same run.
+store, audit, limits, metrics or logs.  After the idle tunnels, it and nekojump
+take turns growing tunnels from a load generator each, so that nekojump's CPU per
+tunnel setup can be set beside the framework's own, measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import struct
 
 from twisted.conch.avatar import ConchUser
@@ -22,6 +21,8 @@ from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from zope.interface import implementer
+
+from bench.procs import raise_open_file_limit
 
 
 class TunnelUser(ConchUser):
@@ -68,12 +69,7 @@ def main() -> None:
     parser.add_argument("--user", required=True)
     parser.add_argument("--bind", required=True, help="address the forwards listen on")
     args = parser.parse_args()
-    # Two descriptors per tunnel, as for nekojump (which raises its limit the same way).
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError):
-        pass  # an unlimited hard limit: keep the soft one
+    raise_open_file_limit()
 
     host_key = keys.Key.fromFile(args.host_key)
     key_db = InMemorySSHKeyDB({args.user.encode(): [keys.Key.fromFile(args.authorized_key)]})

@@ -19,6 +19,8 @@ import time
 
 import asyncssh
 
+from bench.procs import raise_open_file_limit
+
 
 class LoadGenerator:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--mac", required=True, help='"<implicit>" for AEAD ciphers')
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=30.0)
+    raise_open_file_limit()  # one socket per tunnel
     asyncio.run(run(parser.parse_args()))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -11,6 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def raise_open_file_limit() -> None:
+    """Let this process open as many files as the hard limit allows: a load
+    generator holds one socket per tunnel, a server two (as nekojump raises its own)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass  # an unlimited hard limit: keep the soft one
+
+
 _PR_SET_PDEATHSIG = 1
 
 

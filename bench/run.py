@@ -461,6 +461,13 @@ class Bench:
                     if grown["failed"] or not grown["opened"]:
                         raise RuntimeError(f"{server.name}: {grown['first_errors']}")
                     turns[server.name].append(1000 * cpu / grown["opened"])
+                log(
+                    f"login round {round_ + 1}: "
+                    + ", ".join(
+                        f"{name} {' and '.join(f'{v:.2f}' for v in ms[-2:])} ms"
+                        for name, ms in turns.items()
+                    )
+                )
         except Exception as error:  # noqa: BLE001 - a note, never the end of the run
             self.notes.append(f"bare Conch reference skipped: {error!r}")
             log(self.notes[-1])
@@ -472,7 +479,9 @@ class Bench:
         self.results.raw["login turns ms"] = turns
         ours, theirs = per_round(turns[nekojump.name]), per_round(turns[reference.name])
         ratio = paired_ratio(ours, theirs)
-        if ratio is None:  # pragma: no cover - every round has both servers' turns
+        if ratio is None:  # every round has both servers' turns: should not happen
+            self.notes.append(f"bare Conch reference: no paired rounds ({turns})")
+            log(self.notes[-1])
             return
         self.notes.append(
             f"bare Twisted Conch (bench/conch_reference.py: publickey login and tcpip-forward, "
