@@ -39,6 +39,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+#: A store call waiting for the store thread: method, args, kwargs, its result.
+_Call = tuple[Callable[..., Any], tuple, dict, Deferred]
+
+
 class _StoreReactor(IReactorFromThreads, IReactorTime):
     """What ``DeferredStore`` needs of a reactor."""
 
@@ -599,8 +603,9 @@ class DeferredStore:
 
     Writes that need not happen at once (audit events, live forwards,
     last-used times) go through ``write_later``: those made within
-    ``WRITE_DELAY`` of each other commit in one transaction.  A login makes four such writes; each
-    commit of its own cost the store thread more than the write.
+    ``WRITE_DELAY`` of each other commit in one transaction.  A login makes
+    four such writes; a commit of its own for each cost the store thread
+    more than the writes themselves.
     """
 
     #: How long a ``write_later`` write may wait for others to share its commit.
@@ -611,9 +616,9 @@ class DeferredStore:
         self._reactor = reactor
         self._pool = pool
         self._lock = threading.Lock()
-        self._queue: list[tuple[Callable[..., Any], tuple, dict, Deferred]] = []
+        self._queue: list[_Call] = []
         self._job_pending = False
-        self._writes: list[tuple[Callable[..., Any], tuple, dict, Deferred]] = []
+        self._writes: list[_Call] = []
         self._flush: IDelayedCall | None = None
 
     @classmethod
@@ -692,7 +697,7 @@ class DeferredStore:
             self._pool.callInThread(self._run_batch)
         self._reactor.callFromThread(self._deliver, self._run_calls(batch))
 
-    def _take_batch(self) -> tuple[list[tuple[Callable[..., Any], tuple, dict, Deferred]], bool]:
+    def _take_batch(self) -> tuple[list[_Call], bool]:
         """The next calls to run, and whether more wait behind them."""
         with self._lock:
             batch, self._queue = self._queue[: self.BATCH], self._queue[self.BATCH :]
@@ -701,7 +706,7 @@ class DeferredStore:
 
     @staticmethod
     def _run_calls(
-        batch: list[tuple[Callable[..., Any], tuple, dict, Deferred]],
+        batch: list[_Call],
     ) -> list[tuple[Deferred, bool, object]]:
         outcomes: list[tuple[Deferred, bool, object]] = []
         for method, args, kwargs, result in batch:
@@ -725,9 +730,7 @@ class DeferredStore:
                 result.errback(value)
 
 
-def _write_together(
-    store: SQLiteStore, writes: list[tuple[Callable[..., Any], tuple, dict, Deferred]]
-) -> list[tuple[bool, object]]:
+def _write_together(store: SQLiteStore, writes: list[_Call]) -> list[tuple[bool, object]]:
     """On the store thread: run ``writes`` in one transaction, each one's outcome
     its own.  An error that undoes the whole transaction fails the group."""
     outcomes: list[tuple[bool, object]] = []
