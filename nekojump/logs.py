@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from twisted.logger import (
     FileLogObserver,
@@ -100,13 +101,39 @@ def text_observer() -> ILogObserver:
     ``twistd --logger=nekojump.logs.text_observer`` (the systemd unit uses it).
 
     Each line is what twistd's own observer writes, but the time stamp is
-    worked out once a second instead of once a line: that was the dearest
-    part of a line, and a burst of logins writes a line or two each.
+    worked out once a second instead of once a line, and plain events are
+    filled in by ``str.format_map`` (see ``classic_line``): those were the
+    dearest parts of a line, and a burst of logins writes a line or two each.
     """
     stamp = _TimeOncePerSecond()
-    return FileLogObserver(
-        sys.stdout, lambda event: formatEventAsClassicLogText(event, formatTime=stamp)
-    )
+    return FileLogObserver(sys.stdout, lambda event: classic_line(event, stamp))
+
+
+def classic_line(event: dict, stamp: Callable[[float | None], str]) -> str | None:
+    """``formatEventAsClassicLogText(event, formatTime=stamp)``, made about ten
+    times faster for the events nekojump and Conch log: a text format whose
+    fields are keys of the event.  ``str.format_map`` fills those in as
+    Twisted's formatter does; anything else (a failure, call syntax, a field
+    that is missing) goes to Twisted's own."""
+    text_format = event.get("log_format")
+    if type(text_format) is not str or "log_failure" in event or "log_flattened" in event:
+        return formatEventAsClassicLogText(event, formatTime=stamp)
+    try:
+        text = text_format.format_map(event)
+    except Exception:  # noqa: BLE001 - Twisted's formatter says what went wrong
+        return formatEventAsClassicLogText(event, formatTime=stamp)
+    if not text:
+        return None
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+    else:
+        try:
+            system = str(system)
+        except Exception:  # noqa: BLE001 - as Twisted's formatter does
+            system = "UNFORMATTABLE"
+    return f"{stamp(event.get('log_time'))} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
 
 def duration(seconds: float) -> str:

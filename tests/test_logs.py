@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
 from twisted.logger import LogLevel, textFileLogObserver
+from twisted.python.failure import Failure
 
 from nekojump.logs import conch_logger, duration, text_observer
 
@@ -64,6 +66,64 @@ def test_the_text_observer_writes_what_twistds_own_writes(monkeypatch):
     assert lines[0].endswith(
         "[nekojump.ssh.avatar.TunnelAvatar#info] alice connected from 127.0.0.9"
     )
+
+
+class Peer:
+    host = "127.0.0.9"
+
+    def __str__(self) -> str:
+        return "peer 127.0.0.9"
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise ValueError("no")
+
+
+def _failure() -> Failure:
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        return Failure()
+
+
+BASE = {
+    "log_namespace": "nekojump.ssh.avatar.TunnelAvatar",
+    "log_level": LogLevel.info,
+    "log_time": 1_764_100_000.5,
+    "member": "alice",
+}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"log_format": "{member} logged in"},
+        {"log_format": "{member!r:>10} from {peer.host} ({peer})", "peer": Peer()},
+        {"log_format": "ports {ports[0]} and {ports[1]}", "ports": [10001, 10002]},
+        {"log_format": "two\nlines for {member}"},
+        {"log_format": "{member} called {f()}", "f": lambda: "back"},  # call syntax
+        {"log_format": "positional {}"},
+        {"log_format": "missing {nobody}"},
+        {"log_format": b"bytes for {member}"},
+        {"log_format": ""},
+        {"log_format": "braces {{}} and {member}"},
+        {"log_format": "{log_text}", "log_text": "legacy line", "log_system": "-"},
+        {"log_format": "{member}", "log_system": Peer()},
+        {"log_format": "{member}", "log_system": Unprintable()},
+        {"log_format": "{member}", "log_level": None},
+        {"log_format": "failed for {member}", "log_failure": _failure()},
+        {"log_format": "{member}", "log_time": None},
+        {"member": "no format at all"},
+    ],
+)
+def test_every_event_is_written_as_twisted_writes_it(monkeypatch, extra):
+    ours, theirs = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", ours)
+    event = {**BASE, **extra}
+    text_observer()(dict(event))
+    textFileLogObserver(theirs)(dict(event))
+    assert ours.getvalue() == theirs.getvalue()
 
 
 def test_durations_read_like_a_person_would_say_them():
