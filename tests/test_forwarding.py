@@ -212,6 +212,39 @@ def test_eof_from_the_member_half_closes_even_while_the_socket_is_full():
     assert socket.write_closed
 
 
+def test_data_after_the_members_eof_is_dropped_and_earns_no_window():
+    """A member that sends EOF and then more data (which SSH forbids) must not get
+    the server to queue it for a mesh client that is not reading: it is dropped, and
+    no window comes back, so the member soon cannot send at all."""
+    conn, _mesh, socket, channel, forward, confirm = setup()
+    confirm()
+    conn.ssh_CHANNEL_DATA(data_packet(channel, b"before eof"))
+    conn.ssh_CHANNEL_EOF(struct.pack(">L", channel.id))
+    adjusts = len(conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST))
+    sent = len(b"before eof")
+    for _ in range(4 * CHANNEL_WINDOW // CHANNEL_MAX_PACKET):  # bounded, whatever happens
+        if member_window(conn, sent) < CHANNEL_MAX_PACKET:
+            break
+        sent += send_from_member(conn, channel, CHANNEL_MAX_PACKET)
+    assert socket.value() == b"before eof"
+    assert forward.bytes_from_member == len(b"before eof")
+    assert len(conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST)) == adjusts
+    assert sent <= CHANNEL_WINDOW
+
+
+def test_a_full_member_socket_pauses_the_mesh_readers_once_however_often_twisted_says_so():
+    """Twisted calls pauseProducing on every write while the socket is full; with
+    thousands of streams, walking them all each time would stall the reactor."""
+    conn, _mesh, _socket, _channel, _forward, confirm = setup()
+    confirm()
+    walks = []
+    conn.forwarded_channels = lambda: walks.append(1) or []  # type: ignore[method-assign]
+    for _ in range(100):
+        conn.pauseProducing()
+    conn.resumeProducing()
+    assert len(walks) == 2  # one pause, one resume
+
+
 def test_a_full_member_socket_pauses_every_mesh_reader_of_that_connection():
     """However large the window the member grants, the server's SSH socket buffer stays bounded."""
     conn, _mesh, socket, _channel, _forward, confirm = setup(remote_window=2**32 - 1)

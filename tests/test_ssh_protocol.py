@@ -340,6 +340,32 @@ def test_data_for_an_unknown_channel_ends_the_connection_quietly(world):
     assert server.transport.disconnecting or server.transport.disconnected
 
 
+@pytest.mark.parametrize(
+    ("number", "payload"),
+    [
+        (96, struct.pack(">L", 4242)),  # CHANNEL_EOF, unknown channel
+        (97, struct.pack(">L", 4242)),  # CHANNEL_CLOSE, unknown channel
+        (98, struct.pack(">L", 4242) + NS(b"x") + b"\0"),  # CHANNEL_REQUEST, unknown channel
+        (91, struct.pack(">4L", 4242, 1, 1, 1)),  # OPEN_CONFIRMATION for no open
+        (92, struct.pack(">2L", 4242, 1) + NS(b"") + NS(b"")),  # OPEN_FAILURE for no open
+        (95, struct.pack(">2L", 4242, 1) + NS(b"x")),  # EXTENDED_DATA, unknown channel
+        (MSG_REQUEST_SUCCESS, b""),  # a reply to no request
+        (MSG_REQUEST_FAILURE, b""),
+        (MSG_GLOBAL_REQUEST, b"\0\0"),  # truncated
+        (96, b"\0"),  # truncated
+    ],
+)
+def test_a_malformed_or_misplaced_connection_message_ends_the_connection_with_a_disconnect(
+    world, logged, number, payload
+):
+    """Not an unhandled error in the reactor: a disconnect and one log line."""
+    recorder, pump, server = world.logged_in()
+    recorder.send(number, payload)
+    pump.flush()  # raises if the error escaped into the reactor
+    assert server.transport.disconnecting or server.transport.disconnected
+    assert any("malformed message" in str(e.get("log_format", "")) for e in logged)
+
+
 def test_more_data_than_the_window_closes_that_channel(world):
     recorder, pump, server = world.logged_in()
     open_session = NS(b"session") + struct.pack(">3L", 7, 65536, 32768)

@@ -81,6 +81,10 @@ class TunnelConnection(SSHConnection):
 
     # IPushProducer, registered on the member's SSH socket.
     def pauseProducing(self) -> None:
+        # Twisted calls this on every write while the socket's buffer is full:
+        # only the first call has channels to pause.
+        if self.output_paused:
+            return
         self.output_paused = True
         self._update_readers()
 

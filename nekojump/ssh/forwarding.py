@@ -275,6 +275,17 @@ class ForwardedChannel(SSHChannel):
     takes_views = True
 
     def dataReceived(self, data: bytes | memoryview) -> None:
+        if self.member_eof:
+            # The member promised no more: what it sends anyway is dropped, and
+            # ``replenish`` gives no window back, so it cannot pile up here.
+            if not self._said_data_after_eof:
+                self._said_data_after_eof = True
+                self.log.info(
+                    "{member}'s ssh sent data after EOF on port {port}; dropped",
+                    member=self.forward.avatar.identity.member_name,
+                    port=self.forward.port,
+                )
+            return
         self.forward.bytes_from_member += len(data)
         self.conn.transport.burst.hold(self.mesh.output).write(data)
 
@@ -296,9 +307,14 @@ class ForwardedChannel(SSHChannel):
         self.conn.send_data_packets(self, data, self.remoteMaxPacket)
         self.remoteWindowLeft -= size
 
+    #: True once the member sent EOF: it may send no more data.
+    member_eof = False
+    _said_data_after_eof = False
+
     def eofReceived(self) -> None:
         # The member sends no more: stop being the socket's producer (a paused
         # producer would keep Twisted from ever sending the FIN), then FIN.
+        self.member_eof = True
         self._stop_producing_for_mesh()
         self.mesh.transport.loseWriteConnection()
 
@@ -363,7 +379,7 @@ class ForwardedChannel(SSHChannel):
             burst.after(self, partial(self.replenish, grow))
             return
         self._settle_growth()
-        if self.reading_paused or not self.is_open or self.localClosed:
+        if self.reading_paused or self.member_eof or not self.is_open or self.localClosed:
             return
         consumed = self.localWindowSize - self.localWindowLeft
         if consumed < self.localWindowSize // 8:

@@ -60,6 +60,14 @@ _PACKET_HEAD = struct.Struct(">LBB")
 _DATA_PACKET_HEAD = struct.Struct(">LBBLL")
 
 
+#: What Conch's connection service raises on a message it cannot parse or
+#: place: a truncated field, an unknown channel, a reply to no request.
+MALFORMED = (struct.error, ValueError, IndexError, KeyError)
+#: The same for transport-layer messages, whose handlers also fail on fields
+#: of the wrong kind.
+MALFORMED_TRANSPORT = (struct.error, ValueError, IndexError, AttributeError, TypeError)
+
+
 def is_kex_message(number: int) -> bool:
     """Key exchange messages: KEXINIT, NEWKEYS and the method-specific 30..49."""
     return number in (MSG_KEXINIT, MSG_NEWKEYS) or 30 <= number <= 49
@@ -300,19 +308,23 @@ class PacketLayerMixin:
                 return
             self._violation(f"unexpected message {messageNum} during the first key exchange")
             return
-        if messageNum >= 50:
-            service = self.service
-            if service is not None:
+        service = self.service
+        if messageNum >= 50 and service is not None:
+            try:
                 service.packetReceived(messageNum, payload)
-            else:
-                super().dispatchMessage(messageNum, payload)
+            except MALFORMED:
+                self._malformed(messageNum)
             return
         try:
             super().dispatchMessage(messageNum, payload)
-        except (struct.error, ValueError, IndexError, AttributeError, TypeError):
-            # Malformed transport-layer messages end the connection, quietly.
-            self._log.info("malformed message {number}; disconnecting", number=messageNum)
-            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"malformed message")
+        except MALFORMED_TRANSPORT:
+            self._malformed(messageNum)
+
+    def _malformed(self, number: int) -> None:
+        """A message that could not be parsed, or names a channel or request that
+        does not exist: the connection ends with a disconnect and one log line."""
+        self._log.info("malformed message {number}; disconnecting", number=number)
+        self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"malformed message")
 
     def _pause_service(self, paused: bool) -> None:
         """While keys change, forwarded connections stop reading (their data would queue)."""

@@ -137,14 +137,16 @@ class Burst:
     """
 
     def __init__(self) -> None:
-        self._corks: list[Cork] = []
+        #: The corks held, in the order they were first written to (a dict:
+        #: ``holds`` is asked once per packet, with thousands of corks held).
+        self._corks: dict[Cork, None] = {}
         self._after: dict[object, Callable[[], None]] = {}
         self._depth = 0
 
     def hold(self, cork: Cork) -> Cork:
         if self._depth and cork._pieces is None:
             cork.__enter__()
-            self._corks.append(cork)
+            self._corks[cork] = None
         return cork
 
     def holds(self, cork: Cork) -> bool:
@@ -161,7 +163,7 @@ class Burst:
         self._depth -= 1
         if self._depth:
             return
-        corks, self._corks = self._corks, []
+        corks, self._corks = self._corks, {}
         after, self._after = self._after, {}
         errors: list[Exception] = []
         # Every cork is sent and every action run, whatever one of them raises.
