@@ -92,8 +92,11 @@ class Plain(Direction):
 #: keep theirs, and an idle one builds its context again when it next sends
 #: (a few microseconds).
 MAX_LIVE_CONTEXTS = 1024
-#: Directions holding a context, least recently used first.
+#: Directions holding a context, oldest first.  A direction used since it was
+#: last passed over goes to the back instead of losing its context (the
+#: "clock" approximation of least recently used: a packet only sets a flag).
 _live: OrderedDict[AesGcm, None] = OrderedDict()
+_NONCE_COUNTER_MASK = 0xFFFFFFFFFFFFFFFF
 
 
 class AesGcm(Direction):
@@ -103,45 +106,47 @@ class AesGcm(Direction):
     def __init__(self, key: bytes, iv: bytes) -> None:
         self._key = key
         self._context: AESGCM | None = None
+        self._used = False
         self._fixed = iv[:4]
         self._counter = int.from_bytes(iv[4:12], "big")
 
-    @property
-    def _aead(self) -> AESGCM:
-        context = self._context
-        if context is None:
-            context = self._context = AESGCM(self._key)
-            _live[self] = None
-            if len(_live) > MAX_LIVE_CONTEXTS:
-                oldest, _ = _live.popitem(last=False)
+    def _new_context(self) -> AESGCM:
+        context = self._context = AESGCM(self._key)
+        _live[self] = None
+        while len(_live) > MAX_LIVE_CONTEXTS:
+            oldest, _ = _live.popitem(last=False)
+            if oldest._used:
+                oldest._used = False
+                _live[oldest] = None
+            else:
                 oldest._context = None
-        else:
-            _live.move_to_end(self)
         return context
 
     def release(self) -> None:
         _live.pop(self, None)
         self._context = None
 
-    def _nonce(self) -> bytes:
-        nonce = self._fixed + self._counter.to_bytes(8, "big")
-        self._counter = (self._counter + 1) & 0xFFFFFFFFFFFFFFFF
-        return nonce
-
     def seal(self, seq: int, packet: bytes) -> bytes:
-        with memoryview(packet) as view:
-            head = view[:4]
-            return b"".join((head, self._aead.encrypt(self._nonce(), view[4:], head)))
+        return b"".join(self.seal_pieces(seq, packet))
 
     def seal_pieces(self, seq: int, packet: bytes) -> tuple[bytes, ...]:
         # The clear length and the ciphertext, without joining 32 KiB+ again.
+        # (Once per packet: the nonce and the context are not method calls.)
+        context = self._context or self._new_context()
+        self._used = True
+        counter = self._counter
+        self._counter = (counter + 1) & _NONCE_COUNTER_MASK
         head = packet[:4]
         with memoryview(packet) as view:
-            return head, self._aead.encrypt(self._nonce(), view[4:], head)
+            return head, context.encrypt(self._fixed + counter.to_bytes(8, "big"), view[4:], head)
 
     def open(self, seq: int, wire: bytes) -> bytes | None:
+        context = self._context or self._new_context()
+        self._used = True
+        counter = self._counter
+        self._counter = (counter + 1) & _NONCE_COUNTER_MASK
         try:
-            return self._aead.decrypt(self._nonce(), wire[4:], wire[:4])
+            return context.decrypt(self._fixed + counter.to_bytes(8, "big"), wire[4:], wire[:4])
         except InvalidTag:
             return None
 
