@@ -20,6 +20,7 @@ from nekojump.config import Config, ConfigError, load_config
 from nekojump.keys import parse_public_key
 from nekojump.model import Refused
 from nekojump.passwords import hash_password
+from nekojump.policy import plain_number
 from nekojump.store import TIERS, SQLiteStore
 
 
@@ -39,7 +40,20 @@ def _when(at: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on, or that would
+    break a table row, written as an escape: ``\\n``, ``\\x1b``, ``\\u202e``.
+
+    Descriptions, login names and audit details come from members and from
+    anyone who tries to log in: printed raw they could forge rows or send
+    escape sequences to the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _table(rows: list[list[str]], out: TextIO) -> None:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -74,6 +88,19 @@ def token_create(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> N
     sys.stderr.write(f"token {token_id} for {args.name}; it is shown only once\n")
 
 
+def token_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    if args.name is not None and store.get_member(args.name) is None:
+        raise CommandError(f"there is no member named {args.name!r}")
+    tokens = store.list_tokens(args.name)
+    if not tokens:
+        out.write("no API tokens\n")
+        return
+    rows = [["ID", "MEMBER", "CREATED", "LAST USED"]]
+    for t in tokens:
+        rows.append([str(t.id), t.member_name, _when(t.created_at), _when(t.last_used_at)])
+    _table(rows, out)
+
+
 def token_revoke(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
     if not store.revoke_token(args.token_id):
         raise CommandError(f"no live token with id {args.token_id}")
@@ -101,7 +128,14 @@ def member_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> No
 
 def member_disable(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
     _ok(store.set_member_active(args.name, False))
-    out.write(f"disabled {args.name}; their live sessions end now\n")
+    out.write(f"disabled {args.name}; their tunnels and dashboard sessions end now\n")
+    tokens = store.list_tokens(args.name)
+    if tokens:
+        ids = " ".join(str(t.id) for t in tokens)
+        out.write(
+            f"their API tokens ({ids}) stop working while they are disabled and work again"
+            f" if you enable them; to end them for good: nekojump-admin token revoke ID\n"
+        )
 
 
 def member_enable(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
@@ -178,8 +212,9 @@ def tunnels(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
 
 def tunnels_kill(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
     target = args.target
-    if target.isdigit():
-        live = [f for f in store.list_live_forwards() if f.port == int(target)]
+    port = plain_number(target)
+    if port is not None:
+        live = [f for f in store.list_live_forwards() if f.port == port]
         if not live:
             raise CommandError(f"no live tunnel on port {target}")
         action = "kill-port"
@@ -193,7 +228,7 @@ def tunnels_kill(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> N
     store.request_kill(action, target, actor="nekojump-admin")
     store.audit(
         "kill-requested",
-        member=None if target.isdigit() else target,
+        member=None if port is not None else target,
         actor="nekojump-admin",
         detail={"target": target},
     )
@@ -206,6 +241,9 @@ def member_set_tier(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -
 
 
 def ports_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
+    if args.remove is not None:
+        ports_remove(store, args.remove, out)
+        return
     if args.name is not None and store.get_member(args.name) is None:
         raise CommandError(f"there is no member named {args.name!r}")
     ports = store.list_ports(args.name)
@@ -216,6 +254,14 @@ def ports_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> Non
     for p in ports:
         rows.append([str(p.port), p.member_name, p.description, _when(p.created_at)])
     _table(rows, out)
+
+
+def ports_remove(store: SQLiteStore, port: int, out: TextIO) -> None:
+    owners = [p.member_name for p in store.list_ports() if p.port == port]
+    if not owners:
+        raise CommandError(f"port {port} is not registered")
+    removed = _ok(store.remove_port(owners[0], port))
+    out.write(f"removed {removed.member_name}'s registration of port {removed.port}\n")
 
 
 def audit(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
@@ -243,8 +289,9 @@ def audit(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
 def parse_since(text: str, now: float) -> float:
     """A time from ``2026-11-25``, ``2026-11-25T10:00`` (UTC) or a span: ``90m``, ``6h``, ``2d``."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    if text[:-1].isdigit() and text[-1:] in units:
-        return now - int(text[:-1]) * units[text[-1]]
+    count = plain_number(text[:-1])
+    if count is not None and text[-1:] in units:
+        return now - count * units[text[-1]]
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -353,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         token_sub, "create", token_create, "create an API token for a member (printed once)"
     )
     p.add_argument("name")
+    p = command(token_sub, "list", token_list, "list live API tokens, of everyone or one member")
+    p.add_argument("name", nargs="?")
     p = command(token_sub, "revoke", token_revoke, "revoke an API token by id")
     p.add_argument("token_id", type=int)
 
@@ -362,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(topics, "ports", ports_list, "list registered ports, of everyone or one member")
     p.add_argument("name", nargs="?")
+    p.add_argument(
+        "--remove", type=int, metavar="PORT", help="forget PORT's registration, whoever made it"
+    )
 
     p = command(topics, "audit", audit, "show the audit trail, newest last")
     p.add_argument("--member", help="only this member's events")

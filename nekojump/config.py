@@ -8,6 +8,8 @@ file raises ``ConfigError`` with one sentence naming the key.
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -143,7 +145,13 @@ def _boolean(value: Any) -> bool:
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    # TOML has nan and inf: neither is a time to wait.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError("must be a positive number of seconds")
     return float(value)
 
@@ -182,6 +190,17 @@ def _optional_networks(value: Any) -> tuple[IPNetwork, ...]:
     if not isinstance(value, list):
         raise ValueError('must be a list of CIDRs, e.g. ["127.0.0.1/32"]')
     return _cidrs(value)
+
+
+#: An HTTP header name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _optional_header_name(value: Any) -> str:
+    text = _optional_string(value)
+    if text and not _HEADER_NAME.fullmatch(text):
+        raise ValueError(f"{text!r} is not an HTTP header name (ASCII letters, digits, '-')")
+    return text
 
 
 def _optional_string(value: Any) -> str:
@@ -266,7 +285,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "public_hostname": (_string, "localhost"),
         # Single sign-on: a reverse proxy at one of trusted_proxies names the
         # member in this header; the header is ignored from anyone else.
-        "sso_header": (_optional_string, ""),
+        "sso_header": (_optional_header_name, ""),
         "trusted_proxies": (_optional_networks, []),
     },
     "metrics": {
@@ -357,5 +376,8 @@ def load_config(path: str | Path | None = None, data_dir: str | None = None) -> 
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{source}: not valid TOML: {error}") from None
     if data_dir is not None:
-        document = {**document, "storage": {**document.get("storage", {}), "data_dir": data_dir}}
+        storage = document.get("storage", {})
+        if not isinstance(storage, dict):
+            raise ConfigError(f"{source}: [storage] must be a table")
+        document = {**document, "storage": {**storage, "data_dir": data_dir}}
     return parse_config(document, source)

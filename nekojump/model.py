@@ -89,3 +89,13 @@ class RegisteredPort:
     member_name: str
     description: str
     created_at: float
+
+
+@frozen
+class ApiToken:
+    """An API bearer token as the operator sees it (the secret itself is not kept)."""
+
+    id: int
+    member_name: str
+    created_at: float
+    last_used_at: float | None

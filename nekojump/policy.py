@@ -171,6 +171,14 @@ class Takeover:
 BindDecision = Bind | Takeover | Refused
 
 
+def plain_number(text: str) -> int | None:
+    """``text`` as a number if it is nothing but ASCII digits (a port, a count), else None.
+
+    ``str.isdigit`` alone is not enough: it takes "²" and "٣", which ``int``
+    refuses or reads as another number."""
+    return int(text) if text.isascii() and text.isdecimal() else None
+
+
 def port_refusal(port: int, rules: ForwardRules) -> Refused | None:
     """None if ``port`` may ever be forwarded; otherwise why not."""
     if not rules.port_min <= port <= rules.port_max:

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from nekojump.keys import PublicKey
-from nekojump.model import KeyRecord, LiveForward, Member, Refused, RegisteredPort
+from nekojump.model import ApiToken, KeyRecord, LiveForward, Member, Refused, RegisteredPort
 from nekojump.policy import ForwardRules, port_refusal
 
 DB_NAME = "nekojump.sqlite3"
@@ -179,7 +179,8 @@ class SQLiteStore:
         return [_member(r) for r in self._db.execute("SELECT * FROM members ORDER BY name")]
 
     def set_member_active(self, name: str, active: bool) -> Member | Refused:
-        """Enable or disable a member; a disabled member's keys stop working."""
+        """Enable or disable a member; a disabled member's keys stop working and
+        their dashboard sessions end (enabling them again does not bring those back)."""
         with self.transaction() as db:
             changed = db.execute(
                 "UPDATE members SET active = ? WHERE name = ?", (int(active), name)
@@ -187,6 +188,8 @@ class SQLiteStore:
             if changed:
                 event = "member-enabled" if active else "member-disabled"
                 self._audit(db, event, member=name)
+                if not active:
+                    self._end_sessions_of(db, name)
         member = self.get_member(name)
         if not changed or member is None:
             return Refused("no-such-member", f"there is no member named {name!r}")
@@ -330,12 +333,14 @@ class SQLiteStore:
         return row[0] if row else None
 
     def set_password_hash(self, name: str, password_hash: str) -> Member | Refused:
+        """A new dashboard password; every session logged in with the old one ends."""
         with self.transaction() as db:
             changed = db.execute(
                 "UPDATE members SET password_hash = ? WHERE name = ?", (password_hash, name)
             ).rowcount
             if changed:
                 self._audit(db, "password-set", member=name)
+                self._end_sessions_of(db, name)
         member = self.get_member(name)
         if not changed or member is None:
             return Refused("no-such-member", f"there is no member named {name!r}")
@@ -368,6 +373,13 @@ class SQLiteStore:
     def end_session(self, token: str) -> None:
         self._db.execute("DELETE FROM web_sessions WHERE token_hash = ?", (_digest(token),))
 
+    @staticmethod
+    def _end_sessions_of(db: sqlite3.Connection, member_name: str) -> None:
+        db.execute(
+            "DELETE FROM web_sessions WHERE member_id = (SELECT id FROM members WHERE name = ?)",
+            (member_name,),
+        )
+
     def create_token(self, member_name: str) -> tuple[int, str] | Refused:
         """A new API bearer token for a member: (id, token); only its hash is kept."""
         member = self.get_member(member_name)
@@ -393,6 +405,18 @@ class SQLiteStore:
             if changed:
                 self._audit(db, "token-revoked", detail={"token_id": token_id})
         return bool(changed)
+
+    def list_tokens(self, member_name: str | None = None) -> list[ApiToken]:
+        """Live (unrevoked) API tokens, of everyone or one member, oldest first."""
+        query = (
+            "SELECT t.id, m.name, t.created_at, t.last_used_at FROM api_tokens t"
+            " JOIN members m ON m.id = t.member_id WHERE t.revoked_at IS NULL"
+        )
+        if member_name is None:
+            rows = self._db.execute(query + " ORDER BY t.id")
+        else:
+            rows = self._db.execute(query + " AND m.name = ? ORDER BY t.id", (member_name,))
+        return [ApiToken(*row) for row in rows]
 
     def token_member(self, token: str) -> Member | None:
         """The active member a bearer token belongs to, if the token is live."""

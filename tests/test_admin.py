@@ -9,8 +9,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from nekojump.admin import main
 from nekojump.config import load_config
+from nekojump.policy import ForwardRules
 from nekojump.store import SQLiteStore
 from tests.conftest import tool
+
+RULES = ForwardRules(port_min=10000, port_max=60000)
 
 
 @pytest.fixture
@@ -187,3 +190,83 @@ def test_tunnels_kill_needs_a_running_server(run):
     assert code == 1 and "not running" in err
     code, _out, err = run("tunnels", "kill", "nobody")
     assert code == 1 and "no member named 'nobody'" in err
+
+
+def test_text_from_members_and_strangers_cannot_forge_rows_or_drive_the_terminal(run, pubkey):
+    """Descriptions, ports and audit details are member input, and a failed login
+    stores whatever name was typed: the operator's terminal gets them escaped."""
+    run("member", "add", "alice")
+    store = SQLiteStore.open(run.data_dir)
+    try:
+        store.add_port("alice", 10081, "web\r10022  root    operator SSH\x1b]0;pwned\x07", RULES)
+        store.audit("login-failed", actor="x\n2026-11-26 04:00:00  member-disabled  root")
+    finally:
+        store.close()
+    run("key", "add", "alice", str(pubkey), "--description", "\x1b[31mred\x1b[0m\u202elaptop")
+    for argv in (["ports"], ["audit"], ["key", "list"]):
+        code, out, _ = run(*argv)
+        assert code == 0
+        assert not any(c in out for c in "\r\x1b\x07\u202e"), argv
+        assert all(line.isprintable() for line in out.splitlines()), argv
+    assert "\\r10022" in run("ports")[1]
+    assert "x\\n2026-11-26" in run("audit")[1]
+    assert "\\x1b[31mred\\x1b[0m\\u202elaptop" in run("key", "list")[1]
+
+
+@pytest.mark.parametrize("argv", [["audit", "--since", "²d"], ["tunnels", "kill", "²"]])
+def test_digits_that_are_not_ascii_are_no_number(run, argv):
+    """'²'.isdigit() is true, but it is no count of days and no port."""
+    code, _out, err = run(*argv)
+    assert code == 1
+    assert "Traceback" not in err and err.startswith("nekojump-admin: ")
+
+
+def test_password_reset_and_disabling_end_dashboard_sessions_for_good(run, monkeypatch):
+    run("member", "add", "alice")
+    store = SQLiteStore.open(run.data_dir)
+    try:
+        before_reset, _ = store.create_session("alice", 3600)
+        monkeypatch.setattr("sys.stdin", io.StringIO("new password\n"))
+        assert run("member", "reset-password", "alice")[0] == 0
+        assert store.session_member(before_reset) is None
+        before_disable, _ = store.create_session("alice", 3600)
+        token_id, token = store.create_token("alice")
+        code, out, _ = run("member", "disable", "alice")
+        assert code == 0 and f"API tokens ({token_id})" in out
+        assert run("member", "enable", "alice")[0] == 0
+        assert store.session_member(before_disable) is None
+        assert store.token_member(token).name == "alice"  # kept, as the message says
+    finally:
+        store.close()
+
+
+def test_tokens_can_be_listed_to_find_the_one_to_revoke(run):
+    run("member", "add", "alice")
+    run("member", "add", "bob")
+    assert "no API tokens" in run("token", "list")[1]
+    assert run("token", "create", "alice")[0] == 0
+    assert run("token", "create", "bob")[0] == 0
+    code, out, _ = run("token", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "MEMBER", "CREATED", "LAST", "USED"]
+    assert [line.split()[:2] for line in lines[1:]] == [["1", "alice"], ["2", "bob"]]
+    assert [line.split()[1] for line in run("token", "list", "bob")[1].splitlines()[1:]] == ["bob"]
+    assert run("token", "revoke", "1")[0] == 0
+    assert "alice" not in run("token", "list")[1]
+    code, _out, err = run("token", "list", "nobody")
+    assert code == 1 and "no member named 'nobody'" in err
+
+
+def test_operator_removes_any_members_registered_port(run):
+    run("member", "add", "alice")
+    store = SQLiteStore.open(run.data_dir)
+    try:
+        store.add_port("alice", 10081, "wiki", RULES)
+    finally:
+        store.close()
+    code, out, _ = run("ports", "--remove", "10081")
+    assert code == 0 and "alice's registration of port 10081" in out
+    assert "no registered ports" in run("ports")[1]
+    code, _out, err = run("ports", "--remove", "10081")
+    assert code == 1 and "port 10081 is not registered" in err

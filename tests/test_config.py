@@ -50,6 +50,18 @@ def test_production_config_parses():
         ({"forwarding": {"reserved_ports": [22, "x"]}}, "[forwarding] reserved_ports:"),
         ({"ssh": {"max_auth_tries": True}}, "[ssh] max_auth_tries: must be an integer"),
         ({"ssh": "x"}, "[ssh] must be a table"),
+        # TOML has nan and inf; every login failed with an AssertionError on nan.
+        ({"ssh": {"login_grace_time": float("nan")}}, "[ssh] login_grace_time: must be a positive"),
+        ({"ssh": {"login_grace_time": float("inf")}}, "[ssh] login_grace_time: must be a positive"),
+        # Twisted can only send ASCII header names: every proxied request failed with a 500.
+        (
+            {"web": {"sso_header": "X-Benutzer-\u00c4", "trusted_proxies": ["127.0.0.1/32"]}},
+            "[web] sso_header: 'X-Benutzer-\u00c4' is not an HTTP header name",
+        ),
+        (
+            {"web": {"sso_header": "X User", "trusted_proxies": ["127.0.0.1/32"]}},
+            "[web] sso_header: 'X User' is not an HTTP header name",
+        ),
     ],
 )
 def test_bad_values_are_named(document, message):
@@ -66,6 +78,13 @@ def test_file_errors(tmp_path):
     bad.write_text("[ssh\nlisten = 1\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_data_dir_option_with_a_storage_key_that_is_no_table(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('storage = "x"\n')
+    with pytest.raises(ConfigError, match=r"c.toml: \[storage\] must be a table"):
+        load_config(path, data_dir=str(tmp_path / "d"))
 
 
 def test_data_dir_option_overrides_file(tmp_path):

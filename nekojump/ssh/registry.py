@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTi
 from twisted.logger import Logger
 
 from nekojump.model import Identity, LiveForward
-from nekojump.policy import Holder
+from nekojump.policy import Holder, plain_number
 
 if TYPE_CHECKING:
     from nekojump.ssh.avatar import TunnelAvatar
@@ -132,7 +132,8 @@ class TunnelRegistry:
     def kill(self, action: str, target: str) -> int:
         """End the connection holding a port (``kill-port``) or a member's (``kill-member``)."""
         if action == "kill-port":
-            forward = self._forwards.get(int(target)) if target.isdigit() else None
+            port = plain_number(target)
+            forward = self._forwards.get(port) if port is not None else None
             doomed = [forward.avatar] if forward else []
         else:
             doomed = [a for a in self._avatars.values() if a.identity.member_name == target]
