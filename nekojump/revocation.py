@@ -1,7 +1,7 @@
 """Carries the admin CLI's changes to the running server.
 
 Removed keys and disabled members lose their sessions; ``tunnels kill``
-requests end the tunnels they name.
+requests end the tunnels they name; a new tier applies to live connections.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ POLL_INTERVAL = 0.2
 
 
 class RevocationWatcher:
-    """Polls the store's change counter; on a change, drops connections of unusable keys.
+    """Polls the store's change counter; on a change, drops connections of unusable
+    keys and gives live connections their member's current tier.
 
     The admin CLI and any other process write straight to SQLite, so a cheap
     ``PRAGMA data_version`` poll is what carries their changes to us.
@@ -52,6 +53,7 @@ class RevocationWatcher:
             killed = self.registry.disconnect_unusable(usable, "key removed")
             for action, target in await self.store.call(self.store.store.take_control_requests):
                 killed += self.registry.kill(action, target)
+            self.registry.apply_tiers(await self.store.call(self.store.store.member_tiers))
         except Exception:  # noqa: BLE001 - keep watching after a bad moment
             self.log.failure("revocation check failed")
             return 0

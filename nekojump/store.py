@@ -264,6 +264,10 @@ class SQLiteStore:
         )
         return frozenset(row[0] for row in rows)
 
+    def member_tiers(self) -> dict[int, str]:
+        """Every member's tier, by member id."""
+        return dict(self._db.execute("SELECT id, tier FROM members"))
+
     def confirm_login(self, key_id: int) -> bool:
         """Record a login with this key; False if the key may no longer log in."""
         changed = self._db.execute(

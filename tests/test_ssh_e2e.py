@@ -516,3 +516,39 @@ def test_the_log_says_whose_forward_opened_and_who_disconnected_after_how_long(r
     assert "connection lost" not in running.log_text()
     # The port's own line says whose it is (Twisted's says the factory's class).
     assert f"bob's forward starting on {port}" in running.log_text()
+
+
+def test_a_new_tier_applies_to_a_live_connection(jumphost, keys, echo, tmp_path):
+    """`member set-tier` acts on the running server at once: the next forward a
+    connected member asks for counts against the new tier (held ones stay)."""
+    with open(jumphost.config, "a") as config:
+        config.write("[limits]\nbasic = { forwards = 1 }\npro = { forwards = 5 }\n")
+    jumphost.add_member("alice", keys["alice"])
+    assert jumphost.admin("member", "set-tier", "alice", "pro").returncode == 0
+    jumphost.start()
+    control = str(tmp_path / "control")
+    first = jumphost.port_min + 11
+    master = jumphost.ssh_background(
+        keys["alice"], "-M", "-S", control, "-R", f"{first}:127.0.0.1:{echo.port}"
+    )
+    wait_for(lambda: jumphost.holder_of(first) is not None, what="the first forward")
+
+    def add_forward(port: int) -> subprocess.CompletedProcess[bytes]:
+        argv = jumphost.ssh_argv(keys["alice"], "-S", control, "-O", "forward")
+        return subprocess.run(
+            [*argv[:-1], "-R", f"{port}:127.0.0.1:{echo.port}", argv[-1]],
+            capture_output=True,
+            timeout=30,
+        )
+
+    assert add_forward(first + 1).returncode == 0  # pro: a second one is fine
+    wait_for(lambda: jumphost.holder_of(first + 1) is not None, what="the second forward")
+    assert jumphost.admin("member", "set-tier", "alice", "basic").returncode == 0
+    time.sleep(0.6)  # the server looks for changes every 0.2 s
+    refused = add_forward(first + 2)
+    assert refused.returncode != 0
+    assert jumphost.holder_of(first + 2) is None
+    # What alice held before the change stays up.
+    assert exchange(MESH_ADDRESS, first, b"one") == b"one"
+    assert exchange(MESH_ADDRESS, first + 1, b"two") == b"two"
+    assert master.poll() is None

@@ -6,6 +6,7 @@ import random
 import struct
 from typing import TYPE_CHECKING
 
+from attrs import evolve
 from twisted.conch.avatar import ConchUser
 from twisted.conch.error import ConchError
 from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED
@@ -92,6 +93,12 @@ class TunnelAvatar(ConchUser):
         self.connected_at: float | None = None
         self.refusals = 0
         self.channelLookup[b"session"] = TunnelSession
+
+    def change_tier(self, tier: str) -> None:
+        """The member's tier changed: its limits apply to what they ask for next
+        (what they hold already stays)."""
+        self.identity = evolve(self.identity, tier=tier)
+        self.limits = self.config.limits.for_tier(tier)
 
     # -- life cycle ----------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from attrs import define, field, frozen
@@ -128,6 +128,16 @@ class TunnelRegistry:
         for avatar in doomed:
             avatar.disconnect(reason)
         return len(doomed)
+
+    def apply_tiers(self, tiers: Mapping[int, str]) -> int:
+        """Give each connection its member's tier as stored now; return how many changed."""
+        changed = 0
+        for avatar in list(self._avatars.values()):
+            tier = tiers.get(avatar.identity.member_id)
+            if tier is not None and tier != avatar.identity.tier:
+                avatar.change_tier(tier)
+                changed += 1
+        return changed
 
     def kill(self, action: str, target: str) -> int:
         """End the connection holding a port (``kill-port``) or a member's (``kill-member``)."""
