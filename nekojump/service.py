@@ -28,6 +28,7 @@ from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
 from nekojump.ssh.avatar import TunnelAvatar
 from nekojump.ssh.factory import TunnelSSHFactory
 from nekojump.ssh.registry import ActiveForward, TunnelRegistry
+from nekojump.ssh.sending import gather_writes
 from nekojump.store import DeferredStore, SQLiteStore
 from nekojump.web.app import Dashboard
 from nekojump.web.auth import LoginThrottle
@@ -160,6 +161,7 @@ class NekojumpService(MultiService):
 
     def _listening(self, port: IListeningPort) -> None:
         self.ssh_port = port
+        gather_writes(port)
         cfg = self.config
         address = port.getHost()
         self.log.info(

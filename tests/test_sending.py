@@ -5,11 +5,18 @@ from __future__ import annotations
 import socket
 
 import pytest
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from nekojump.ssh.sending import Burst, Cork, send_now, unsent_bytes
+from nekojump.ssh.sending import (
+    Burst,
+    Cork,
+    GatheringServer,
+    send_all_now,
+    send_now,
+    unsent_bytes,
+)
 
 
 def connection() -> tuple[tcp.Connection, socket.socket, MemoryReactor]:
@@ -150,3 +157,78 @@ def test_a_burst_sends_every_cork_and_runs_every_action_even_if_one_fails():
             burst.after("window", lambda: ran.append("first"))
             burst.after("window", lambda: ran.append("last"))  # the last one per key
     assert good.value() == b"kept" and ran == ["last"]
+
+
+def gathering() -> tuple[GatheringServer, socket.socket, MemoryReactor]:
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    reactor = MemoryReactor()
+    conn = GatheringServer(ours, Protocol(), ("127.0.0.1", 40000), None, 1, reactor)
+    return conn, peer, reactor
+
+
+def test_a_mesh_connection_queues_views_as_they_are_and_sends_them_in_order():
+    """A slow mesh client: what waits is the decrypted packets' data itself,
+    never joined into one copy (Twisted's transports copy it two or three times)."""
+    conn, peer, reactor = gathering()
+    packet = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the socket takes
+    pieces = [memoryview(packet)[10:], b"middle", memoryview(b"--tail--")[2:-2]]
+    send_all_now(conn, pieces)
+    assert conn in reactor.writers
+    assert conn.dataBuffer == b"" and isinstance(conn._tempDataBuffer[0], memoryview)
+    assert unsent_bytes(conn) >= len(packet)  # the peer has read nothing yet
+    send_now(conn, memoryview(b"later"))  # behind the queue, not before it
+    send_all_now(conn, [b"and ", memoryview(b"last")])
+    expected = packet[10:] + b"middle" + b"tail" + b"later" + b"and last"
+    assert drain(conn, peer, len(expected)) == expected
+    assert conn._tempDataBuffer == [] and conn._tempDataLen == 0
+    assert conn not in reactor.writers
+
+
+def test_a_mesh_connection_pauses_its_producer_while_full_and_resumes_it_once_drained():
+    conn, peer, _reactor = gathering()
+
+    class Producer:
+        paused = resumed = 0
+
+        def pauseProducing(self) -> None:
+            self.paused += 1
+
+        def resumeProducing(self) -> None:
+            self.resumed += 1
+
+        def stopProducing(self) -> None:
+            pass
+
+    producer = Producer()
+    conn.registerProducer(producer, True)
+    big = bytes(4 * 1024 * 1024)
+    send_all_now(conn, [memoryview(big), b"x"])
+    assert producer.paused == 1 and producer.resumed == 0
+    assert drain(conn, peer, len(big) + 1) == big + b"x"
+    assert producer.resumed == 1
+
+
+@pytest.mark.parametrize("close", ["loseConnection", "loseWriteConnection"])
+def test_a_mesh_connection_closes_only_after_everything_queued_is_sent(close):
+    conn, peer, _reactor = gathering()
+    big = bytes(range(256)) * (16 * 1024)
+    send_all_now(conn, [b"head", memoryview(big)])
+    getattr(conn, close)()
+    peer.setblocking(False)
+    got = bytearray()
+    result = None
+    for _ in range(10_000):  # bounded: a socket pair drains in a few dozen rounds
+        result = conn.doWrite()
+        try:
+            got += peer.recv(1 << 20)
+        except BlockingIOError:
+            pass
+        if len(got) == len(big) + 4 and not conn._tempDataBuffer:
+            result = conn.doWrite()
+            break
+    assert bytes(got) == b"head" + big
+    if close == "loseConnection":
+        assert result is main.CONNECTION_DONE
+    else:
+        assert conn._writeDisconnected and peer.recv(16) == b""  # FIN after the data

@@ -25,6 +25,7 @@ from nekojump.model import Identity, Refused
 from nekojump.policy import Bind, Holder, Takeover
 from nekojump.ssh.forwarding import ForwardListenerFactory
 from nekojump.ssh.registry import ActiveForward, TunnelRegistry
+from nekojump.ssh.sending import gather_writes
 from nekojump.ssh.session import TunnelSession
 
 if TYPE_CHECKING:
@@ -285,6 +286,7 @@ class TunnelAvatar(ConchUser):
                 forward.listener = self.reactor.listenTCP(
                     port, forward.factory, interface=bind_address
                 )
+                gather_writes(forward.listener)
             except CannotListenError:
                 return None
         self.forwards[port] = forward

@@ -15,13 +15,14 @@ sockets that one read of input writes to.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
 import termios
 from collections.abc import Callable
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 
 
 def _idle(transport: object) -> bool:
@@ -42,9 +43,10 @@ def _idle(transport: object) -> bool:
 def send_now(transport: object, data: bytes | memoryview) -> None:
     """``transport.write(data)``, but sent at once if the socket takes it.
 
-    ``data`` may be a ``memoryview``; what Twisted has to queue is copied."""
+    ``data`` may be a ``memoryview``; what Twisted has to queue is copied
+    (a ``GatheringServer`` queues the view itself)."""
     if not data or not _idle(transport):
-        transport.write(bytes(data) if isinstance(data, memoryview) else data)
+        _queue(transport, [data])
         return
     try:
         sent = transport.socket.send(data)
@@ -54,7 +56,7 @@ def send_now(transport: object, data: bytes | memoryview) -> None:
         # Let Twisted find the error on its own write and close as usual.
         sent = 0
     if sent < len(data):
-        transport.write(bytes(data[sent:]))
+        _queue(transport, [memoryview(data)[sent:]])
 
 
 #: The most buffers one ``sendmsg`` takes (Linux: 1024).
@@ -67,15 +69,115 @@ def send_all_now(transport: object, pieces: list[bytes | memoryview]) -> None:
         send_now(transport, pieces[0])
         return
     if len(pieces) > _IOV_MAX or not _idle(transport):
-        send_now(transport, b"".join(pieces))
+        if isinstance(transport, GatheringServer):
+            transport.write_pieces(pieces)
+        else:
+            send_now(transport, b"".join(pieces))
         return
     try:
         sent = transport.socket.sendmsg(pieces)
     except OSError:
         sent = 0
-    total = sum(map(len, pieces))
-    if sent < total:
-        transport.write(b"".join(pieces)[sent:])
+    if sent < sum(map(len, pieces)):
+        _queue(transport, _unsent(pieces, sent))
+
+
+def _unsent(pieces: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What is left of ``pieces`` once their first ``sent`` bytes are gone (no copies)."""
+    for index, piece in enumerate(pieces):
+        if sent < len(piece):
+            return [memoryview(piece)[sent:], *pieces[index + 1 :]]
+        sent -= len(piece)
+    return []
+
+
+def _queue(transport: object, pieces: list[bytes | memoryview]) -> None:
+    """Hand ``pieces`` to Twisted to send when the socket has room."""
+    if isinstance(transport, GatheringServer):
+        transport.write_pieces(pieces)
+    elif len(pieces) == 1:
+        piece = pieces[0]
+        transport.write(bytes(piece) if isinstance(piece, memoryview) else piece)
+    else:
+        transport.write(b"".join(pieces))
+
+
+class GatheringServer(tcp.Server):
+    """A TCP server connection whose queued writes go out with ``sendmsg``, never joined.
+
+    Twisted's transports join what waits to be written into one ``bytes``
+    before each send, and join the unsent rest with what came since once less
+    than 128 KiB of it is left.  When a mesh client reads slower than the
+    member sends (a download over a slow link, a busy client), every byte was
+    copied two or three times on its way out.  Here the queue holds the
+    written buffers themselves (views of the decrypted packets), and each
+    writable event sends as many of them as one ``sendmsg`` takes.
+
+    The queue is Twisted's own ``_tempDataBuffer``/``_tempDataLen``, so
+    Twisted's producer pausing and ``unsent_bytes`` see it as before;
+    ``dataBuffer`` stays empty.
+    """
+
+    #: Bytes of the first queued buffer already sent.
+    _head_sent = 0
+
+    def write_pieces(self, pieces: list[bytes | memoryview]) -> None:
+        """Queue ``pieces`` (``bytes`` or views) to be sent in order."""
+        if not self.connected or self._writeDisconnected or not pieces:
+            return
+        self._tempDataBuffer.extend(pieces)
+        self._tempDataLen += sum(map(len, pieces))
+        self._maybePauseProducer()
+        self.startWriting()
+
+    def write(self, data: bytes) -> None:
+        if isinstance(data, str):
+            raise TypeError("Data must be bytes")
+        self.write_pieces([data])
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        if any(isinstance(data, str) for data in iovec):
+            raise TypeError("Data must be bytes")
+        self.write_pieces(list(iovec))
+
+    def doWrite(self) -> object:
+        queue = self._tempDataBuffer
+        if self.dataBuffer or not queue:
+            # Nothing of ours waits: Twisted's own ending (stop writing,
+            # resume the producer, close or half-close when asked to).
+            return super().doWrite()
+        batch = queue[:_IOV_MAX]
+        if self._head_sent:
+            batch[0] = memoryview(batch[0])[self._head_sent :]
+        try:
+            sent = self.socket.sendmsg(batch)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as error:
+            if error.errno == errno.ENOBUFS:
+                return None
+            return main.CONNECTION_LOST
+        self._tempDataLen -= sent
+        sent += self._head_sent
+        done = 0
+        for piece in queue:
+            if sent < len(piece):
+                break
+            sent -= len(piece)
+            done += 1
+        del queue[:done]
+        self._head_sent = sent
+        if queue:
+            return None
+        self._head_sent = 0
+        return super().doWrite()
+
+
+def gather_writes(listener: object) -> None:
+    """Make the connections ``listener`` accepts from now on ``GatheringServer``
+    (a real TCP port only: test reactors keep their own)."""
+    if isinstance(listener, tcp.Port):
+        listener.transport = GatheringServer
 
 
 class Cork:
