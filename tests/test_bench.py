@@ -140,3 +140,33 @@ def test_interleaved_echoes_measure_every_target_block_by_block() -> None:
         "b": [3, 3, 1],
     }
     assert all(0 < t < 5 for blocks in found.values() for block in blocks for t in block)
+
+
+def test_server_cpu_counts_every_thread_and_child_more_finely_than_clock_ticks() -> None:
+    """A server's CPU is its threads' and its children's (sshd forks one per
+    connection), read to well under the 10 ms of a clock tick."""
+    from bench.procs import cpu_seconds
+
+    burner = (
+        "import threading, time, subprocess, sys\n"
+        "def burn():\n"
+        "    end = time.thread_time() + 0.15\n"
+        "    while time.thread_time() < end: pass\n"
+        "threads = [threading.Thread(target=burn) for _ in range(2)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "subprocess.run([sys.executable, '-c', 'import time\\n"
+        "end = time.process_time() + 0.15\\nwhile time.process_time() < end: pass'])\n"
+        "print('done', flush=True); sys.stdin.read()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", burner], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout.readline() == b"done\n"
+        used = cpu_seconds(process.pid)
+        # Two threads and a child, 0.15 s each, plus the interpreters starting up.
+        assert 0.45 <= used < 1.5
+        assert used != round(used, 2)  # not whole clock ticks
+    finally:
+        process.stdin.close()
+        process.wait(timeout=10)
