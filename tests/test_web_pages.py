@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from nekojump.web.auth import LoginThrottle
@@ -266,3 +267,81 @@ def test_check_says_when_the_viewer_is_off_the_mesh(tmp_path):
         {"csrf": csrf, "port": "10080"},
     )
     assert "outside the mesh sources" in body
+
+
+def post_login_without_waiting(treq, name: str, password: str) -> list[Any]:
+    """Send a login form; the list gets the response once the server answers."""
+    answered: list[Any] = []
+    treq.request(
+        "POST",
+        URL + "/login",
+        data=urlencode({"name": name, "password": password}).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        allow_redirects=False,
+    ).addBoth(answered.append)
+    treq.flush()
+    return answered
+
+
+@pytest.fixture
+def held_password_checks(monkeypatch) -> list[Deferred]:
+    """Password checks wait until the test answers them, as a slow scrypt would."""
+    checks: list[Deferred] = []
+
+    def check_later(_function, *_args):
+        checks.append(Deferred())
+        return checks[-1]
+
+    monkeypatch.setattr("nekojump.web.backend.deferToThread", check_later)
+    return checks
+
+
+def test_guesses_sent_at_once_are_checked_no_more_often_than_the_limit(
+    site,  # noqa: F811
+    held_password_checks,
+):
+    """Twelve wrong guesses and the right password arrive together: five are checked,
+    the rest are throttled, the right one included (it came in the burst)."""
+    store, client = site
+    treq = client(None).treq
+    answers = [post_login_without_waiting(treq, "alice", f"guess {i}") for i in range(12)]
+    answers.append(post_login_without_waiting(treq, "alice", "the right one"))
+    assert len(held_password_checks) == 5
+    assert [a[0].code for a in answers if a] == [429] * 8
+    for check in held_password_checks:
+        check.callback(False)
+    treq.flush()
+    assert [a[0].code for a in answers] == [401] * 5 + [429] * 8
+    failures = [e for e in store.audit_events(100) if e["event"] == "login-failed"]
+    assert len(failures) == 5
+
+
+def test_a_successful_login_does_not_count_against_its_source(site, held_password_checks):  # noqa: F811
+    """Members behind one NAT address can all log in; only failures use up the limit."""
+    _store, client = site
+    treq = client(None).treq
+    for _ in range(7):
+        answer = post_login_without_waiting(treq, "alice", "right")
+        held_password_checks[-1].callback(True)
+        treq.flush()
+        assert answer[0].code == 303
+
+
+def test_a_login_name_no_member_could_have_is_refused_unchecked_and_audited_short(
+    site,  # noqa: F811
+    held_password_checks,
+):
+    store, client = site
+    treq = client(None).treq
+    for name in ("x" * 100_000, "alice bob", "<alice>", ".alice"):
+        answer = post_login_without_waiting(treq, name, "whatever")
+        assert answer[0].code == 401
+    assert held_password_checks == []  # no password was checked
+    failures = [e for e in store.audit_events(100) if e["event"] == "login-failed"]
+    assert len(failures) == 4
+    assert all(e["member"] is None and len(e["detail"]["name"]) <= 65 for e in failures)
+    assert failures[-1]["detail"]["name"] == "x" * 64 + "…"
+    # They count against the source like any failure.
+    answer = post_login_without_waiting(treq, "y" * 70, "whatever")
+    answer2 = post_login_without_waiting(treq, "alice", "whatever")
+    assert (answer[0].code, answer2[0].code) == (401, 429)

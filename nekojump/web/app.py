@@ -122,7 +122,7 @@ class Dashboard:
         result = await self.backend.login(name, form(request, "password"), peer(request))
         if isinstance(result, Refused):
             request.setResponseCode(429 if result.code == "login-throttled" else 401)
-            return self.renderer.page("login.html", error=result.reason, name=name)
+            return self.renderer.page("login.html", error=result.reason, name=name[:64])
         set_session_cookie(request, result, SESSION_LIFETIME)
         return see_other(request, b"/")
 

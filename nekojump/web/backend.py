@@ -22,8 +22,15 @@ from nekojump.passwords import verify_password
 from nekojump.policy import source_allowed
 from nekojump.ssh.registry import TunnelRegistry
 from nekojump.store import DeferredStore
-from nekojump.web.auth import SESSION_LIFETIME, LoginThrottle, Viewer
+from nekojump.web.auth import SESSION_LIFETIME, LoginThrottle, Viewer, is_member_name
 from nekojump.web.views import ConnectInfo, suggest_port, tunnel_rows
+
+LOGIN_FAILED = Refused("login-failed", "wrong member name or password")
+
+
+def shortened(text: str, limit: int = 64) -> str:
+    """``text`` cut to ``limit`` characters (with an ellipsis), for the audit trail."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _default_clock() -> IReactorTime:
@@ -57,15 +64,24 @@ class Backend:
     # -- who is asking ---------------------------------------------------------------
 
     async def login(self, name: str, password: str, source: str) -> str | Refused:
-        """A new session token, or why not (bad credentials look alike)."""
-        if self.throttle.blocked(name, source):
+        """A new session token, or why not (bad credentials look alike).
+
+        Each attempt is counted before its password is checked, so a burst of
+        guesses sent at once is checked no more often than one after another.
+        A name no member could have is refused without a password check."""
+        known_form = is_member_name(name)
+        attempt = self.throttle.reserve(name if known_form else None, source)
+        if attempt is None:
             return Refused("login-throttled", "too many failed logins; wait a few minutes")
+        if not known_form:
+            detail = {"name": shortened(name)}
+            await self._call("audit", "login-failed", source=source, detail=detail)
+            return LOGIN_FAILED
         stored = await self._call("password_hash", name)
         if not await deferToThread(verify_password, password, stored):
-            self.throttle.failed(name, source)
             await self._call("audit", "login-failed", member=name, source=source)
-            return Refused("login-failed", "wrong member name or password")
-        self.throttle.succeeded(name)
+            return LOGIN_FAILED
+        self.throttle.succeeded(name, source, attempt)
         token, _csrf = await self._call("create_session", name, SESSION_LIFETIME)
         return token
 
