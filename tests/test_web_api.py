@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from attrs import define
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from treq.testing import StubTreq
@@ -13,7 +14,9 @@ from twisted.conch.ssh.keys import Key
 from twisted.internet.task import Clock
 
 from nekojump.config import parse_config
-from nekojump.ssh.registry import TunnelRegistry
+from nekojump.model import Identity
+from nekojump.policy import Holder
+from nekojump.ssh.registry import ActiveForward, TunnelRegistry
 from nekojump.store import ImmediateStore, SQLiteStore
 from nekojump.web.app import Dashboard
 from nekojump.web.auth import LoginThrottle
@@ -81,23 +84,60 @@ class Client:
         return self.request("DELETE", path, **kw)
 
 
-def in_memory_site(store: SQLiteStore, config_document: dict[str, Any]) -> StubTreq:
+def in_memory_site(
+    store: SQLiteStore, config_document: dict[str, Any], registry: TunnelRegistry | None = None
+) -> StubTreq:
     """The whole web app over ``store``, reachable through treq without sockets."""
     backend = Backend(
         config=parse_config(config_document),
         store=ImmediateStore(store),
-        registry=TunnelRegistry(),
+        registry=registry if registry is not None else TunnelRegistry(),
         host_key=Key(ed25519.Ed25519PrivateKey.generate()),
         throttle=LoginThrottle(clock=Clock().seconds),
     )
     return StubTreq(Dashboard(backend).resource())
 
 
+@define
+class FakeTunnel:
+    """What the registry needs of an SSH connection holding a forward."""
+
+    identity: Identity
+    source: str = "127.0.0.1"
+
+    @property
+    def holder(self) -> Holder:
+        return Holder(self.identity.key_id, self.identity.member_id, 1)
+
+
+def hold_port(registry: TunnelRegistry, store: SQLiteStore, member: str, port: int) -> None:
+    """Put a live forward of ``member``'s on ``port`` into the registry."""
+    found = store.get_member(member)
+    assert found is not None
+    identity = Identity(found.id, member, 1, "SHA256:x", f"{member}'s laptop")
+    registry.add_forward(
+        ActiveForward(
+            port=port,
+            requested_host="localhost",
+            bind_address="127.0.0.2",
+            avatar=FakeTunnel(identity),  # type: ignore[arg-type]
+            since=0.0,
+        )
+    )
+
+
 @pytest.fixture
-def site(tmp_path):
+def registry() -> TunnelRegistry:
+    return TunnelRegistry()
+
+
+@pytest.fixture
+def site(tmp_path, registry):
     store = SQLiteStore.open(tmp_path)
     treq = in_memory_site(
-        store, {"forwarding": {"port_min": 10000, "port_max": 10999, "reserved_ports": [10022]}}
+        store,
+        {"forwarding": {"port_min": 10000, "port_max": 10999, "reserved_ports": [10022]}},
+        registry,
     )
     store.add_member("alice")
     store.add_member("bob")
@@ -317,3 +357,27 @@ def test_token_use_is_audited_once_an_hour(site):
         assert alice.get("/keys")[0] == 200
     used = [e for e in store.audit_events(100, member="alice") if e["event"] == "token-used"]
     assert len(used) == 1
+
+
+def test_a_port_another_member_holds_is_not_shown_as_the_registrants_service(site, registry):
+    """Bob forwarding alice's registered port must not make alice's entry look live."""
+    store, client = site
+    alice, bob = client("alice"), client("bob")
+    alice.post("/ports", {"port": 10191, "description": "alice wiki"})
+    alice.post("/ports", {"port": 10192, "description": "alice chat"})
+    bob.post("/ports", {"port": 10193, "description": "bob's own"})
+    hold_port(registry, store, "bob", 10191)
+    hold_port(registry, store, "alice", 10192)
+    hold_port(registry, store, "bob", 10193)
+    _code, body = bob.get("/directory")
+    states = {p["port"]: (p["live"], p["state"]) for p in body["ports"]}
+    assert states == {
+        10191: (False, "held-by-other"),
+        10192: (True, "up"),
+        10193: (True, "up"),
+    }
+    _code, body = alice.get("/ports")
+    assert [(p["port"], p["state"]) for p in body["ports"]] == [
+        (10191, "held-by-other"),
+        (10192, "up"),
+    ]

@@ -9,11 +9,14 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from nekojump.keys import parse_public_key
 from nekojump.web.auth import LoginThrottle
 from tests.test_web_api import (  # noqa: F401
+    hold_port,
     in_memory_site,
     private_key_text,
     public_key_text,
+    registry,
     site,
 )
 
@@ -345,3 +348,35 @@ def test_a_login_name_no_member_could_have_is_refused_unchecked_and_audited_shor
     answer = post_login_without_waiting(treq, "y" * 70, "whatever")
     answer2 = post_login_without_waiting(treq, "alice", "whatever")
     assert (answer[0].code, answer2[0].code) == (401, 429)
+
+
+def test_directory_and_dashboard_say_when_another_member_holds_a_registered_port(
+    site,  # noqa: F811
+    registry,  # noqa: F811
+):
+    from nekojump.policy import ForwardRules
+
+    store, client = site
+    rules = ForwardRules(10000, 10999)
+    store.add_port("alice", 10191, "alice wiki", rules)
+    store.add_port("alice", 10192, "alice chat", rules)
+    store.add_key("alice", parse_public_key(public_key_text()), "pi")
+    hold_port(registry, store, "bob", 10191)
+    hold_port(registry, store, "alice", 10192)
+    session, _csrf = client("bob", via="session")
+    _code, _headers, body = fetch(session.treq, "GET", "/directory", session.headers)
+    rows = row_texts(body, "directory-table")
+    assert "HELD BY ANOTHER MEMBER" in rows["10191"] and "UP" not in rows["10191"]
+    assert "UP" in rows["10192"]
+    session, _csrf = client("alice", via="session")
+    _code, _headers, body = fetch(session.treq, "GET", "/", session.headers)
+    rows = row_texts(body, "ports-table")
+    assert "HELD BY ANOTHER MEMBER" in rows["10191"] and ">UP<" not in rows["10191"]
+    assert ">UP<" in rows["10192"]
+
+
+def row_texts(page: str, table_id: str) -> dict[str, str]:
+    """The HTML of each ``data-port`` row of one table, by port."""
+    table = page.split(f'id="{table_id}"', 1)[1].split("</table>", 1)[0]
+    rows = table.split('<tr data-port="')[1:]
+    return {row.split('"', 1)[0]: row for row in rows}

@@ -137,9 +137,8 @@ class Api:
     async def list_ports(self, request: IRequest) -> bytes:
         viewer = await self._who(request)
         subject = await self._subject(request, viewer)
-        live = self.backend.live_ports()
-        ports = await self.backend.ports(subject)
-        return _json(request, {"ports": [port_row(p, p.port in live) for p in ports]})
+        ports = self.backend.port_states(await self.backend.ports(subject))
+        return _json(request, {"ports": [port_row(p, state) for p, state in ports]})
 
     @app.route("/ports", methods=["POST"])
     async def add_port(self, request: IRequest) -> bytes:
@@ -181,9 +180,8 @@ class Api:
     @app.route("/directory", methods=["GET"])
     async def directory(self, request: IRequest) -> bytes:
         await self._who(request)
-        live = self.backend.live_ports()
-        ports = await self.backend.ports(None)
-        return _json(request, {"ports": [port_row(p, p.port in live) for p in ports]})
+        ports = self.backend.port_states(await self.backend.ports(None))
+        return _json(request, {"ports": [port_row(p, state) for p, state in ports]})
 
     @app.route("/check/<int:port>", methods=["GET"])
     async def check(self, request: IRequest, port: int) -> bytes:

@@ -147,12 +147,11 @@ class Dashboard:
         member = viewer.member
         keys = await self.backend.keys(member)
         ports = await self.backend.ports(member)
-        live = self.backend.live_ports()
         context = {
             "member": member,
             "csrf": viewer.csrf,
             "keys": keys,
-            "ports": [(p, p.port in live) for p in ports],
+            "ports": self.backend.port_states(ports),
             "tunnels": self.backend.tunnels(member),
             "connect": await self.backend.connect_info(member) if keys else None,
             "host_key_fingerprint": self.backend.host_key_fingerprint,
@@ -241,13 +240,12 @@ class Dashboard:
         viewer = await self.viewer(request)
         if viewer is None:
             return see_other(request, b"/login")
-        live = self.backend.live_ports()
         ports = await self.backend.ports(None)
         return self.renderer.page(
             "directory.html",
             member=viewer.member,
             csrf=viewer.csrf,
-            ports=[(p, p.port in live) for p in ports],
+            ports=self.backend.port_states(ports),
             mesh_address=self.backend.config.forwarding.bind_address,
             hostname=self.backend.config.web.public_hostname,
         )

@@ -23,7 +23,7 @@ from nekojump.policy import source_allowed
 from nekojump.ssh.registry import TunnelRegistry
 from nekojump.store import DeferredStore
 from nekojump.web.auth import SESSION_LIFETIME, LoginThrottle, Viewer, is_member_name
-from nekojump.web.views import ConnectInfo, suggest_port, tunnel_rows
+from nekojump.web.views import ConnectInfo, port_state, suggest_port, tunnel_rows
 
 LOGIN_FAILED = Refused("login-failed", "wrong member name or password")
 
@@ -187,8 +187,10 @@ class Backend:
             forwards = [f for f in forwards if f.avatar.identity.member_id == member.id]
         return tunnel_rows(forwards)
 
-    def live_ports(self) -> set[int]:
-        return self.registry.held_ports()
+    def port_states(self, ports: list[RegisteredPort]) -> list[tuple[RegisteredPort, str]]:
+        """Each port with its state (``views.port_state``): whose tunnel holds it now."""
+        holders = {f.port: f.avatar.identity.member_name for f in self.registry.forwards()}
+        return [(p, port_state(p, holders.get(p.port))) for p in ports]
 
     async def connect_info(self, member: Member) -> ConnectInfo:
         mine = await self.ports(member)

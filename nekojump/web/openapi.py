@@ -253,7 +253,15 @@ def openapi_document() -> dict[str, Any]:
                         "member": {"type": "string"},
                         "description": {"type": "string"},
                         "registered_at": {"type": "number"},
-                        "live": {"type": "boolean"},
+                        "live": {
+                            "type": "boolean",
+                            "description": "the registering member's own tunnel holds the port",
+                        },
+                        "state": {
+                            "type": "string",
+                            "enum": ["up", "down", "held-by-other"],
+                            "description": "held-by-other: another member's tunnel holds it",
+                        },
                     },
                 },
                 "Tunnel": {
