@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from attrs import define
@@ -381,3 +383,32 @@ def test_a_port_another_member_holds_is_not_shown_as_the_registrants_service(sit
         (10191, "held-by-other"),
         (10192, "up"),
     ]
+
+
+def post_to(url: str, path: str, body: Any, headers: dict[str, str]) -> tuple[int, bytes]:
+    """POST with the standard library's HTTP client; ``body`` may be an iterable (chunked)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        chunked = not isinstance(body, bytes)
+        connection.request("POST", path, body=body, headers=headers, encode_chunked=chunked)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_a_running_server_refuses_bodies_over_64_kib_with_413(jumphost):
+    """A body over the limit is refused from its Content-Length, or while a chunked
+    one arrives, before it is buffered; ordinary requests still work."""
+    url = jumphost.start().web_url
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, text = post_to(url, "/login", b"name=a&password=" + b"x" * 70_000, form)
+    assert (status, text) == (413, b"the request body is too large: the limit is 64 KiB\n")
+    chunks = (b"[" + b" " * 8190 + b"]" for _ in range(16))  # 128 KiB, length unknown
+    status, text = post_to(url, "/api/v1/keys", chunks, {"Content-Type": "application/json"})
+    assert status == 413
+    assert json.loads(text)["error"] == "body-too-large"
+    # A pasted RSA 16384-bit key with a description is about 3 KiB: read as usual.
+    status, text = post_to(url, "/login", b"name=alice&password=" + b"x" * 9_000, form)
+    assert status == 401 and b"wrong member name or password" in text
