@@ -412,3 +412,66 @@ def test_a_running_server_refuses_bodies_over_64_kib_with_413(jumphost):
     # A pasted RSA 16384-bit key with a description is about 3 KiB: read as usual.
     status, text = post_to(url, "/login", b"name=alice&password=" + b"x" * 9_000, form)
     assert status == 401 and b"wrong member name or password" in text
+
+
+def raw_request(
+    client: Client, method: str, path: str, data: bytes | None, headers: dict[Any, Any]
+) -> tuple[int, Any, Any]:
+    """(status, JSON body, response) for a request with exactly these bytes and headers."""
+    results: list[Any] = []
+    client.treq.request(method, BASE + path, data=data, headers=headers).addBoth(results.append)
+    client.treq.flush()
+    (response,) = results
+    if not hasattr(response, "code"):
+        response.raiseException()
+    contents: list[bytes] = []
+    response.content().addBoth(contents.append)
+    client.treq.flush()
+    return response.code, json.loads(contents[0]), response
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash(site):
+    _store, client = site
+    alice = client("alice")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, body, _ = raw_request(alice, "POST", "/keys", deep, alice.headers)
+    assert (status, body["error"]) == (400, "bad-json")
+    assert "nested too deeply" in body["message"]
+
+
+def test_text_that_is_not_unicode_is_a_400_and_nothing_is_stored(site):
+    """JSON's "\\ud800" escape is a lone surrogate, which no UTF-8 store can hold."""
+    store, client = site
+    alice = client("alice")
+    status, body = alice.post("/ports", {"port": 10111, "description": "wiki \ud800"})
+    assert (status, body["error"]) == (400, "bad-text")
+    status, body = alice.post(
+        "/keys", {"public_key": public_key_text("me@\udc80laptop"), "description": ""}
+    )
+    assert (status, body["error"]) == (400, "bad-text")
+    assert store.list_ports("alice") == [] and store.list_keys("alice") == []
+
+
+def test_a_csrf_token_with_non_ascii_characters_is_a_403(site):
+    _store, client = site
+    browser, _csrf = client("alice", via="session")
+    status, body, _ = raw_request(
+        browser,
+        "POST",
+        "/ports",
+        b'{"port": 10099}',
+        {**browser.headers, b"X-CSRF-Token": "é".encode()},
+    )
+    assert (status, body["error"]) == (403, "csrf")
+
+
+def test_unknown_api_paths_are_404_and_wrong_methods_405(site):
+    _store, client = site
+    alice = client("alice")
+    status, body = alice.get("/no-such-thing")
+    assert (status, body["error"]) == (404, "not-found")
+    status, body, response = raw_request(alice, "PUT", "/keys", b"{}", alice.headers)
+    assert (status, body["error"]) == (405, "method-not-allowed")
+    assert response.headers.getRawHeaders(b"allow") == [b"GET, HEAD, POST"]
+    status, body = alice.delete("/tunnels")
+    assert (status, body["error"]) == (405, "method-not-allowed")

@@ -380,3 +380,10 @@ def row_texts(page: str, table_id: str) -> dict[str, str]:
     table = page.split(f'id="{table_id}"', 1)[1].split("</table>", 1)[0]
     rows = table.split('<tr data-port="')[1:]
     return {row.split('"', 1)[0]: row for row in rows}
+
+
+def test_a_form_csrf_token_with_non_ascii_characters_is_a_403(alice_session):
+    store, treq, cookie, _csrf = alice_session
+    code, _headers, body = fetch(treq, "POST", "/ports", cookie, {"csrf": "é", "port": "10099"})
+    assert code == 403 and "stale" in body
+    assert store.list_ports("alice") == []

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 from klein import Klein
 from twisted.web.iweb import IRequest
+from werkzeug.routing import Map, Rule
 
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.web.auth import CSRF_HEADER, Viewer
@@ -31,7 +32,12 @@ STATUS = {
     "no-such-member": 404,
     "key-exists": 409,
     "port-registered": 409,
+    "not-found": 404,
+    "method-not-allowed": 405,
 }
+
+#: Where ``Api`` is mounted (``Dashboard.api_branch``).
+API_PREFIX = "/api/v1"
 
 
 class ApiError(Exception):
@@ -60,6 +66,7 @@ class Api:
     def __init__(self, backend: Backend, viewer: Callable[[IRequest], Awaitable[Viewer | None]]):
         self.backend = backend
         self._viewer = viewer
+        self._routes = routes_without_fallback(self.app.url_map)
 
     async def _who(self, request: IRequest, changing: bool = False) -> Viewer:
         viewer = await self._viewer(request)
@@ -89,8 +96,14 @@ class Api:
             body = json.loads(request.content.read() or b"{}")
         except (ValueError, UnicodeDecodeError):
             raise ApiError("bad-json", "the request body must be a JSON object") from None
+        except RecursionError:
+            raise ApiError("bad-json", "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError("bad-json", "the request body must be a JSON object")
+        if not is_storable_text(body):
+            raise ApiError(
+                "bad-text", "text must be valid Unicode (a lone surrogate such as \\ud800 is not)"
+            )
         return body
 
     @app.handle_errors(ApiError)
@@ -198,4 +211,33 @@ class Api:
 
     @app.route("/", branch=True)
     def not_found(self, request: IRequest) -> bytes:
+        path = request.path.decode("utf-8", "replace").removeprefix(API_PREFIX) or "/"
+        allowed = self._routes.bind("api").allowed_methods(path)
+        if allowed:
+            methods = ", ".join(sorted(allowed))
+            request.setHeader(b"allow", methods.encode("ascii"))
+            method = request.method.decode("ascii", "replace")
+            reason = f"{path} takes {methods}, not {method}"
+            return _refused(request, Refused("method-not-allowed", reason))
         return _refused(request, Refused("not-found", "no such API path; see /api/v1/openapi.json"))
+
+
+def routes_without_fallback(routes: Map) -> Map:
+    """The API's routes less the catch-all, to tell a wrong method from a wrong path."""
+    return Map(
+        [
+            Rule(rule.rule, methods=rule.methods, endpoint=rule.endpoint)
+            for rule in routes.iter_rules()
+            if rule.methods is not None
+        ]
+    )
+
+
+def is_storable_text(value: Any) -> bool:
+    """True unless some string in a parsed JSON value cannot be written as UTF-8
+    (JSON's ``"\\ud800"`` escape gives a lone surrogate, which SQLite refuses)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

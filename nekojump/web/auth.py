@@ -38,9 +38,10 @@ class Viewer:
         """True for bearer clients, or when ``offered`` matches the session's token."""
         if self.csrf is None:
             return True
-        if isinstance(offered, bytes):
-            offered = offered.decode("ascii", "replace")
-        return bool(offered) and hmac.compare_digest(offered, self.csrf)
+        if isinstance(offered, str):
+            offered = offered.encode("utf-8", "replace")
+        # Bytes: compare_digest refuses str with non-ASCII characters.
+        return bool(offered) and hmac.compare_digest(offered, self.csrf.encode("ascii"))
 
 
 def session_cookie(request: IRequest) -> str | None:
