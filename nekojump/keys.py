@@ -24,6 +24,16 @@ ACCEPTED_TYPES = {
 }
 MIN_RSA_BITS = 2048
 
+#: Text found only in private keys: OpenSSH and PEM headers ("BEGIN OPENSSH PRIVATE
+#: KEY", "BEGIN RSA PRIVATE KEY", "BEGIN SSH2 ENCRYPTED PRIVATE KEY", ...) and the
+#: lines of a PuTTY ``.ppk`` file, which starts with the public half.
+PRIVATE_KEY_MARKERS = ("PRIVATE KEY", "PuTTY-User-Key-File-", "Private-Lines:", "Private-MAC:")
+
+
+def contains_private_key(text: str) -> bool:
+    """True if ``text`` holds (part of) a private key: never store, log or echo it."""
+    return any(marker in text for marker in PRIVATE_KEY_MARKERS)
+
 
 @frozen
 class PublicKey:
@@ -133,7 +143,7 @@ def parse_public_key(text: str) -> PublicKey | Refused:
     text = text.strip()
     if not text:
         return Refused("key-empty", "paste your public key (the .pub file)")
-    if "PRIVATE KEY" in text:
+    if contains_private_key(text):
         return Refused(
             "key-is-private",
             "this is a private key — paste the .pub file instead "

@@ -387,3 +387,17 @@ def test_a_form_csrf_token_with_non_ascii_characters_is_a_403(alice_session):
     code, _headers, body = fetch(treq, "POST", "/ports", cookie, {"csrf": "é", "port": "10099"})
     assert code == 403 and "stale" in body
     assert store.list_ports("alice") == []
+
+
+def test_a_pasted_putty_private_key_is_refused_and_not_echoed_back(alice_session):
+    from tests.test_keys import putty_private_key
+
+    store, treq, cookie, csrf = alice_session
+    ppk = putty_private_key()
+    code, _headers, body = fetch(
+        treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": ppk, "description": "pc"}
+    )
+    assert code == 400
+    assert "this is a private key" in body
+    assert "SECRETSECRET" not in body and "Private-Lines" not in body
+    assert store.list_keys("alice") == []

@@ -11,6 +11,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.static import File
 
+from nekojump.keys import contains_private_key
 from nekojump.metrics import Metrics
 from nekojump.model import Member, Refused
 from nekojump.policy import source_allowed
@@ -176,10 +177,12 @@ class Dashboard:
         result = await self.backend.add_key(viewer.member, text, description)
         if isinstance(result, Refused):
             request.setResponseCode(400)
-            # A pasted private key is never echoed back into the page.
-            keep = "" if result.code == "key-is-private" else text
+            # Private key material is never echoed back into the page.
             return await self._page(
-                viewer, key_error=result.reason, key_text=keep, key_description=description
+                viewer,
+                key_error=result.reason,
+                key_text="" if contains_private_key(text) else text,
+                key_description="" if contains_private_key(description) else description,
             )
         return see_other(request, b"/#ssh-key-card")
 
