@@ -23,6 +23,8 @@ ACCEPTED_TYPES = {
     "sk-ecdsa-sha2-nistp256@openssh.com": "ECDSA-SK",
 }
 MIN_RSA_BITS = 2048
+#: The longest key description (a machine's name) a member may give.
+MAX_DESCRIPTION = 100
 
 #: Text found only in private keys: OpenSSH and PEM headers ("BEGIN OPENSSH PRIVATE
 #: KEY", "BEGIN RSA PRIVATE KEY", "BEGIN SSH2 ENCRYPTED PRIVATE KEY", ...) and the
@@ -133,6 +135,12 @@ class FixedKey(Key):
         return FixedKey.of(super().public())
 
 
+def key_description(description: str, comment: str) -> str:
+    """The description to store: the member's, else the key's comment cut to
+    ``MAX_DESCRIPTION`` characters (a long comment is no reason to refuse a key)."""
+    return description.strip() or comment.strip()[:MAX_DESCRIPTION]
+
+
 def parse_public_key(text: str) -> PublicKey | Refused:
     """Vet one pasted public key (an ``id_*.pub`` file or authorized_keys line).
 
@@ -179,6 +187,11 @@ def _vet(key_type: str, data: str, comment: str) -> PublicKey | Refused:
         key = Key.fromString(blob)
     except (binascii.Error, ValueError, BadKeyError, IndexError, TypeError, struct.error):
         return Refused("key-malformed", "the key data is damaged or incomplete")
+    if key.blob() != blob:
+        return Refused(
+            "key-malformed",
+            "the key data has extra bytes after the key; copy the line from the .pub file again",
+        )
     if not key.isPublic():  # pragma: no cover - a blob is always public
         return Refused("key-is-private", "this is a private key — paste the .pub file instead")
     if key.sshType().decode("ascii") != key_type:

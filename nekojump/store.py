@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReac
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from nekojump.keys import PublicKey
+from nekojump.keys import PublicKey, key_description
 from nekojump.model import KeyRecord, LiveForward, Member, Refused, RegisteredPort
 from nekojump.policy import ForwardRules, port_refusal
 
@@ -201,7 +201,7 @@ class SQLiteStore:
         member = self.get_member(member_name)
         if member is None:
             return Refused("no-such-member", f"there is no member named {member_name!r}")
-        description = description.strip() or key.comment
+        description = key_description(description, key.comment)
         try:
             with self.transaction() as db:
                 db.execute(

@@ -179,3 +179,13 @@ def test_private_keys_in_every_common_format_are_recognised(text):
     assert result.code == "key-is-private"
     assert "paste the .pub file" in result.reason
     assert "SECRET" not in result.reason
+
+
+def test_a_key_blob_with_bytes_after_the_key_is_refused():
+    """ssh-keygen would show another fingerprint for it than the one we would store."""
+    key_type, data = openssh_public(ED25519).split()[:2]
+    padded = base64.b64encode(base64.b64decode(data) + b"JUNKJUNK").decode()
+    result = parse_public_key(f"{key_type} {padded} laptop")
+    assert isinstance(result, Refused)
+    assert result.code == "key-malformed"
+    assert "extra bytes after the key" in result.reason

@@ -475,3 +475,15 @@ def test_unknown_api_paths_are_404_and_wrong_methods_405(site):
     assert response.headers.getRawHeaders(b"allow") == [b"GET, HEAD, POST"]
     status, body = alice.delete("/tunnels")
     assert (status, body["error"]) == (405, "method-not-allowed")
+
+
+def test_a_long_key_comment_becomes_a_description_of_at_most_100_characters(site):
+    """An empty description falls back to the key's comment, cut like a typed one."""
+    store, client = site
+    alice = client("alice")
+    status, body = alice.post("/keys", {"public_key": public_key_text("A" * 20_000)})
+    assert status == 201
+    assert body["description"] == "A" * 100
+    assert store.list_keys("alice")[0].description == "A" * 100
+    status, body = alice.post("/keys", {"public_key": public_key_text(), "description": "B" * 101})
+    assert (status, body["error"]) == (400, "description-too-long")

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from nekojump.config import Config
 from nekojump.diagnosis import Diagnosis, diagnose, probe_forward
 from nekojump.hostkey import host_key_fingerprint
-from nekojump.keys import parse_public_key
+from nekojump.keys import MAX_DESCRIPTION, parse_public_key
 from nekojump.metrics import Metrics
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.passwords import verify_password
@@ -113,8 +113,11 @@ class Backend:
         key = parse_public_key(text)
         if isinstance(key, Refused):
             return key
-        if len(description) > 100:
-            return Refused("description-too-long", "keep the description under 100 characters")
+        if len(description) > MAX_DESCRIPTION:
+            return Refused(
+                "description-too-long",
+                f"keep the description under {MAX_DESCRIPTION} characters",
+            )
         return await self._call("add_key", member.name, key, description)
 
     async def remove_key(self, viewer: Member, fingerprint: str) -> KeyRecord | Refused:
