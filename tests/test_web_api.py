@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from treq.testing import StubTreq
 from twisted.conch.ssh.keys import Key
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
 
 from nekojump.config import parse_config
 from nekojump.model import Identity
@@ -86,10 +87,10 @@ class Client:
         return self.request("DELETE", path, **kw)
 
 
-def in_memory_site(
+def in_memory_resource(
     store: SQLiteStore, config_document: dict[str, Any], registry: TunnelRegistry | None = None
-) -> StubTreq:
-    """The whole web app over ``store``, reachable through treq without sockets."""
+) -> Resource:
+    """The whole web app over ``store``, as one resource."""
     backend = Backend(
         config=parse_config(config_document),
         store=ImmediateStore(store),
@@ -97,7 +98,15 @@ def in_memory_site(
         host_key=Key(ed25519.Ed25519PrivateKey.generate()),
         throttle=LoginThrottle(clock=Clock().seconds),
     )
-    return StubTreq(Dashboard(backend).resource())
+    return Dashboard(backend).resource()
+
+
+def in_memory_site(
+    store: SQLiteStore, config_document: dict[str, Any], registry: TunnelRegistry | None = None
+) -> StubTreq:
+    """The whole web app over ``store``, reachable through treq without sockets
+    (one client: it keeps the cookies it is given)."""
+    return StubTreq(in_memory_resource(store, config_document, registry))
 
 
 @define

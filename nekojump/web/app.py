@@ -96,11 +96,8 @@ class Dashboard:
         viewer = await self.backend.viewer_from_session(cookie) if cookie else None
         sso_name = self._sso_name(request)
         if sso_name is not None and (viewer is None or viewer.member.name != sso_name):
-            # The proxy says who this is: give them a session of their own,
-            # so forms carry a CSRF token like everyone else's.
-            viewer = await self.backend.viewer_from_sso(sso_name)
-            if viewer is not None and viewer.token:
-                set_session_cookie(request, viewer.token, SESSION_LIFETIME)
+            # The proxy says who this is, on every request: no session is stored.
+            viewer = await self.backend.viewer_from_sso(sso_name, peer(request))
         return viewer
 
     def _sso_name(self, request: IRequest) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from attrs import define, field
@@ -22,8 +23,17 @@ from nekojump.passwords import verify_password
 from nekojump.policy import source_allowed
 from nekojump.ssh.registry import TunnelRegistry
 from nekojump.store import DeferredStore
-from nekojump.web.auth import SESSION_LIFETIME, LoginThrottle, Viewer, is_member_name
+from nekojump.web.auth import (
+    SESSION_LIFETIME,
+    LoginThrottle,
+    Viewer,
+    is_member_name,
+    sso_csrf_token,
+)
 from nekojump.web.views import ConnectInfo, port_state, suggest_port, tunnel_rows
+
+#: An SSO member's requests are audited as one login per this many seconds.
+SSO_AUDIT_INTERVAL = 3600.0
 
 LOGIN_FAILED = Refused("login-failed", "wrong member name or password")
 
@@ -57,6 +67,9 @@ class Backend:
     metrics: Metrics = field(factory=Metrics)
     clock: IReactorTime = field(factory=lambda: _default_clock())
     log: Logger = field(factory=Logger)
+    sso_secret: bytes = field(factory=lambda: secrets.token_bytes(32))
+    #: When each member's last SSO login was audited (one entry per member).
+    _sso_logins: dict[str, float] = field(factory=dict)
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
         return self.store.call(getattr(self.store.store, name), *args, **kwargs)
@@ -93,13 +106,20 @@ class Backend:
         member = await self._call("token_member", token)
         return Viewer(member, None) if member else None
 
-    async def viewer_from_sso(self, name: str) -> Viewer | None:
-        """A new session for a member named by the trusted SSO proxy, if active."""
+    async def viewer_from_sso(self, name: str, source: str) -> Viewer | None:
+        """The active member the trusted SSO proxy names, for this request only.
+
+        The proxy names them on every request, so no session is stored; their CSRF
+        token is derived (``sso_csrf_token``). The login is audited at most once
+        an hour per member, not on every request."""
         member = await self._call("get_member", name)
         if member is None or not member.active:
             return None
-        token, csrf = await self._call("create_session", name, SESSION_LIFETIME)
-        return Viewer(member, csrf, token)
+        now = self.clock.seconds()
+        if now - self._sso_logins.get(name, -SSO_AUDIT_INTERVAL) >= SSO_AUDIT_INTERVAL:
+            self._sso_logins[name] = now
+            await self._call("audit", "login", member=name, source=source, detail={"via": "sso"})
+        return Viewer(member, sso_csrf_token(self.sso_secret, name))
 
     async def logout(self, token: str) -> None:
         await self._call("end_session", token)
