@@ -311,14 +311,19 @@ class SQLiteStore:
             for r in rows
         ]
 
-    def remove_port(self, member_name: str, port: int) -> RegisteredPort | Refused:
-        """Forget a registration; only its member's (admins pass the owner's name)."""
+    def remove_port(
+        self, member_name: str, port: int, actor: str | None = None
+    ) -> RegisteredPort | Refused:
+        """Forget a registration; only its member's (admins pass the owner's name,
+        and their own as ``actor``)."""
         mine = [p for p in self.list_ports(member_name) if p.port == port]
         if not mine:
             return Refused("no-such-port", f"you have not registered port {port}")
         with self.transaction() as db:
             db.execute("DELETE FROM ports WHERE port = ?", (port,))
-            self._audit(db, "port-unregistered", member=member_name, detail={"port": port})
+            self._audit(
+                db, "port-unregistered", member=member_name, actor=actor, detail={"port": port}
+            )
         return mine[0]
 
     # -- dashboard sessions and API tokens ----------------------------------------

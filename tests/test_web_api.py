@@ -496,3 +496,27 @@ def test_a_long_key_comment_becomes_a_description_of_at_most_100_characters(site
     assert store.list_keys("alice")[0].description == "A" * 100
     status, body = alice.post("/keys", {"public_key": public_key_text(), "description": "B" * 101})
     assert (status, body["error"]) == (400, "description-too-long")
+
+
+def test_admins_can_remove_any_members_registered_port(site):
+    store, client = site
+    bob, root, alice = client("bob"), client("root"), client("alice")
+    for port in (10081, 10082, 10083):
+        assert bob.post("/ports", {"port": port})[0] == 201
+    status, body = root.delete("/ports/10081?member=bob")
+    assert (status, body["removed"]["member"]) == (200, "bob")
+    status, body = root.delete("/ports/10082?member=*")
+    assert (status, body["removed"]["port"]) == (200, 10082)
+    status, body = root.delete("/ports/10083?member=alice")
+    assert (status, body["error"]) == (404, "no-such-port")
+    # Members still only forget their own.
+    status, body = alice.delete("/ports/10083?member=bob")
+    assert (status, body["error"]) == (403, "forbidden")
+    status, body = alice.delete("/ports/10083")
+    assert (status, body["error"]) == (404, "no-such-port")
+    assert [p.port for p in store.list_ports("bob")] == [10083]
+    removals = [e for e in store.audit_events(100) if e["event"] == "port-unregistered"]
+    assert {(e["member"], e["actor"], e["detail"]["port"]) for e in removals} == {
+        ("bob", "root", 10081),
+        ("bob", "root", 10082),
+    }

@@ -438,3 +438,23 @@ def test_a_pasted_putty_private_key_is_refused_and_not_echoed_back(alice_session
     assert "this is a private key" in body
     assert "SECRETSECRET" not in body and "Private-Lines" not in body
     assert store.list_keys("alice") == []
+
+
+def test_admin_page_removes_another_members_registered_port(site):  # noqa: F811
+    from nekojump.policy import ForwardRules
+
+    store, client = site
+    store.add_port("bob", 10555, "bob's wiki", ForwardRules(10000, 10999))
+    store.add_port("bob", 10556, "bob's chat", ForwardRules(10000, 10999))
+    alice, alice_csrf = client("alice", via="session")
+    form = {"csrf": alice_csrf, "port": "10555", "member": "bob"}
+    code, _h, _b = fetch(alice.treq, "POST", "/ports/remove", alice.headers, form)
+    assert code == 404  # not alice's to remove
+    root, root_csrf = client("root", via="session")
+    _code, _h, body = fetch(root.treq, "GET", "/admin", root.headers)
+    rows = row_texts(body, "admin-ports-table")
+    assert "bob&#39;s wiki" in rows["10555"] and 'name="member" value="bob"' in rows["10555"]
+    form = {"csrf": root_csrf, "port": "10555", "member": "bob", "back": "/admin"}
+    code, headers, _b = fetch(root.treq, "POST", "/ports/remove", root.headers, form)
+    assert (code, headers[b"Location"]) == (303, [b"/admin#admin-ports-card"])
+    assert [p.port for p in store.list_ports("bob")] == [10556]

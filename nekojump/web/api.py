@@ -167,8 +167,11 @@ class Api:
 
     @app.route("/ports/<int:port>", methods=["DELETE"])
     async def remove_port(self, request: IRequest, port: int) -> bytes:
+        """Forget a registration: the viewer's; admins ``?member=NAME`` or ``?member=*``."""
         viewer = await self._who(request, changing=True)
-        result = await self.backend.remove_port(viewer.member, port)
+        subject = await self._subject(request, viewer)
+        owner = "*" if subject is None else subject.name
+        result = await self.backend.remove_port(viewer.member, port, owner)
         if isinstance(result, Refused):
             return _refused(request, result)
         assert isinstance(result, RegisteredPort)

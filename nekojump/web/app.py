@@ -209,10 +209,13 @@ class Dashboard:
     @app.route("/ports/remove", methods=["POST"])
     @form_post
     async def remove_port(self, request: IRequest, viewer: Viewer) -> bytes:
-        result = await self.backend.remove_port(viewer.member, form(request, "port"))
+        owner = form(request, "member") or None
+        result = await self.backend.remove_port(viewer.member, form(request, "port"), owner)
         if isinstance(result, Refused):
             request.setResponseCode(404)
             return await self._page(viewer, port_error=result.reason)
+        if form(request, "back") == "/admin" and viewer.member.is_admin:
+            return see_other(request, b"/admin#admin-ports-card")
         return see_other(request, b"/#ports-card")
 
     @app.route("/check", methods=["POST"])
@@ -260,11 +263,13 @@ class Dashboard:
             return b"admins only"
         keys = await self.backend.store.call(self.backend.store.store.list_keys)
         events = await self.backend.store.call(self.backend.store.store.audit_events, 100)
+        ports = self.backend.port_states(await self.backend.ports(None))
         return self.renderer.page(
             "admin.html",
             member=viewer.member,
             csrf=viewer.csrf,
             keys=keys,
+            ports=ports,
             tunnels=self.backend.tunnels(None),
             events=events,
         )

@@ -166,12 +166,28 @@ class Backend:
             "add_port", member.name, number, description, self.config.forwarding.rules
         )
 
-    async def remove_port(self, member: Member, port: Any) -> RegisteredPort | Refused:
+    async def remove_port(
+        self, viewer: Member, port: Any, owner: str | None = None
+    ) -> RegisteredPort | Refused:
+        """Forget one of the viewer's registrations; admins may name another ``owner``,
+        or ``"*"`` for whoever registered the port."""
         try:
             number = int(port)
         except (TypeError, ValueError):
             return Refused("port-invalid", "the port must be a number")
-        return await self._call("remove_port", member.name, number)
+        if owner is None or owner == viewer.name:
+            return await self._call("remove_port", viewer.name, number)
+        if not viewer.is_admin:
+            return Refused("no-such-port", f"you have not registered port {number}")
+        if owner == "*":
+            owners = [p.member_name for p in await self.ports(None) if p.port == number]
+            if not owners:
+                return Refused("no-such-port", f"port {number} is not registered")
+            owner = owners[0]
+        removed = await self._call("remove_port", owner, number, actor=viewer.name)
+        if isinstance(removed, Refused):
+            return Refused("no-such-port", f"{owner} has not registered port {number}")
+        return removed
 
     # -- self-diagnosis ----------------------------------------------------------------------
 

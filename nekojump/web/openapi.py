@@ -122,14 +122,15 @@ def openapi_document() -> dict[str, Any]:
             },
             "/ports/{port}": {
                 "delete": {
-                    "summary": "Forget one of your registered ports",
+                    "summary": "Forget one of your registered ports (admins: anyone's)",
                     "parameters": [
                         {
                             "name": "port",
                             "in": "path",
                             "required": True,
                             "schema": {"type": "integer"},
-                        }
+                        },
+                        MEMBER_PARAMETER,
                     ],
                     "responses": {
                         **_ok("removed", {"type": "object"}),
