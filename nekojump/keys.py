@@ -23,6 +23,18 @@ ACCEPTED_TYPES = {
     "sk-ecdsa-sha2-nistp256@openssh.com": "ECDSA-SK",
 }
 MIN_RSA_BITS = 2048
+#: The longest key description (a machine's name) a member may give.
+MAX_DESCRIPTION = 100
+
+#: Text found only in private keys: OpenSSH and PEM headers ("BEGIN OPENSSH PRIVATE
+#: KEY", "BEGIN RSA PRIVATE KEY", "BEGIN SSH2 ENCRYPTED PRIVATE KEY", ...) and the
+#: lines of a PuTTY ``.ppk`` file, which starts with the public half.
+PRIVATE_KEY_MARKERS = ("PRIVATE KEY", "PuTTY-User-Key-File-", "Private-Lines:", "Private-MAC:")
+
+
+def contains_private_key(text: str) -> bool:
+    """True if ``text`` holds (part of) a private key: never store, log or echo it."""
+    return any(marker in text for marker in PRIVATE_KEY_MARKERS)
 
 
 @frozen
@@ -123,6 +135,12 @@ class FixedKey(Key):
         return FixedKey.of(super().public())
 
 
+def key_description(description: str, comment: str) -> str:
+    """The description to store: the member's, else the key's comment cut to
+    ``MAX_DESCRIPTION`` characters (a long comment is no reason to refuse a key)."""
+    return description.strip() or comment.strip()[:MAX_DESCRIPTION]
+
+
 def parse_public_key(text: str) -> PublicKey | Refused:
     """Vet one pasted public key (an ``id_*.pub`` file or authorized_keys line).
 
@@ -133,7 +151,7 @@ def parse_public_key(text: str) -> PublicKey | Refused:
     text = text.strip()
     if not text:
         return Refused("key-empty", "paste your public key (the .pub file)")
-    if "PRIVATE KEY" in text:
+    if contains_private_key(text):
         return Refused(
             "key-is-private",
             "this is a private key — paste the .pub file instead "
@@ -169,6 +187,11 @@ def _vet(key_type: str, data: str, comment: str) -> PublicKey | Refused:
         key = Key.fromString(blob)
     except (binascii.Error, ValueError, BadKeyError, IndexError, TypeError, struct.error):
         return Refused("key-malformed", "the key data is damaged or incomplete")
+    if key.blob() != blob:
+        return Refused(
+            "key-malformed",
+            "the key data has extra bytes after the key; copy the line from the .pub file again",
+        )
     if not key.isPublic():  # pragma: no cover - a blob is always public
         return Refused("key-is-private", "this is a private key — paste the .pub file instead")
     if key.sshType().decode("ascii") != key_type:

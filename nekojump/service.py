@@ -33,6 +33,7 @@ from nekojump.store import DeferredStore, SQLiteStore
 from nekojump.web.app import Dashboard
 from nekojump.web.auth import LoginThrottle
 from nekojump.web.backend import Backend
+from nekojump.web.site import BoundedSite
 
 
 class NekojumpService(MultiService):
@@ -72,7 +73,7 @@ class NekojumpService(MultiService):
             metrics=self.metrics,
             clock=reactor,
         )
-        self.site = Site(Dashboard(backend).resource())
+        self.site = BoundedSite(Dashboard(backend).resource())
         self.site.noisy = False
 
     def _make_avatar(self, identity: Identity) -> TunnelAvatar:

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReac
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from nekojump.keys import PublicKey
+from nekojump.keys import PublicKey, key_description
 from nekojump.model import ApiToken, KeyRecord, LiveForward, Member, Refused, RegisteredPort
 from nekojump.policy import ForwardRules, port_refusal
 
@@ -204,7 +204,7 @@ class SQLiteStore:
         member = self.get_member(member_name)
         if member is None:
             return Refused("no-such-member", f"there is no member named {member_name!r}")
-        description = description.strip() or key.comment
+        description = key_description(description, key.comment)
         try:
             with self.transaction() as db:
                 db.execute(
@@ -318,14 +318,19 @@ class SQLiteStore:
             for r in rows
         ]
 
-    def remove_port(self, member_name: str, port: int) -> RegisteredPort | Refused:
-        """Forget a registration; only its member's (admins pass the owner's name)."""
+    def remove_port(
+        self, member_name: str, port: int, actor: str | None = None
+    ) -> RegisteredPort | Refused:
+        """Forget a registration; only its member's (admins pass the owner's name,
+        and their own as ``actor``)."""
         mine = [p for p in self.list_ports(member_name) if p.port == port]
         if not mine:
             return Refused("no-such-port", f"you have not registered port {port}")
         with self.transaction() as db:
             db.execute("DELETE FROM ports WHERE port = ?", (port,))
-            self._audit(db, "port-unregistered", member=member_name, detail={"port": port})
+            self._audit(
+                db, "port-unregistered", member=member_name, actor=actor, detail={"port": port}
+            )
         return mine[0]
 
     # -- dashboard sessions and API tokens ----------------------------------------

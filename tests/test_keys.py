@@ -143,3 +143,49 @@ def test_only_key_sized_blobs_are_remembered(monkeypatch):
         FingerprintFormats.SHA256_BASE64
     ).rstrip("=")
     assert keys._remembered_key.cache_info().currsize == before + 1
+
+
+def putty_private_key(version: int = 3) -> str:
+    """A PuTTY ``.ppk`` file as Windows users have it: public lines, then private ones."""
+    blob = openssh_public(ED25519).split()[1]
+    return (
+        f"PuTTY-User-Key-File-{version}: ssh-ed25519\n"
+        "Encryption: none\n"
+        "Comment: alice@laptop\n"
+        "Public-Lines: 2\n"
+        f"{blob[:64]}\n{blob[64:]}\n"
+        "Private-Lines: 1\n"
+        "AAAAIBtOP5XzKcWEKYhq0x1BIXeY4TSc3rOt9ioXKq7IKJk7SECRETSECRET\n"
+        "Private-MAC: 6f0d4c0e0aa4bb6ac7b1d0c6bd7f5d9a2e1a9c4c1f7b1e0d7c8b9a0f1e2d3c4b\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        putty_private_key(2),
+        putty_private_key(3),
+        "Private-Lines: 1\nAAAAIBtOP5XzKcWEKYhq0x1BIXeY4TSc3rOt9ioXKq7IKJk7\n",
+        "---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----\nP2/56wAAAi4AAAA3\n"
+        "---- END SSH2 ENCRYPTED PRIVATE KEY ----",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n",
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIFHDBOBgkqhkiG9w0BBQ0w\n",
+    ],
+    ids=["ppk-v2", "ppk-v3", "ppk-private-lines-only", "ssh2-encrypted", "openssh", "pkcs8"],
+)
+def test_private_keys_in_every_common_format_are_recognised(text):
+    result = parse_public_key(text)
+    assert isinstance(result, Refused)
+    assert result.code == "key-is-private"
+    assert "paste the .pub file" in result.reason
+    assert "SECRET" not in result.reason
+
+
+def test_a_key_blob_with_bytes_after_the_key_is_refused():
+    """ssh-keygen would show another fingerprint for it than the one we would store."""
+    key_type, data = openssh_public(ED25519).split()[:2]
+    padded = base64.b64encode(base64.b64decode(data) + b"JUNKJUNK").decode()
+    result = parse_public_key(f"{key_type} {padded} laptop")
+    assert isinstance(result, Refused)
+    assert result.code == "key-malformed"
+    assert "extra bytes after the key" in result.reason

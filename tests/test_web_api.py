@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from attrs import define
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from treq.testing import StubTreq
 from twisted.conch.ssh.keys import Key
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
 
 from nekojump.config import parse_config
-from nekojump.ssh.registry import TunnelRegistry
+from nekojump.model import Identity
+from nekojump.policy import Holder
+from nekojump.ssh.registry import ActiveForward, TunnelRegistry
 from nekojump.store import ImmediateStore, SQLiteStore
 from nekojump.web.app import Dashboard
 from nekojump.web.auth import LoginThrottle
@@ -81,23 +87,68 @@ class Client:
         return self.request("DELETE", path, **kw)
 
 
-def in_memory_site(store: SQLiteStore, config_document: dict[str, Any]) -> StubTreq:
-    """The whole web app over ``store``, reachable through treq without sockets."""
+def in_memory_resource(
+    store: SQLiteStore, config_document: dict[str, Any], registry: TunnelRegistry | None = None
+) -> Resource:
+    """The whole web app over ``store``, as one resource."""
     backend = Backend(
         config=parse_config(config_document),
         store=ImmediateStore(store),
-        registry=TunnelRegistry(),
+        registry=registry if registry is not None else TunnelRegistry(),
         host_key=Key(ed25519.Ed25519PrivateKey.generate()),
         throttle=LoginThrottle(clock=Clock().seconds),
     )
-    return StubTreq(Dashboard(backend).resource())
+    return Dashboard(backend).resource()
+
+
+def in_memory_site(
+    store: SQLiteStore, config_document: dict[str, Any], registry: TunnelRegistry | None = None
+) -> StubTreq:
+    """The whole web app over ``store``, reachable through treq without sockets
+    (one client: it keeps the cookies it is given)."""
+    return StubTreq(in_memory_resource(store, config_document, registry))
+
+
+@define
+class FakeTunnel:
+    """What the registry needs of an SSH connection holding a forward."""
+
+    identity: Identity
+    source: str = "127.0.0.1"
+
+    @property
+    def holder(self) -> Holder:
+        return Holder(self.identity.key_id, self.identity.member_id, 1)
+
+
+def hold_port(registry: TunnelRegistry, store: SQLiteStore, member: str, port: int) -> None:
+    """Put a live forward of ``member``'s on ``port`` into the registry."""
+    found = store.get_member(member)
+    assert found is not None
+    identity = Identity(found.id, member, 1, "SHA256:x", f"{member}'s laptop")
+    registry.add_forward(
+        ActiveForward(
+            port=port,
+            requested_host="localhost",
+            bind_address="127.0.0.2",
+            avatar=FakeTunnel(identity),  # type: ignore[arg-type]
+            since=0.0,
+        )
+    )
 
 
 @pytest.fixture
-def site(tmp_path):
+def registry() -> TunnelRegistry:
+    return TunnelRegistry()
+
+
+@pytest.fixture
+def site(tmp_path, registry):
     store = SQLiteStore.open(tmp_path)
     treq = in_memory_site(
-        store, {"forwarding": {"port_min": 10000, "port_max": 10999, "reserved_ports": [10022]}}
+        store,
+        {"forwarding": {"port_min": 10000, "port_max": 10999, "reserved_ports": [10022]}},
+        registry,
     )
     store.add_member("alice")
     store.add_member("bob")
@@ -317,3 +368,155 @@ def test_token_use_is_audited_once_an_hour(site):
         assert alice.get("/keys")[0] == 200
     used = [e for e in store.audit_events(100, member="alice") if e["event"] == "token-used"]
     assert len(used) == 1
+
+
+def test_a_port_another_member_holds_is_not_shown_as_the_registrants_service(site, registry):
+    """Bob forwarding alice's registered port must not make alice's entry look live."""
+    store, client = site
+    alice, bob = client("alice"), client("bob")
+    alice.post("/ports", {"port": 10191, "description": "alice wiki"})
+    alice.post("/ports", {"port": 10192, "description": "alice chat"})
+    bob.post("/ports", {"port": 10193, "description": "bob's own"})
+    hold_port(registry, store, "bob", 10191)
+    hold_port(registry, store, "alice", 10192)
+    hold_port(registry, store, "bob", 10193)
+    _code, body = bob.get("/directory")
+    states = {p["port"]: (p["live"], p["state"]) for p in body["ports"]}
+    assert states == {
+        10191: (False, "held-by-other"),
+        10192: (True, "up"),
+        10193: (True, "up"),
+    }
+    _code, body = alice.get("/ports")
+    assert [(p["port"], p["state"]) for p in body["ports"]] == [
+        (10191, "held-by-other"),
+        (10192, "up"),
+    ]
+
+
+def post_to(url: str, path: str, body: Any, headers: dict[str, str]) -> tuple[int, bytes]:
+    """POST with the standard library's HTTP client; ``body`` may be an iterable (chunked)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        chunked = not isinstance(body, bytes)
+        connection.request("POST", path, body=body, headers=headers, encode_chunked=chunked)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_a_running_server_refuses_bodies_over_64_kib_with_413(jumphost):
+    """A body over the limit is refused from its Content-Length, or while a chunked
+    one arrives, before it is buffered; ordinary requests still work."""
+    url = jumphost.start().web_url
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, text = post_to(url, "/login", b"name=a&password=" + b"x" * 70_000, form)
+    assert (status, text) == (413, b"the request body is too large: the limit is 64 KiB\n")
+    chunks = (b"[" + b" " * 8190 + b"]" for _ in range(16))  # 128 KiB, length unknown
+    status, text = post_to(url, "/api/v1/keys", chunks, {"Content-Type": "application/json"})
+    assert status == 413
+    assert json.loads(text)["error"] == "body-too-large"
+    # A pasted RSA 16384-bit key with a description is about 3 KiB: read as usual.
+    status, text = post_to(url, "/login", b"name=alice&password=" + b"x" * 9_000, form)
+    assert status == 401 and b"wrong member name or password" in text
+
+
+def raw_request(
+    client: Client, method: str, path: str, data: bytes | None, headers: dict[Any, Any]
+) -> tuple[int, Any, Any]:
+    """(status, JSON body, response) for a request with exactly these bytes and headers."""
+    results: list[Any] = []
+    client.treq.request(method, BASE + path, data=data, headers=headers).addBoth(results.append)
+    client.treq.flush()
+    (response,) = results
+    if not hasattr(response, "code"):
+        response.raiseException()
+    contents: list[bytes] = []
+    response.content().addBoth(contents.append)
+    client.treq.flush()
+    return response.code, json.loads(contents[0]), response
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash(site):
+    _store, client = site
+    alice = client("alice")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, body, _ = raw_request(alice, "POST", "/keys", deep, alice.headers)
+    assert (status, body["error"]) == (400, "bad-json")
+    assert "nested too deeply" in body["message"]
+
+
+def test_text_that_is_not_unicode_is_a_400_and_nothing_is_stored(site):
+    """JSON's "\\ud800" escape is a lone surrogate, which no UTF-8 store can hold."""
+    store, client = site
+    alice = client("alice")
+    status, body = alice.post("/ports", {"port": 10111, "description": "wiki \ud800"})
+    assert (status, body["error"]) == (400, "bad-text")
+    status, body = alice.post(
+        "/keys", {"public_key": public_key_text("me@\udc80laptop"), "description": ""}
+    )
+    assert (status, body["error"]) == (400, "bad-text")
+    assert store.list_ports("alice") == [] and store.list_keys("alice") == []
+
+
+def test_a_csrf_token_with_non_ascii_characters_is_a_403(site):
+    _store, client = site
+    browser, _csrf = client("alice", via="session")
+    status, body, _ = raw_request(
+        browser,
+        "POST",
+        "/ports",
+        b'{"port": 10099}',
+        {**browser.headers, b"X-CSRF-Token": "é".encode()},
+    )
+    assert (status, body["error"]) == (403, "csrf")
+
+
+def test_unknown_api_paths_are_404_and_wrong_methods_405(site):
+    _store, client = site
+    alice = client("alice")
+    status, body = alice.get("/no-such-thing")
+    assert (status, body["error"]) == (404, "not-found")
+    status, body, response = raw_request(alice, "PUT", "/keys", b"{}", alice.headers)
+    assert (status, body["error"]) == (405, "method-not-allowed")
+    assert response.headers.getRawHeaders(b"allow") == [b"GET, HEAD, POST"]
+    status, body = alice.delete("/tunnels")
+    assert (status, body["error"]) == (405, "method-not-allowed")
+
+
+def test_a_long_key_comment_becomes_a_description_of_at_most_100_characters(site):
+    """An empty description falls back to the key's comment, cut like a typed one."""
+    store, client = site
+    alice = client("alice")
+    status, body = alice.post("/keys", {"public_key": public_key_text("A" * 20_000)})
+    assert status == 201
+    assert body["description"] == "A" * 100
+    assert store.list_keys("alice")[0].description == "A" * 100
+    status, body = alice.post("/keys", {"public_key": public_key_text(), "description": "B" * 101})
+    assert (status, body["error"]) == (400, "description-too-long")
+
+
+def test_admins_can_remove_any_members_registered_port(site):
+    store, client = site
+    bob, root, alice = client("bob"), client("root"), client("alice")
+    for port in (10081, 10082, 10083):
+        assert bob.post("/ports", {"port": port})[0] == 201
+    status, body = root.delete("/ports/10081?member=bob")
+    assert (status, body["removed"]["member"]) == (200, "bob")
+    status, body = root.delete("/ports/10082?member=*")
+    assert (status, body["removed"]["port"]) == (200, 10082)
+    status, body = root.delete("/ports/10083?member=alice")
+    assert (status, body["error"]) == (404, "no-such-port")
+    # Members still only forget their own.
+    status, body = alice.delete("/ports/10083?member=bob")
+    assert (status, body["error"]) == (403, "forbidden")
+    status, body = alice.delete("/ports/10083")
+    assert (status, body["error"]) == (404, "no-such-port")
+    assert [p.port for p in store.list_ports("bob")] == [10083]
+    removals = [e for e in store.audit_events(100) if e["event"] == "port-unregistered"]
+    assert {(e["member"], e["actor"], e["detail"]["port"]) for e in removals} == {
+        ("bob", "root", 10081),
+        ("bob", "root", 10082),
+    }

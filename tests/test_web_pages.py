@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from nekojump.keys import parse_public_key
 from nekojump.web.auth import LoginThrottle
 from tests.test_web_api import (  # noqa: F401
+    hold_port,
+    in_memory_resource,
     in_memory_site,
     private_key_text,
     public_key_text,
+    registry,
     site,
 )
 
@@ -179,11 +186,12 @@ def test_login_throttle_blocks_per_account_and_per_source():
     assert not throttle.blocked("alice", "127.0.0.9")
 
 
-def sso_site(tmp_path, trusted: str):
+def sso_site(tmp_path, trusted: str, store=None):
     from nekojump.store import SQLiteStore
 
-    store = SQLiteStore.open(tmp_path)
-    store.add_member("alice")
+    if store is None:
+        store = SQLiteStore.open(tmp_path)
+        store.add_member("alice")
     return in_memory_site(
         store, {"web": {"sso_header": "X-Forwarded-User", "trusted_proxies": [trusted]}}
     )
@@ -192,12 +200,45 @@ def sso_site(tmp_path, trusted: str):
 def test_sso_header_from_a_trusted_proxy_logs_the_member_in(tmp_path):
     # StubTreq's requests come from 127.0.0.1.
     treq = sso_site(tmp_path, "127.0.0.1/32")
-    code, headers, body = fetch(treq, "GET", "/", {"X-Forwarded-User": "alice"})
+    code, _headers, body = fetch(treq, "GET", "/", {"X-Forwarded-User": "alice"})
     assert code == 200
     assert "alice" in body
-    assert any(b"nekojump_session=" in c for c in headers[b"Set-Cookie"])
     code, _h, _b = fetch(treq, "GET", "/", {"X-Forwarded-User": "mallory"})
     assert code == 303  # unknown members get nothing
+
+
+def csrf_in(page: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def test_sso_requests_store_no_sessions_and_audit_one_login(tmp_path):
+    """Scripts and monitors behind the proxy send no cookie: twenty requests used to
+    leave twenty 14-day sessions and twenty login events."""
+    from nekojump.store import SQLiteStore
+
+    store = SQLiteStore.open(tmp_path)
+    store.add_member("alice")
+    app = in_memory_resource(
+        store, {"web": {"sso_header": "X-Forwarded-User", "trusted_proxies": ["127.0.0.1/32"]}}
+    )
+    proxy = {"X-Forwarded-User": "alice"}
+    for _ in range(10):
+        # A new client each time: no cookie comes back.
+        code, headers, body = fetch(StubTreq(app), "GET", "/", proxy)
+        assert code == 200 and b"Set-Cookie" not in headers
+        code, headers, _body = fetch(StubTreq(app), "GET", "/api/v1/tunnels", proxy)
+        assert code == 200
+    treq = StubTreq(app)
+    assert store._db.execute("SELECT count(*) FROM web_sessions").fetchone()[0] == 0
+    logins = [e for e in store.audit_events(100) if e["event"] == "login"]
+    assert [(e["member"], e["detail"]) for e in logins] == [("alice", {"via": "sso"})]
+    # Forms still need the page's CSRF token, and work with it.
+    csrf = csrf_in(body)
+    code, _h, _b = fetch(treq, "POST", "/ports", proxy, {"csrf": "forged", "port": "10080"})
+    assert code == 403
+    code, _h, _b = fetch(treq, "POST", "/ports", proxy, {"csrf": csrf, "port": "10080"})
+    assert code == 303
+    assert [p.port for p in store.list_ports("alice")] == [10080]
 
 
 def test_sso_header_from_anyone_else_is_ignored(tmp_path):
@@ -266,3 +307,154 @@ def test_check_says_when_the_viewer_is_off_the_mesh(tmp_path):
         {"csrf": csrf, "port": "10080"},
     )
     assert "outside the mesh sources" in body
+
+
+def post_login_without_waiting(treq, name: str, password: str) -> list[Any]:
+    """Send a login form; the list gets the response once the server answers."""
+    answered: list[Any] = []
+    treq.request(
+        "POST",
+        URL + "/login",
+        data=urlencode({"name": name, "password": password}).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        allow_redirects=False,
+    ).addBoth(answered.append)
+    treq.flush()
+    return answered
+
+
+@pytest.fixture
+def held_password_checks(monkeypatch) -> list[Deferred]:
+    """Password checks wait until the test answers them, as a slow scrypt would."""
+    checks: list[Deferred] = []
+
+    def check_later(_function, *_args):
+        checks.append(Deferred())
+        return checks[-1]
+
+    monkeypatch.setattr("nekojump.web.backend.deferToThread", check_later)
+    return checks
+
+
+def test_guesses_sent_at_once_are_checked_no_more_often_than_the_limit(
+    site,  # noqa: F811
+    held_password_checks,
+):
+    """Twelve wrong guesses and the right password arrive together: five are checked,
+    the rest are throttled, the right one included (it came in the burst)."""
+    store, client = site
+    treq = client(None).treq
+    answers = [post_login_without_waiting(treq, "alice", f"guess {i}") for i in range(12)]
+    answers.append(post_login_without_waiting(treq, "alice", "the right one"))
+    assert len(held_password_checks) == 5
+    assert [a[0].code for a in answers if a] == [429] * 8
+    for check in held_password_checks:
+        check.callback(False)
+    treq.flush()
+    assert [a[0].code for a in answers] == [401] * 5 + [429] * 8
+    failures = [e for e in store.audit_events(100) if e["event"] == "login-failed"]
+    assert len(failures) == 5
+
+
+def test_a_successful_login_does_not_count_against_its_source(site, held_password_checks):  # noqa: F811
+    """Members behind one NAT address can all log in; only failures use up the limit."""
+    _store, client = site
+    treq = client(None).treq
+    for _ in range(7):
+        answer = post_login_without_waiting(treq, "alice", "right")
+        held_password_checks[-1].callback(True)
+        treq.flush()
+        assert answer[0].code == 303
+
+
+def test_a_login_name_no_member_could_have_is_refused_unchecked_and_audited_short(
+    site,  # noqa: F811
+    held_password_checks,
+):
+    store, client = site
+    treq = client(None).treq
+    for name in ("x" * 100_000, "alice bob", "<alice>", ".alice"):
+        answer = post_login_without_waiting(treq, name, "whatever")
+        assert answer[0].code == 401
+    assert held_password_checks == []  # no password was checked
+    failures = [e for e in store.audit_events(100) if e["event"] == "login-failed"]
+    assert len(failures) == 4
+    assert all(e["member"] is None and len(e["detail"]["name"]) <= 65 for e in failures)
+    assert failures[-1]["detail"]["name"] == "x" * 64 + "…"
+    # They count against the source like any failure.
+    answer = post_login_without_waiting(treq, "y" * 70, "whatever")
+    answer2 = post_login_without_waiting(treq, "alice", "whatever")
+    assert (answer[0].code, answer2[0].code) == (401, 429)
+
+
+def test_directory_and_dashboard_say_when_another_member_holds_a_registered_port(
+    site,  # noqa: F811
+    registry,  # noqa: F811
+):
+    from nekojump.policy import ForwardRules
+
+    store, client = site
+    rules = ForwardRules(10000, 10999)
+    store.add_port("alice", 10191, "alice wiki", rules)
+    store.add_port("alice", 10192, "alice chat", rules)
+    store.add_key("alice", parse_public_key(public_key_text()), "pi")
+    hold_port(registry, store, "bob", 10191)
+    hold_port(registry, store, "alice", 10192)
+    session, _csrf = client("bob", via="session")
+    _code, _headers, body = fetch(session.treq, "GET", "/directory", session.headers)
+    rows = row_texts(body, "directory-table")
+    assert "HELD BY ANOTHER MEMBER" in rows["10191"] and "UP" not in rows["10191"]
+    assert "UP" in rows["10192"]
+    session, _csrf = client("alice", via="session")
+    _code, _headers, body = fetch(session.treq, "GET", "/", session.headers)
+    rows = row_texts(body, "ports-table")
+    assert "HELD BY ANOTHER MEMBER" in rows["10191"] and ">UP<" not in rows["10191"]
+    assert ">UP<" in rows["10192"]
+
+
+def row_texts(page: str, table_id: str) -> dict[str, str]:
+    """The HTML of each ``data-port`` row of one table, by port."""
+    table = page.split(f'id="{table_id}"', 1)[1].split("</table>", 1)[0]
+    rows = table.split('<tr data-port="')[1:]
+    return {row.split('"', 1)[0]: row for row in rows}
+
+
+def test_a_form_csrf_token_with_non_ascii_characters_is_a_403(alice_session):
+    store, treq, cookie, _csrf = alice_session
+    code, _headers, body = fetch(treq, "POST", "/ports", cookie, {"csrf": "é", "port": "10099"})
+    assert code == 403 and "stale" in body
+    assert store.list_ports("alice") == []
+
+
+def test_a_pasted_putty_private_key_is_refused_and_not_echoed_back(alice_session):
+    from tests.test_keys import putty_private_key
+
+    store, treq, cookie, csrf = alice_session
+    ppk = putty_private_key()
+    code, _headers, body = fetch(
+        treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": ppk, "description": "pc"}
+    )
+    assert code == 400
+    assert "this is a private key" in body
+    assert "SECRETSECRET" not in body and "Private-Lines" not in body
+    assert store.list_keys("alice") == []
+
+
+def test_admin_page_removes_another_members_registered_port(site):  # noqa: F811
+    from nekojump.policy import ForwardRules
+
+    store, client = site
+    store.add_port("bob", 10555, "bob's wiki", ForwardRules(10000, 10999))
+    store.add_port("bob", 10556, "bob's chat", ForwardRules(10000, 10999))
+    alice, alice_csrf = client("alice", via="session")
+    form = {"csrf": alice_csrf, "port": "10555", "member": "bob"}
+    code, _h, _b = fetch(alice.treq, "POST", "/ports/remove", alice.headers, form)
+    assert code == 404  # not alice's to remove
+    root, root_csrf = client("root", via="session")
+    _code, _h, body = fetch(root.treq, "GET", "/admin", root.headers)
+    rows = row_texts(body, "admin-ports-table")
+    assert "bob&#39;s wiki" in rows["10555"] and 'name="member" value="bob"' in rows["10555"]
+    form = {"csrf": root_csrf, "port": "10555", "member": "bob", "back": "/admin"}
+    code, headers, _b = fetch(root.treq, "POST", "/ports/remove", root.headers, form)
+    assert (code, headers[b"Location"]) == (303, [b"/admin#admin-ports-card"])
+    assert [p.port for p in store.list_ports("bob")] == [10556]

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 from klein import Klein
 from twisted.web.iweb import IRequest
+from werkzeug.routing import Map, Rule
 
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.web.auth import CSRF_HEADER, Viewer
@@ -31,7 +32,12 @@ STATUS = {
     "no-such-member": 404,
     "key-exists": 409,
     "port-registered": 409,
+    "not-found": 404,
+    "method-not-allowed": 405,
 }
+
+#: Where ``Api`` is mounted (``Dashboard.api_branch``).
+API_PREFIX = "/api/v1"
 
 
 class ApiError(Exception):
@@ -60,6 +66,7 @@ class Api:
     def __init__(self, backend: Backend, viewer: Callable[[IRequest], Awaitable[Viewer | None]]):
         self.backend = backend
         self._viewer = viewer
+        self._routes = routes_without_fallback(self.app.url_map)
 
     async def _who(self, request: IRequest, changing: bool = False) -> Viewer:
         viewer = await self._viewer(request)
@@ -89,8 +96,14 @@ class Api:
             body = json.loads(request.content.read() or b"{}")
         except (ValueError, UnicodeDecodeError):
             raise ApiError("bad-json", "the request body must be a JSON object") from None
+        except RecursionError:
+            raise ApiError("bad-json", "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError("bad-json", "the request body must be a JSON object")
+        if not is_storable_text(body):
+            raise ApiError(
+                "bad-text", "text must be valid Unicode (a lone surrogate such as \\ud800 is not)"
+            )
         return body
 
     @app.handle_errors(ApiError)
@@ -137,9 +150,8 @@ class Api:
     async def list_ports(self, request: IRequest) -> bytes:
         viewer = await self._who(request)
         subject = await self._subject(request, viewer)
-        live = self.backend.live_ports()
-        ports = await self.backend.ports(subject)
-        return _json(request, {"ports": [port_row(p, p.port in live) for p in ports]})
+        ports = self.backend.port_states(await self.backend.ports(subject))
+        return _json(request, {"ports": [port_row(p, state) for p, state in ports]})
 
     @app.route("/ports", methods=["POST"])
     async def add_port(self, request: IRequest) -> bytes:
@@ -155,8 +167,11 @@ class Api:
 
     @app.route("/ports/<int:port>", methods=["DELETE"])
     async def remove_port(self, request: IRequest, port: int) -> bytes:
+        """Forget a registration: the viewer's; admins ``?member=NAME`` or ``?member=*``."""
         viewer = await self._who(request, changing=True)
-        result = await self.backend.remove_port(viewer.member, port)
+        subject = await self._subject(request, viewer)
+        owner = "*" if subject is None else subject.name
+        result = await self.backend.remove_port(viewer.member, port, owner)
         if isinstance(result, Refused):
             return _refused(request, result)
         assert isinstance(result, RegisteredPort)
@@ -181,9 +196,8 @@ class Api:
     @app.route("/directory", methods=["GET"])
     async def directory(self, request: IRequest) -> bytes:
         await self._who(request)
-        live = self.backend.live_ports()
-        ports = await self.backend.ports(None)
-        return _json(request, {"ports": [port_row(p, p.port in live) for p in ports]})
+        ports = self.backend.port_states(await self.backend.ports(None))
+        return _json(request, {"ports": [port_row(p, state) for p, state in ports]})
 
     @app.route("/check/<int:port>", methods=["GET"])
     async def check(self, request: IRequest, port: int) -> bytes:
@@ -200,4 +214,33 @@ class Api:
 
     @app.route("/", branch=True)
     def not_found(self, request: IRequest) -> bytes:
+        path = request.path.decode("utf-8", "replace").removeprefix(API_PREFIX) or "/"
+        allowed = self._routes.bind("api").allowed_methods(path)
+        if allowed:
+            methods = ", ".join(sorted(allowed))
+            request.setHeader(b"allow", methods.encode("ascii"))
+            method = request.method.decode("ascii", "replace")
+            reason = f"{path} takes {methods}, not {method}"
+            return _refused(request, Refused("method-not-allowed", reason))
         return _refused(request, Refused("not-found", "no such API path; see /api/v1/openapi.json"))
+
+
+def routes_without_fallback(routes: Map) -> Map:
+    """The API's routes less the catch-all, to tell a wrong method from a wrong path."""
+    return Map(
+        [
+            Rule(rule.rule, methods=rule.methods, endpoint=rule.endpoint)
+            for rule in routes.iter_rules()
+            if rule.methods is not None
+        ]
+    )
+
+
+def is_storable_text(value: Any) -> bool:
+    """True unless some string in a parsed JSON value cannot be written as UTF-8
+    (JSON's ``"\\ud800"`` escape gives a lone surrogate, which SQLite refuses)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

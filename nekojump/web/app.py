@@ -11,6 +11,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.static import File
 
+from nekojump.keys import contains_private_key
 from nekojump.metrics import Metrics
 from nekojump.model import Member, Refused
 from nekojump.policy import source_allowed
@@ -95,11 +96,8 @@ class Dashboard:
         viewer = await self.backend.viewer_from_session(cookie) if cookie else None
         sso_name = self._sso_name(request)
         if sso_name is not None and (viewer is None or viewer.member.name != sso_name):
-            # The proxy says who this is: give them a session of their own,
-            # so forms carry a CSRF token like everyone else's.
-            viewer = await self.backend.viewer_from_sso(sso_name)
-            if viewer is not None and viewer.token:
-                set_session_cookie(request, viewer.token, SESSION_LIFETIME)
+            # The proxy says who this is, on every request: no session is stored.
+            viewer = await self.backend.viewer_from_sso(sso_name, peer(request))
         return viewer
 
     def _sso_name(self, request: IRequest) -> str | None:
@@ -122,7 +120,7 @@ class Dashboard:
         result = await self.backend.login(name, form(request, "password"), peer(request))
         if isinstance(result, Refused):
             request.setResponseCode(429 if result.code == "login-throttled" else 401)
-            return self.renderer.page("login.html", error=result.reason, name=name)
+            return self.renderer.page("login.html", error=result.reason, name=name[:64])
         set_session_cookie(request, result, SESSION_LIFETIME)
         return see_other(request, b"/")
 
@@ -147,12 +145,11 @@ class Dashboard:
         member = viewer.member
         keys = await self.backend.keys(member)
         ports = await self.backend.ports(member)
-        live = self.backend.live_ports()
         context = {
             "member": member,
             "csrf": viewer.csrf,
             "keys": keys,
-            "ports": [(p, p.port in live) for p in ports],
+            "ports": self.backend.port_states(ports),
             "tunnels": self.backend.tunnels(member),
             "connect": await self.backend.connect_info(member) if keys else None,
             "host_key_fingerprint": self.backend.host_key_fingerprint,
@@ -177,10 +174,12 @@ class Dashboard:
         result = await self.backend.add_key(viewer.member, text, description)
         if isinstance(result, Refused):
             request.setResponseCode(400)
-            # A pasted private key is never echoed back into the page.
-            keep = "" if result.code == "key-is-private" else text
+            # Private key material is never echoed back into the page.
             return await self._page(
-                viewer, key_error=result.reason, key_text=keep, key_description=description
+                viewer,
+                key_error=result.reason,
+                key_text="" if contains_private_key(text) else text,
+                key_description="" if contains_private_key(description) else description,
             )
         return see_other(request, b"/#ssh-key-card")
 
@@ -210,10 +209,13 @@ class Dashboard:
     @app.route("/ports/remove", methods=["POST"])
     @form_post
     async def remove_port(self, request: IRequest, viewer: Viewer) -> bytes:
-        result = await self.backend.remove_port(viewer.member, form(request, "port"))
+        owner = form(request, "member") or None
+        result = await self.backend.remove_port(viewer.member, form(request, "port"), owner)
         if isinstance(result, Refused):
             request.setResponseCode(404)
             return await self._page(viewer, port_error=result.reason)
+        if form(request, "back") == "/admin" and viewer.member.is_admin:
+            return see_other(request, b"/admin#admin-ports-card")
         return see_other(request, b"/#ports-card")
 
     @app.route("/check", methods=["POST"])
@@ -241,13 +243,12 @@ class Dashboard:
         viewer = await self.viewer(request)
         if viewer is None:
             return see_other(request, b"/login")
-        live = self.backend.live_ports()
         ports = await self.backend.ports(None)
         return self.renderer.page(
             "directory.html",
             member=viewer.member,
             csrf=viewer.csrf,
-            ports=[(p, p.port in live) for p in ports],
+            ports=self.backend.port_states(ports),
             mesh_address=self.backend.config.forwarding.bind_address,
             hostname=self.backend.config.web.public_hostname,
         )
@@ -262,11 +263,13 @@ class Dashboard:
             return b"admins only"
         keys = await self.backend.store.call(self.backend.store.store.list_keys)
         events = await self.backend.store.call(self.backend.store.store.audit_events, 100)
+        ports = self.backend.port_states(await self.backend.ports(None))
         return self.renderer.page(
             "admin.html",
             member=viewer.member,
             csrf=viewer.csrf,
             keys=keys,
+            ports=ports,
             tunnels=self.backend.tunnels(None),
             events=events,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 from collections import deque
 from collections.abc import Callable
@@ -10,10 +12,16 @@ from attrs import define, field, frozen
 from twisted.web.iweb import IRequest
 
 from nekojump.model import Member
+from nekojump.store import _NAME as MEMBER_NAME
 
 SESSION_COOKIE = b"nekojump_session"
 SESSION_LIFETIME = 14 * 24 * 3600.0
 CSRF_HEADER = b"x-csrf-token"
+
+
+def is_member_name(name: str) -> bool:
+    """True if ``name`` could be a member's (the store's rule: 1-64 of ``A-Za-z0-9._-``)."""
+    return MEMBER_NAME.fullmatch(name) is not None
 
 
 @frozen
@@ -32,9 +40,18 @@ class Viewer:
         """True for bearer clients, or when ``offered`` matches the session's token."""
         if self.csrf is None:
             return True
-        if isinstance(offered, bytes):
-            offered = offered.decode("ascii", "replace")
-        return bool(offered) and hmac.compare_digest(offered, self.csrf)
+        if isinstance(offered, str):
+            offered = offered.encode("utf-8", "replace")
+        # Bytes: compare_digest refuses str with non-ASCII characters.
+        return bool(offered) and hmac.compare_digest(offered, self.csrf.encode("ascii"))
+
+
+def sso_csrf_token(secret: bytes, member_name: str) -> str:
+    """The CSRF token of a member signed in by the SSO proxy rather than a session:
+    derived from a server secret, so nothing is stored per request, yet another site
+    cannot know it."""
+    digest = hmac.new(secret, b"sso-csrf\0" + member_name.encode("utf-8"), hashlib.sha256)
+    return base64.urlsafe_b64encode(digest.digest()).decode("ascii").rstrip("=")
 
 
 def session_cookie(request: IRequest) -> str | None:
@@ -69,12 +86,20 @@ def clear_session_cookie(request: IRequest) -> None:
 
 @define
 class LoginThrottle:
-    """At most ``limit`` failed logins per account and per source in ``window`` seconds."""
+    """At most ``limit`` login attempts checked per account and per source in ``window``
+    seconds; an attempt counts from before its password is checked until it succeeds."""
 
     clock: Callable[[], float]
     limit: int = 5
     window: float = 300.0
     _failures: dict[str, deque[float]] = field(factory=dict)
+
+    @staticmethod
+    def _keys(name: str | None, source: str) -> list[str]:
+        keys = [f"source:{source}"]
+        if name is not None:
+            keys.append(f"member:{name}")
+        return keys
 
     def _recent(self, key: str) -> deque[float]:
         now = self.clock()
@@ -86,15 +111,31 @@ class LoginThrottle:
             return deque()
         return times
 
-    def blocked(self, name: str, source: str) -> bool:
-        return any(
-            len(self._recent(key)) >= self.limit for key in (f"member:{name}", f"source:{source}")
-        )
+    def blocked(self, name: str | None, source: str) -> bool:
+        return any(len(self._recent(key)) >= self.limit for key in self._keys(name, source))
 
-    def failed(self, name: str, source: str) -> None:
+    def failed(self, name: str | None, source: str) -> None:
         now = self.clock()
-        for key in (f"member:{name}", f"source:{source}"):
+        for key in self._keys(name, source):
             self._failures.setdefault(key, deque()).append(now)
 
-    def succeeded(self, name: str) -> None:
+    def reserve(self, name: str | None, source: str) -> float | None:
+        """Count an attempt now, before its password is checked, so guesses sent at
+        once cannot all slip past the limit; None if the limit is reached.
+
+        The returned time identifies the attempt for ``succeeded``; a failed attempt
+        simply stays counted."""
+        if self.blocked(name, source):
+            return None
+        now = self.clock()
+        self.failed(name, source)
+        return now
+
+    def succeeded(self, name: str, source: str | None = None, attempt: float | None = None) -> None:
+        """Forget the account's failures, and the source's count of this attempt."""
         self._failures.pop(f"member:{name}", None)
+        times = self._failures.get(f"source:{source}")
+        if times is not None and attempt is not None and attempt in times:
+            times.remove(attempt)
+            if not times:
+                del self._failures[f"source:{source}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from attrs import define, field
@@ -15,15 +16,31 @@ from twisted.logger import Logger
 from nekojump.config import Config
 from nekojump.diagnosis import Diagnosis, diagnose, probe_forward
 from nekojump.hostkey import host_key_fingerprint
-from nekojump.keys import parse_public_key
+from nekojump.keys import MAX_DESCRIPTION, parse_public_key
 from nekojump.metrics import Metrics
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.passwords import verify_password
 from nekojump.policy import source_allowed
 from nekojump.ssh.registry import TunnelRegistry
 from nekojump.store import DeferredStore
-from nekojump.web.auth import SESSION_LIFETIME, LoginThrottle, Viewer
-from nekojump.web.views import ConnectInfo, suggest_port, tunnel_rows
+from nekojump.web.auth import (
+    SESSION_LIFETIME,
+    LoginThrottle,
+    Viewer,
+    is_member_name,
+    sso_csrf_token,
+)
+from nekojump.web.views import ConnectInfo, port_state, suggest_port, tunnel_rows
+
+#: An SSO member's requests are audited as one login per this many seconds.
+SSO_AUDIT_INTERVAL = 3600.0
+
+LOGIN_FAILED = Refused("login-failed", "wrong member name or password")
+
+
+def shortened(text: str, limit: int = 64) -> str:
+    """``text`` cut to ``limit`` characters (with an ellipsis), for the audit trail."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _default_clock() -> IReactorTime:
@@ -50,6 +67,9 @@ class Backend:
     metrics: Metrics = field(factory=Metrics)
     clock: IReactorTime = field(factory=lambda: _default_clock())
     log: Logger = field(factory=Logger)
+    sso_secret: bytes = field(factory=lambda: secrets.token_bytes(32))
+    #: When each member's last SSO login was audited (one entry per member).
+    _sso_logins: dict[str, float] = field(factory=dict)
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
         return self.store.call(getattr(self.store.store, name), *args, **kwargs)
@@ -57,15 +77,24 @@ class Backend:
     # -- who is asking ---------------------------------------------------------------
 
     async def login(self, name: str, password: str, source: str) -> str | Refused:
-        """A new session token, or why not (bad credentials look alike)."""
-        if self.throttle.blocked(name, source):
+        """A new session token, or why not (bad credentials look alike).
+
+        Each attempt is counted before its password is checked, so a burst of
+        guesses sent at once is checked no more often than one after another.
+        A name no member could have is refused without a password check."""
+        known_form = is_member_name(name)
+        attempt = self.throttle.reserve(name if known_form else None, source)
+        if attempt is None:
             return Refused("login-throttled", "too many failed logins; wait a few minutes")
+        if not known_form:
+            detail = {"name": shortened(name)}
+            await self._call("audit", "login-failed", source=source, detail=detail)
+            return LOGIN_FAILED
         stored = await self._call("password_hash", name)
         if not await deferToThread(verify_password, password, stored):
-            self.throttle.failed(name, source)
             await self._call("audit", "login-failed", member=name, source=source)
-            return Refused("login-failed", "wrong member name or password")
-        self.throttle.succeeded(name)
+            return LOGIN_FAILED
+        self.throttle.succeeded(name, source, attempt)
         token, _csrf = await self._call("create_session", name, SESSION_LIFETIME)
         return token
 
@@ -77,13 +106,20 @@ class Backend:
         member = await self._call("token_member", token)
         return Viewer(member, None) if member else None
 
-    async def viewer_from_sso(self, name: str) -> Viewer | None:
-        """A new session for a member named by the trusted SSO proxy, if active."""
+    async def viewer_from_sso(self, name: str, source: str) -> Viewer | None:
+        """The active member the trusted SSO proxy names, for this request only.
+
+        The proxy names them on every request, so no session is stored; their CSRF
+        token is derived (``sso_csrf_token``). The login is audited at most once
+        an hour per member, not on every request."""
         member = await self._call("get_member", name)
         if member is None or not member.active:
             return None
-        token, csrf = await self._call("create_session", name, SESSION_LIFETIME)
-        return Viewer(member, csrf, token)
+        now = self.clock.seconds()
+        if now - self._sso_logins.get(name, -SSO_AUDIT_INTERVAL) >= SSO_AUDIT_INTERVAL:
+            self._sso_logins[name] = now
+            await self._call("audit", "login", member=name, source=source, detail={"via": "sso"})
+        return Viewer(member, sso_csrf_token(self.sso_secret, name))
 
     async def logout(self, token: str) -> None:
         await self._call("end_session", token)
@@ -97,8 +133,11 @@ class Backend:
         key = parse_public_key(text)
         if isinstance(key, Refused):
             return key
-        if len(description) > 100:
-            return Refused("description-too-long", "keep the description under 100 characters")
+        if len(description) > MAX_DESCRIPTION:
+            return Refused(
+                "description-too-long",
+                f"keep the description under {MAX_DESCRIPTION} characters",
+            )
         return await self._call("add_key", member.name, key, description)
 
     async def remove_key(self, viewer: Member, fingerprint: str) -> KeyRecord | Refused:
@@ -127,12 +166,28 @@ class Backend:
             "add_port", member.name, number, description, self.config.forwarding.rules
         )
 
-    async def remove_port(self, member: Member, port: Any) -> RegisteredPort | Refused:
+    async def remove_port(
+        self, viewer: Member, port: Any, owner: str | None = None
+    ) -> RegisteredPort | Refused:
+        """Forget one of the viewer's registrations; admins may name another ``owner``,
+        or ``"*"`` for whoever registered the port."""
         try:
             number = int(port)
         except (TypeError, ValueError):
             return Refused("port-invalid", "the port must be a number")
-        return await self._call("remove_port", member.name, number)
+        if owner is None or owner == viewer.name:
+            return await self._call("remove_port", viewer.name, number)
+        if not viewer.is_admin:
+            return Refused("no-such-port", f"you have not registered port {number}")
+        if owner == "*":
+            owners = [p.member_name for p in await self.ports(None) if p.port == number]
+            if not owners:
+                return Refused("no-such-port", f"port {number} is not registered")
+            owner = owners[0]
+        removed = await self._call("remove_port", owner, number, actor=viewer.name)
+        if isinstance(removed, Refused):
+            return Refused("no-such-port", f"{owner} has not registered port {number}")
+        return removed
 
     # -- self-diagnosis ----------------------------------------------------------------------
 
@@ -171,8 +226,10 @@ class Backend:
             forwards = [f for f in forwards if f.avatar.identity.member_id == member.id]
         return tunnel_rows(forwards)
 
-    def live_ports(self) -> set[int]:
-        return self.registry.held_ports()
+    def port_states(self, ports: list[RegisteredPort]) -> list[tuple[RegisteredPort, str]]:
+        """Each port with its state (``views.port_state``): whose tunnel holds it now."""
+        holders = {f.port: f.avatar.identity.member_name for f in self.registry.forwards()}
+        return [(p, port_state(p, holders.get(p.port))) for p in ports]
 
     async def connect_info(self, member: Member) -> ConnectInfo:
         mine = await self.ports(member)

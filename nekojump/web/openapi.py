@@ -122,14 +122,15 @@ def openapi_document() -> dict[str, Any]:
             },
             "/ports/{port}": {
                 "delete": {
-                    "summary": "Forget one of your registered ports",
+                    "summary": "Forget one of your registered ports (admins: anyone's)",
                     "parameters": [
                         {
                             "name": "port",
                             "in": "path",
                             "required": True,
                             "schema": {"type": "integer"},
-                        }
+                        },
+                        MEMBER_PARAMETER,
                     ],
                     "responses": {
                         **_ok("removed", {"type": "object"}),
@@ -253,7 +254,15 @@ def openapi_document() -> dict[str, Any]:
                         "member": {"type": "string"},
                         "description": {"type": "string"},
                         "registered_at": {"type": "number"},
-                        "live": {"type": "boolean"},
+                        "live": {
+                            "type": "boolean",
+                            "description": "the registering member's own tunnel holds the port",
+                        },
+                        "state": {
+                            "type": "string",
+                            "enum": ["up", "down", "held-by-other"],
+                            "description": "held-by-other: another member's tunnel holds it",
+                        },
                     },
                 },
                 "Tunnel": {

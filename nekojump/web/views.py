@@ -137,15 +137,28 @@ def key_row(key: KeyRecord) -> dict[str, Any]:
     }
 
 
-def port_row(port: RegisteredPort, live: bool | None = None) -> dict[str, Any]:
+#: A registered port's state: its member's tunnel holds it, nobody's, or another member's.
+PORT_UP, PORT_DOWN, PORT_HELD_BY_OTHER = "up", "down", "held-by-other"
+
+
+def port_state(port: RegisteredPort, holder: str | None) -> str:
+    """Up only while the member who registered ``port`` holds it; someone else's
+    tunnel on it is not that member's service, so it is never shown as theirs."""
+    if holder is None:
+        return PORT_DOWN
+    return PORT_UP if holder == port.member_name else PORT_HELD_BY_OTHER
+
+
+def port_row(port: RegisteredPort, state: str | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {
         "port": port.port,
         "member": port.member_name,
         "description": port.description,
         "registered_at": port.created_at,
     }
-    if live is not None:
-        row["live"] = live
+    if state is not None:
+        row["live"] = state == PORT_UP
+        row["state"] = state
     return row
 
 

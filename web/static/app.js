@@ -44,12 +44,15 @@ document.addEventListener("DOMContentLoaded", () => {
         updated.textContent = "offline";
       }
     };
-    // Registered Ports: UP while a tunnel holds the port.
+    // Registered Ports: UP while one of your own tunnels holds the port. The table
+    // lists only yours, so a port another member holds keeps the server's word.
     const updatePortStates = () => {
       const live = new Set(Array.from(tunnels.querySelectorAll("tr[data-port]"),
                                       (row) => row.dataset.port));
       for (const cell of document.querySelectorAll("#ports-table tr[data-port] .port-state")) {
         const up = live.has(cell.parentElement.dataset.port);
+        if (!up && cell.dataset.state === "held-by-other") continue;
+        cell.dataset.state = up ? "up" : "down";
         cell.innerHTML = up ? '<span class="badge ok">UP</span>' : '<span class="badge">DOWN</span>';
       }
     };
