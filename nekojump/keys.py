@@ -32,9 +32,20 @@ MAX_DESCRIPTION = 100
 PRIVATE_KEY_MARKERS = ("PRIVATE KEY", "PuTTY-User-Key-File-", "Private-Lines:", "Private-MAC:")
 
 
+#: "openssh-key-v1", base64-encoded: how the body of every OpenSSH private key
+#: file starts, also when its BEGIN/END lines were left out.
+OPENSSH_PRIVATE_BODY = "b3BlbnNzaC1rZXktdjE"
+
+
 def contains_private_key(text: str) -> bool:
     """True if ``text`` holds (part of) a private key: never store, log or echo it."""
-    return any(marker in text for marker in PRIVATE_KEY_MARKERS)
+    return OPENSSH_PRIVATE_BODY in text or any(m in text for m in PRIVATE_KEY_MARKERS)
+
+
+def safe_to_echo(text: str) -> bool:
+    """True if a refused form field may be shown back to fix it: one line (a public
+    key is one line; a private key, armoured or not, is many) with no private key in it."""
+    return "\n" not in text.strip() and not contains_private_key(text)
 
 
 @frozen

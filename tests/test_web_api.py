@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -423,6 +425,37 @@ def test_a_running_server_refuses_bodies_over_64_kib_with_413(jumphost):
     assert status == 401 and b"wrong member name or password" in text
 
 
+def closed_by_peer(client: socket.socket, seconds: float = 5.0) -> bool:
+    """True once writing to ``client`` fails: the server closed its socket (a
+    server that only half-closed keeps taking the bytes)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            client.sendall(b"x" * 1024)
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_connection_refused_with_413_is_closed_once_its_body_is_in(jumphost):
+    """Twisted stops a request's idle timeout once its body has arrived: a refused
+    request must close its connection itself, or each one holds a socket forever."""
+    parts = urlsplit(jumphost.start().web_url)
+    body = b"x" * 70_000
+    for path in (b"/login", b"/api/v1/keys"):
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as client:
+            client.sendall(
+                b"POST " + path + b" HTTP/1.1\r\nHost: jump.test\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 413 ")
+            assert closed_by_peer(client), path
+
+
 def raw_request(
     client: Client, method: str, path: str, data: bytes | None, headers: dict[Any, Any]
 ) -> tuple[int, Any, Any]:
@@ -437,6 +470,16 @@ def raw_request(
     response.content().addBoth(contents.append)
     client.treq.flush()
     return response.code, json.loads(contents[0]), response
+
+
+def test_json_nested_just_under_the_parsers_limit_is_a_400_too(site):
+    """json.loads takes ~990 levels; checking what it parsed must not recurse past it."""
+    _store, client = site
+    alice = client("alice")
+    for depth in range(900, 1000, 3):
+        deep = b'{"a":' * depth + b"1" + b"}" * depth
+        status, body, _ = raw_request(alice, "POST", "/keys", deep, alice.headers)
+        assert (status, body["error"]) == (400, "bad-json"), depth
 
 
 def test_deeply_nested_json_is_a_400_not_a_crash(site):

@@ -125,6 +125,19 @@ def test_private_key_is_refused_and_not_echoed_back(alice_session):
     assert store.list_keys("alice") == []
 
 
+def test_a_private_key_pasted_without_its_armour_is_not_echoed_back(alice_session):
+    """Only the base64 lines of ~/.ssh/id_ed25519, without BEGIN/END: still private."""
+    store, treq, cookie, csrf = alice_session
+    body_lines = private_key_text().strip().splitlines()[1:-1]
+    for pasted in ("\n".join(body_lines), "".join(body_lines), "\n".join(body_lines[1:])):
+        code, _headers, body = fetch(
+            treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": pasted}
+        )
+        assert code == 400
+        assert not any(line in body for line in body_lines[1:]), pasted[:30]
+    assert store.list_keys("alice") == []
+
+
 def test_bad_key_text_is_kept_for_correction(alice_session):
     _store, treq, cookie, csrf = alice_session
     code, _headers, body = fetch(
@@ -184,6 +197,39 @@ def test_login_throttle_blocks_per_account_and_per_source():
     assert not throttle.blocked("bob", "127.0.0.1")
     clock.advance(61)
     assert not throttle.blocked("alice", "127.0.0.9")
+
+
+def ticking_clock(step: float = 1e-6):
+    """A clock that moves on a little every time it is read, as time.time does."""
+    now = [1_000_000.0]
+
+    def seconds() -> float:
+        now[0] += step
+        return now[0]
+
+    return seconds
+
+
+def test_members_behind_one_address_who_log_in_are_never_throttled():
+    """A NAT or a reverse proxy: every login comes from one source; successes take
+    their attempt back, whatever the clock read in between."""
+    throttle = LoginThrottle(clock=ticking_clock(), limit=5, window=300)
+    for round_ in range(4):
+        for name in ("alice", "bob", "carol"):
+            attempt = throttle.reserve(name, "192.0.2.1")
+            assert attempt is not None, (round_, name)
+            throttle.succeeded(name, "192.0.2.1", attempt)
+
+
+def test_throttle_forgets_sources_and_names_once_their_window_is_over():
+    clock = Clock()
+    throttle = LoginThrottle(clock=clock.seconds, limit=5, window=300)
+    for n in range(1000):  # four names from each of 250 sources: all under the limit
+        assert throttle.reserve(f"name{n}", f"198.51.100.{n % 250}") is not None
+    assert len(throttle._attempts) == 1000 + 250
+    clock.advance(301)
+    assert not throttle.blocked("alice", "127.0.0.1")  # any call sweeps, once per window
+    assert len(throttle._attempts) == 0
 
 
 def sso_site(tmp_path, trusted: str, store=None):

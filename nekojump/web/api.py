@@ -100,7 +100,10 @@ class Api:
             raise ApiError("bad-json", "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError("bad-json", "the request body must be a JSON object")
-        if not is_storable_text(body):
+        problem = json_problem(body)
+        if problem == "too-deep":
+            raise ApiError("bad-json", "the request body is nested too deeply")
+        if problem == "bad-text":
             raise ApiError(
                 "bad-text", "text must be valid Unicode (a lone surrogate such as \\ud800 is not)"
             )
@@ -236,11 +239,28 @@ def routes_without_fallback(routes: Map) -> Map:
     )
 
 
-def is_storable_text(value: Any) -> bool:
-    """True unless some string in a parsed JSON value cannot be written as UTF-8
-    (JSON's ``"\\ud800"`` escape gives a lone surrogate, which SQLite refuses)."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+#: Deeper JSON than any request of ours needs is refused (a body of 64 KiB
+#: can nest thousands deep, and Python's recursion runs out in the thousand).
+MAX_JSON_DEPTH = 32
+
+
+def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """What makes a parsed JSON value unusable: ``"too-deep"`` (nested beyond
+    ``max_depth``), ``"bad-text"`` (a string that is not valid Unicode, such as
+    a lone surrogate from ``"\\ud800"``, which SQLite refuses); None if nothing.
+
+    Walks without recursion, so no depth can raise ``RecursionError`` here."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "bad-text"
+        elif isinstance(item, dict | list):
+            if depth > max_depth:
+                return "too-deep"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return None

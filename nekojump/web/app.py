@@ -11,7 +11,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.static import File
 
-from nekojump.keys import contains_private_key
+from nekojump.keys import safe_to_echo
 from nekojump.metrics import Metrics
 from nekojump.model import Member, Refused
 from nekojump.policy import source_allowed
@@ -178,8 +178,8 @@ class Dashboard:
             return await self._page(
                 viewer,
                 key_error=result.reason,
-                key_text="" if contains_private_key(text) else text,
-                key_description="" if contains_private_key(description) else description,
+                key_text=text if safe_to_echo(text) else "",
+                key_description=description if safe_to_echo(description) else "",
             )
         return see_other(request, b"/#ssh-key-card")
 

@@ -84,15 +84,28 @@ def clear_session_cookie(request: IRequest) -> None:
     )
 
 
+class Attempt:
+    """One login attempt as the throttle counts it (``succeeded`` takes it back)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+
 @define
 class LoginThrottle:
     """At most ``limit`` login attempts checked per account and per source in ``window``
-    seconds; an attempt counts from before its password is checked until it succeeds."""
+    seconds; an attempt counts from before its password is checked until it succeeds.
+
+    Counts older than the window are swept out once per window, so names and
+    addresses that never come back do not stay in memory."""
 
     clock: Callable[[], float]
     limit: int = 5
     window: float = 300.0
-    _failures: dict[str, deque[float]] = field(factory=dict)
+    _attempts: dict[str, deque[Attempt]] = field(factory=dict)
+    _swept_at: float = 0.0
 
     @staticmethod
     def _keys(name: str | None, source: str) -> list[str]:
@@ -101,41 +114,56 @@ class LoginThrottle:
             keys.append(f"member:{name}")
         return keys
 
-    def _recent(self, key: str) -> deque[float]:
-        now = self.clock()
-        times = self._failures.setdefault(key, deque())
-        while times and times[0] < now - self.window:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return deque()
-        return times
+    def _recent(self, key: str, now: float) -> int:
+        """How many of ``key``'s attempts are inside the window (older ones are dropped)."""
+        attempts = self._attempts.get(key)
+        if attempts is None:
+            return 0
+        while attempts and attempts[0].at <= now - self.window:
+            attempts.popleft()
+        if not attempts:
+            del self._attempts[key]
+        return len(attempts)
+
+    def _sweep(self, now: float) -> None:
+        if now - self._swept_at < self.window:
+            return
+        self._swept_at = now
+        for key in list(self._attempts):
+            self._recent(key, now)
 
     def blocked(self, name: str | None, source: str) -> bool:
-        return any(len(self._recent(key)) >= self.limit for key in self._keys(name, source))
-
-    def failed(self, name: str | None, source: str) -> None:
         now = self.clock()
-        for key in self._keys(name, source):
-            self._failures.setdefault(key, deque()).append(now)
+        self._sweep(now)
+        return any(self._recent(key, now) >= self.limit for key in self._keys(name, source))
 
-    def reserve(self, name: str | None, source: str) -> float | None:
+    def failed(self, name: str | None, source: str) -> Attempt:
+        """Count an attempt against the account and the source; returns it."""
+        attempt = Attempt(self.clock())
+        for key in self._keys(name, source):
+            self._attempts.setdefault(key, deque()).append(attempt)
+        return attempt
+
+    def reserve(self, name: str | None, source: str) -> Attempt | None:
         """Count an attempt now, before its password is checked, so guesses sent at
         once cannot all slip past the limit; None if the limit is reached.
 
-        The returned time identifies the attempt for ``succeeded``; a failed attempt
-        simply stays counted."""
+        A failed attempt simply stays counted; ``succeeded`` takes this one back."""
         if self.blocked(name, source):
             return None
-        now = self.clock()
-        self.failed(name, source)
-        return now
+        return self.failed(name, source)
 
-    def succeeded(self, name: str, source: str | None = None, attempt: float | None = None) -> None:
+    def succeeded(
+        self, name: str, source: str | None = None, attempt: Attempt | None = None
+    ) -> None:
         """Forget the account's failures, and the source's count of this attempt."""
-        self._failures.pop(f"member:{name}", None)
-        times = self._failures.get(f"source:{source}")
-        if times is not None and attempt is not None and attempt in times:
-            times.remove(attempt)
-            if not times:
-                del self._failures[f"source:{source}"]
+        self._attempts.pop(f"member:{name}", None)
+        key = f"source:{source}"
+        attempts = self._attempts.get(key)
+        if attempts is not None and attempt is not None:
+            try:
+                attempts.remove(attempt)
+            except ValueError:
+                pass  # already out of the window
+            if not attempts:
+                del self._attempts[key]

@@ -80,7 +80,12 @@ class BoundedRequest(Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
-            return  # answered already; the connection closes
+            # Answered already, and the whole body is in: close (after the 413
+            # has left).  Twisted stopped the idle timeout for this request, so
+            # nothing else would ever close it.
+            self.content.close()
+            self.channel.transport.loseConnection()
+            return
         super().requestReceived(command, path, version)
 
     def _refuse(self) -> None:
