@@ -268,14 +268,21 @@ class SQLiteStore:
         """Every member's tier, by member id."""
         return dict(self._db.execute("SELECT id, tier FROM members"))
 
-    def confirm_login(self, key_id: int) -> bool:
-        """Record a login with this key; False if the key may no longer log in."""
+    def confirm_login(self, key_id: int) -> str | None:
+        """Record a login with this key; its member's tier now, or None if the key
+        may no longer log in."""
         changed = self._db.execute(
             "UPDATE keys SET last_used_at = ? WHERE id = ? AND member_id IN"
             " (SELECT id FROM members WHERE active)",
             (self._clock(), key_id),
         ).rowcount
-        return changed == 1
+        if changed != 1:
+            return None
+        row = self._db.execute(
+            "SELECT m.tier FROM keys k JOIN members m ON m.id = k.member_id WHERE k.id = ?",
+            (key_id,),
+        ).fetchone()
+        return row[0] if row else None
 
     # -- registered ports (inventory only) -------------------------------------
 

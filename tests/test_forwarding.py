@@ -232,6 +232,24 @@ def test_data_after_the_members_eof_is_dropped_and_earns_no_window():
     assert sent <= CHANNEL_WINDOW
 
 
+def test_data_for_a_mesh_client_that_left_earns_no_window():
+    """Until the channel's close is through, what the member sends goes nowhere:
+    no window comes back for it."""
+    conn, mesh, _socket, channel, _forward, confirm = setup()
+    confirm()
+    channel.write(b"waiting for window" * 100_000)  # more than the member's window
+    mesh.connectionLost(None)
+    assert channel.mesh_closed and not channel.localClosed
+    adjusts = len(conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST))
+    sent = 0
+    for _ in range(4 * CHANNEL_WINDOW // CHANNEL_MAX_PACKET):  # bounded, whatever happens
+        if member_window(conn, sent) < CHANNEL_MAX_PACKET:
+            break
+        sent += send_from_member(conn, channel, CHANNEL_MAX_PACKET)
+    assert len(conn.transport.of(connection.MSG_CHANNEL_WINDOW_ADJUST)) == adjusts
+    assert sent <= CHANNEL_WINDOW
+
+
 def test_a_full_member_socket_pauses_the_mesh_readers_once_however_often_twisted_says_so():
     """Twisted calls pauseProducing on every write while the socket is full; with
     thousands of streams, walking them all each time would stall the reactor."""

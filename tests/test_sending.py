@@ -6,8 +6,10 @@ import socket
 
 import pytest
 from twisted.internet import main, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
 
 from nekojump.ssh.sending import (
     Burst,
@@ -232,3 +234,25 @@ def test_a_mesh_connection_closes_only_after_everything_queued_is_sent(close):
         assert result is main.CONNECTION_DONE
     else:
         assert conn._writeDisconnected and peer.recv(16) == b""  # FIN after the data
+
+
+def test_a_flood_of_tiny_writes_to_a_slow_mesh_client_is_queued_compactly():
+    """Each queued piece costs memory of its own, and a view keeps its whole
+    packet: what one-byte packets queue must stay near the bytes they carry."""
+    conn, peer, _reactor = gathering()
+    fill = bytes(8 * 1024 * 1024)
+    send_now(conn, fill)  # the socket is full from here on
+    packets = [bytes([n % 256]) * 300 for n in range(2000)]
+    for n in range(0, 2000, 20):  # twenty one-byte data views per read
+        send_all_now(conn, [memoryview(p)[:1] for p in packets[n : n + 20]])
+    assert len(conn._tempDataBuffer) <= 2 + 100  # the fill, then one piece per read
+    assert not any(isinstance(piece, memoryview) for piece in conn._tempDataBuffer[1:])
+    expected = fill + bytes(n % 256 for n in range(2000))
+    assert drain(conn, peer, len(expected)) == expected
+
+
+def test_unsent_bytes_of_a_lost_connection_is_what_twisted_still_holds():
+    conn, _peer, _reactor = connection()
+    conn.connectionLost(Failure(ConnectionDone()))  # Twisted drops the socket attribute
+    assert not hasattr(conn, "socket")
+    assert unsent_bytes(conn) == 0

@@ -230,6 +230,24 @@ def test_a_key_removed_between_pk_ok_and_the_signature_loses_the_session_at_once
     assert world.registry.avatars() == [] and server.transport.disconnecting
 
 
+def test_a_tier_changed_between_pk_ok_and_the_signature_applies_to_the_session(world):
+    """The signing can take seconds (an agent asking, a hardware key waiting for a
+    touch); a tier changed meanwhile is what the new connection gets."""
+    recorder, pump, _server = world.connect()
+    blob = world.key.public().blob()
+    query = NS(b"tunnel") + NS(b"ssh-connection") + NS(b"publickey") + b"\x00"
+    recorder.send(MSG_USERAUTH_REQUEST, query + NS(b"ssh-ed25519") + NS(blob))
+    pump.flush()
+    assert recorder.count(MSG_USERAUTH_PK_OK) == 1
+    world.store.set_member_tier("alice", "pro")
+
+    recorder.send(MSG_USERAUTH_REQUEST, recorder.signed_auth(world.key))
+    pump.flush()
+    (avatar,) = world.registry.avatars()
+    assert avatar.identity.tier == "pro"
+    assert avatar.limits == world.config.limits.for_tier("pro")
+
+
 def test_unauthenticated_connections_count_as_startups_until_auth(world):
     _recorder, pump, server = world.connect()
     assert world.factory.startups == {"127.0.0.1": 1}
@@ -378,6 +396,20 @@ def test_more_data_than_the_window_closes_that_channel(world):
     closes = [p for n, p in recorder.got if n == 97]  # CHANNEL_CLOSE
     assert closes == [struct.pack(">L", 7)]
     assert not server.transport.disconnecting  # only the channel, not the connection
+
+
+@pytest.mark.parametrize("extra", [b"padding" * 1000, b"x"])
+def test_channel_data_with_bytes_after_the_data_ends_the_connection(world, extra):
+    """Data is passed on as a view of its packet: bytes after the data field
+    would be held in memory without counting against any window."""
+    recorder, pump, server = world.logged_in()
+    recorder.send(MSG_CHANNEL_OPEN, NS(b"session") + struct.pack(">3L", 7, 65536, 32768))
+    pump.flush()
+    confirm = next(p for n, p in recorder.got if n == 91)  # OPEN_CONFIRMATION
+    ours = struct.unpack(">4L", confirm[:16])[1]
+    recorder.send(94, struct.pack(">L", ours) + NS(b"y") + extra)
+    pump.flush()
+    assert server.transport.disconnecting or server.transport.disconnected
 
 
 def test_at_the_descriptor_limit_new_forwards_and_connections_are_refused(tmp_path):

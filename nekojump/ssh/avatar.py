@@ -125,15 +125,17 @@ class TunnelAvatar(ConchUser):
             fingerprint=self.identity.fingerprint,
         )
         self._audit("ssh-login")
-        # A key removed between the auth lookup and now would escape the
-        # revocation watcher; this second look closes that window.
+        # A key removed or a tier changed between the auth lookup and now would
+        # escape the revocation watcher; this second look closes that window.
         self.store.write_later(self.store.store.confirm_login, self.identity.key_id).addCallbacks(
             self._confirmed, self._confirm_failed
         )
 
-    def _confirmed(self, usable: bool) -> None:
-        if not usable:
+    def _confirmed(self, tier: str | None) -> None:
+        if tier is None:
             self.disconnect("key removed")
+        elif tier != self.identity.tier:
+            self.change_tier(tier)
 
     def _confirm_failed(self, failure: Failure) -> None:
         # Can't tell whether the key is still good: fail closed.

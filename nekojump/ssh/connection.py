@@ -171,12 +171,14 @@ class TunnelConnection(SSHConnection):
             self.log.info("data for an unknown channel; disconnecting")
             self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"unknown channel")
             return
-        data = packet[8 : 8 + length]
-        if (
-            length != len(data)
-            or length > channel.localWindowLeft
-            or (length > channel.localMaxPacket)
-        ):
+        if len(packet) != 8 + length:
+            # Bytes missing, or bytes after the data (OpenSSH refuses those too):
+            # a view of the data would keep the whole packet alive while it waits.
+            self.log.info("malformed data for channel {id}; disconnecting", id=local_channel)
+            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"malformed channel data")
+            return
+        data = packet[8:]
+        if length > channel.localWindowLeft or length > channel.localMaxPacket:
             self.log.info(
                 "channel {id}: more data than the window allows; closing it", id=local_channel
             )

@@ -379,7 +379,13 @@ class ForwardedChannel(SSHChannel):
             burst.after(self, partial(self.replenish, grow))
             return
         self._settle_growth()
-        if self.reading_paused or self.member_eof or not self.is_open or self.localClosed:
+        if (
+            self.reading_paused
+            or self.member_eof
+            or self.mesh_closed  # what the member sends now goes nowhere
+            or not self.is_open
+            or self.localClosed
+        ):
             return
         consumed = self.localWindowSize - self.localWindowLeft
         if consumed < self.localWindowSize // 8:

@@ -59,8 +59,10 @@ def send_now(transport: object, data: bytes | memoryview) -> None:
         _queue(transport, [memoryview(data)[sent:]])
 
 
-#: The most buffers one ``sendmsg`` takes (Linux: 1024).
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+#: The most buffers one ``sendmsg`` takes (Linux: 1024; POSIX promises 16).
+_IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
+#: Pieces queued for a slow peer are joined when they average less than this.
+JOIN_BELOW = 4096
 
 
 def send_all_now(transport: object, pieces: list[bytes | memoryview]) -> None:
@@ -122,21 +124,30 @@ class GatheringServer(tcp.Server):
     _head_sent = 0
 
     def write_pieces(self, pieces: list[bytes | memoryview]) -> None:
-        """Queue ``pieces`` (``bytes`` or views) to be sent in order."""
+        """Queue ``pieces`` (``bytes`` or views) to be sent in order.
+
+        Small pieces are joined: a queued view keeps the whole buffer it looks
+        into alive, and each queued piece costs a hundred bytes or more of its
+        own; a flood of tiny packets must not cost more than the bytes it carries."""
         if not self.connected or self._writeDisconnected or not pieces:
             return
+        size = sum(map(len, pieces))
+        if size < len(pieces) * JOIN_BELOW:
+            pieces = [b"".join(pieces)]
         self._tempDataBuffer.extend(pieces)
-        self._tempDataLen += sum(map(len, pieces))
+        self._tempDataLen += size
         self._maybePauseProducer()
         self.startWriting()
 
+    # Twisted's own API takes bytes only (a bytearray reused by its writer would
+    # change while queued); views come through write_pieces.
     def write(self, data: bytes) -> None:
-        if isinstance(data, str):
+        if not isinstance(data, bytes):
             raise TypeError("Data must be bytes")
         self.write_pieces([data])
 
     def writeSequence(self, iovec: list[bytes]) -> None:
-        if any(isinstance(data, str) for data in iovec):
+        if not all(isinstance(data, bytes) for data in iovec):
             raise TypeError("Data must be bytes")
         self.write_pieces(list(iovec))
 
@@ -289,8 +300,11 @@ def unsent_bytes(transport: object) -> int:
     if not isinstance(transport, tcp.Connection):
         return 0
     queued = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    sock = getattr(transport, "socket", None)  # gone once the connection is lost
+    if sock is None:
+        return queued
     try:
-        packed = fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        packed = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
     except (OSError, ValueError):
         return queued
     return queued + struct.unpack("i", packed)[0]
