@@ -33,6 +33,9 @@ class RevocationWatcher:
         self.store = store
         self.registry = registry
         self._version: int | None = None
+        #: How many changes by other processes were seen: what was read from the
+        #: store before this moved on may be out of date.
+        self.changes = 0
         self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.check()))
         self._loop.clock = clock
 
@@ -49,6 +52,8 @@ class RevocationWatcher:
             version = await self.store.call(self.store.store.data_version)
             if version == self._version:
                 return 0
+            if self._version is not None:
+                self.changes += 1
             usable = await self.store.call(self.store.store.usable_key_ids)
             killed = self.registry.disconnect_unusable(usable, "key removed")
             for action, target in await self.store.call(self.store.store.take_control_requests):

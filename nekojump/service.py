@@ -55,7 +55,10 @@ class NekojumpService(MultiService):
         )
         self.rng = random.Random()
         realm = TunnelRealm(self._make_avatar)
-        portal = Portal(realm, [TunnelKeyChecker(self.store, config.ssh.user, self.metrics)])
+        checker = TunnelKeyChecker(
+            self.store, config.ssh.user, self.metrics, changes=lambda: self.watcher.changes
+        )
+        portal = Portal(realm, [checker])
         self.factory = TunnelSSHFactory(
             portal, host_key, config, reactor, self.metrics, self.budget
         )

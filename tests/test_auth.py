@@ -179,3 +179,52 @@ def test_a_confirmed_key_still_needs_a_good_signature_and_the_right_user(world):
         outcome(connection, attempt).trap(UnauthorizedLogin)
     outcome(connection, query_for(private)).trap(ValidPublicKey)
     assert outcome(connection, signed(private)).member_name == "alice"
+
+
+def test_a_confirmed_key_is_looked_up_again_after_another_process_changed_the_store(world):
+    """OpenSSH asks (PK_OK), then signs: seconds later with an agent that asks or
+    a hardware key. A tier the admin CLI changed meanwhile must be the one the
+    connection starts with (its first forwards are decided before any re-check)."""
+    store, private, _record, _checker = world
+    changes = [0]
+    counting = CountingStore(store)
+    connection = TunnelKeyChecker(counting, "tunnel", changes=lambda: changes[0]).for_connection()
+    outcome(connection, query_for(private)).trap(ValidPublicKey)
+    assert outcome(connection, signed(private)).tier == "basic"
+    assert counting.calls == 1  # nothing changed: the confirmed key was used
+
+    outcome(connection, query_for(private)).trap(ValidPublicKey)
+    store.set_member_tier("alice", "pro")
+    changes[0] += 1  # the revocation watcher saw another process write
+    assert outcome(connection, signed(private)).tier == "pro"
+    assert counting.calls == 3
+
+
+def test_the_revocation_watcher_counts_changes_made_by_other_processes(tmp_path):
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    from nekojump.revocation import RevocationWatcher
+    from nekojump.ssh.registry import TunnelRegistry
+
+    server_side = SQLiteStore.open(tmp_path)
+    server_side.add_member("alice")
+    watcher = RevocationWatcher(ImmediateStore(server_side), TunnelRegistry(), Clock())
+    admin_cli = SQLiteStore.open(tmp_path)
+    try:
+
+        def check() -> None:
+            Deferred.fromCoroutine(watcher.check())
+
+        check()
+        check()
+        server_side.set_member_tier("alice", "plus")  # the server's own write
+        check()
+        assert watcher.changes == 0
+        admin_cli.set_member_tier("alice", "pro")
+        check()
+        check()
+        assert watcher.changes == 1
+    finally:
+        admin_cli.close()
+        server_side.close()

@@ -44,10 +44,19 @@ class TunnelKeyChecker:
     credentialInterfaces = (ISSHPrivateKey,)
     log = Logger()
 
-    def __init__(self, store: DeferredStore, user: str, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        store: DeferredStore,
+        user: str,
+        metrics: Metrics | None = None,
+        changes: Callable[[], int] = lambda: 0,
+    ):
         self.store = store
         self.user = user.encode("utf-8")
         self.metrics = metrics if metrics is not None else Metrics()
+        #: Counts the changes other processes made to the store (the revocation
+        #: watcher's count): a key record read before the count moved is read again.
+        self.changes = changes
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Identity]:
         return Deferred.fromCoroutine(self._check(credentials, None))
@@ -58,8 +67,13 @@ class TunnelKeyChecker:
 
     async def _check(self, credentials: Any, memo: ConnectionKeyChecker | None) -> Identity:
         confirmed = memo.take_confirmed() if memo is not None else None
-        if confirmed is not None and credentials.signature and confirmed[0] == credentials.blob:
-            _, key, record = confirmed
+        if (
+            confirmed is not None
+            and credentials.signature
+            and confirmed[0] == credentials.blob
+            and confirmed[3] == self.changes()
+        ):
+            _, key, record, _ = confirmed
         else:
             try:
                 key = key_from_blob(credentials.blob)
@@ -73,7 +87,7 @@ class TunnelKeyChecker:
             raise UnauthorizedLogin(_DENIED)
         if not credentials.signature:
             if memo is not None:
-                memo.confirmed = (credentials.blob, key, record)
+                memo.confirmed = (credentials.blob, key, record, self.changes())
             raise ValidPublicKey()
         try:
             signature_algorithm = getNS(credentials.signature)[0]
@@ -103,7 +117,8 @@ class ConnectionKeyChecker:
 
     Clients ask whether a key would do (PK_OK) before they sign with it; the
     signed request that comes next on the same connection uses the key the
-    store has just confirmed instead of looking it up again.  Any other
+    store has just confirmed instead of looking it up again (unless another
+    process changed the store meanwhile, as the admin CLI does).  Any other
     request forgets it.  The avatar re-checks each login against the store
     right after it, as it does for a key removed during any lookup.
     """
@@ -112,9 +127,10 @@ class ConnectionKeyChecker:
 
     def __init__(self, checker: TunnelKeyChecker) -> None:
         self.checker = checker
-        self.confirmed: tuple[bytes, Key, KeyRecord] | None = None
+        #: The key PK_OK confirmed: blob, key, record, and the store's change count then.
+        self.confirmed: tuple[bytes, Key, KeyRecord, int] | None = None
 
-    def take_confirmed(self) -> tuple[bytes, Key, KeyRecord] | None:
+    def take_confirmed(self) -> tuple[bytes, Key, KeyRecord, int] | None:
         confirmed, self.confirmed = self.confirmed, None
         return confirmed
 
