@@ -52,8 +52,9 @@ class RevocationWatcher:
             version = await self.store.call(self.store.store.data_version)
             if version == self._version:
                 return 0
-            if self._version is not None:
-                self.changes += 1
+            # Counted before acting; the first poll counts too (what was read
+            # before it may be older than the server's first look).
+            self.changes += 1
             usable = await self.store.call(self.store.store.usable_key_ids)
             killed = self.registry.disconnect_unusable(usable, "key removed")
             for action, target in await self.store.call(self.store.store.take_control_requests):

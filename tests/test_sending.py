@@ -242,12 +242,14 @@ def test_a_flood_of_tiny_writes_to_a_slow_mesh_client_is_queued_compactly():
     conn, peer, _reactor = gathering()
     fill = bytes(8 * 1024 * 1024)
     send_now(conn, fill)  # the socket is full from here on
-    packets = [bytes([n % 256]) * 300 for n in range(2000)]
+    packets = [bytes([n % 256]) * 300 for n in range(4000)]
     for n in range(0, 2000, 20):  # twenty one-byte data views per read
         send_all_now(conn, [memoryview(p)[:1] for p in packets[n : n + 20]])
-    assert len(conn._tempDataBuffer) <= 2 + 100  # the fill, then one piece per read
-    assert not any(isinstance(piece, memoryview) for piece in conn._tempDataBuffer[1:])
-    expected = fill + bytes(n % 256 for n in range(2000))
+    for n in range(2000, 4000):  # one per read
+        send_now(conn, memoryview(packets[n])[:1])
+    assert len(conn._tempDataBuffer) == 2  # the fill, then every small piece together
+    assert type(conn._tempDataBuffer[1]) is bytes
+    expected = fill + bytes(n % 256 for n in range(4000))
     assert drain(conn, peer, len(expected)) == expected
 
 

@@ -248,6 +248,20 @@ def test_a_tier_changed_between_pk_ok_and_the_signature_applies_to_the_session(w
     assert avatar.limits == world.config.limits.for_tier("pro")
 
 
+def test_a_client_that_only_asks_about_a_key_is_cut_off_after_max_auth_tries(world):
+    """Each PK_OK answer is a store lookup, and Conch counts no query as a failed try."""
+    recorder, pump, server = world.connect()
+    blob = world.key.public().blob()
+    query = NS(b"tunnel") + NS(b"ssh-connection") + NS(b"publickey") + b"\x00"
+    for _ in range(50):
+        recorder.send(MSG_USERAUTH_REQUEST, query + NS(b"ssh-ed25519") + NS(blob))
+        pump.flush()
+        if server.transport.disconnecting or server.transport.disconnected:
+            break
+    assert recorder.count(MSG_USERAUTH_PK_OK) == world.config.ssh.max_auth_tries
+    assert server.transport.disconnecting or server.transport.disconnected
+
+
 def test_unauthenticated_connections_count_as_startups_until_auth(world):
     _recorder, pump, server = world.connect()
     assert world.factory.startups == {"127.0.0.1": 1}

@@ -19,6 +19,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nekojump.keys import fingerprint_of_blob, key_from_blob
@@ -170,6 +171,7 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
         self._succeeded = False
         self._stopped = False
         self._queue: deque[bytes] = deque()
+        self._key_queries = 0
         super().serviceStarted()
         shared = self.portal
         checker = shared.checkers.get(ISSHPrivateKey)
@@ -204,6 +206,17 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
         if self._queue and not self._succeeded and not self._stopped:
             self.ssh_USERAUTH_REQUEST(self._queue.popleft())
         return result
+
+    def _ebCheckKey(self, reason, packet: bytes):
+        # Asking whether a key would do (PK_OK) is no failed attempt to Conch, so
+        # max_auth_tries never ends a client that only asks: each answer costs a
+        # store lookup, and a client needs one per key it is about to sign with.
+        reason.trap(ValidPublicKey)
+        self._key_queries += 1
+        if self._key_queries > self.attemptsBeforeDisconnect + 1:
+            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"too many public key queries")
+            return Failure(IgnoreAuthentication())
+        return super()._ebCheckKey(reason, packet)
 
     def _ebBadAuth(self, reason):
         if not reason.check(IgnoreAuthentication) and self.method != b"none":

@@ -61,7 +61,7 @@ def send_now(transport: object, data: bytes | memoryview) -> None:
 
 #: The most buffers one ``sendmsg`` takes (Linux: 1024; POSIX promises 16).
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
-#: Pieces queued for a slow peer are joined when they average less than this.
+#: Pieces smaller than this that wait for a slow peer are copied together.
 JOIN_BELOW = 4096
 
 
@@ -126,16 +126,24 @@ class GatheringServer(tcp.Server):
     def write_pieces(self, pieces: list[bytes | memoryview]) -> None:
         """Queue ``pieces`` (``bytes`` or views) to be sent in order.
 
-        Small pieces are joined: a queued view keeps the whole buffer it looks
-        into alive, and each queued piece costs a hundred bytes or more of its
-        own; a flood of tiny packets must not cost more than the bytes it carries."""
+        Large pieces are queued as they are.  Small ones are copied onto the
+        end of the queue while its last piece is small too: a queued view keeps
+        the whole buffer it looks into alive, and each queued piece costs a
+        hundred bytes or more of its own, so a flood of tiny packets (one per
+        read) must not cost much more than the bytes it carries."""
         if not self.connected or self._writeDisconnected or not pieces:
             return
-        size = sum(map(len, pieces))
-        if size < len(pieces) * JOIN_BELOW:
-            pieces = [b"".join(pieces)]
-        self._tempDataBuffer.extend(pieces)
-        self._tempDataLen += size
+        queue = self._tempDataBuffer
+        for piece in pieces:
+            size = len(piece)
+            if size >= JOIN_BELOW:
+                queue.append(piece)
+            elif queue and len(queue[-1]) < JOIN_BELOW:
+                # The tail only grows: what of it was sent (_head_sent) stays put.
+                queue[-1] = b"".join((queue[-1], piece))
+            else:
+                queue.append(bytes(piece))
+            self._tempDataLen += size
         self._maybePauseProducer()
         self.startWriting()
 
