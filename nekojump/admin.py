@@ -52,6 +52,12 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _known_member(store: SQLiteStore, name: str | None) -> None:
+    """Refuse a member name that names nobody (None: everyone)."""
+    if name is not None and store.get_member(name) is None:
+        raise CommandError(f"there is no member named {name!r}")
+
+
 def _table(rows: list[list[str]], out: TextIO) -> None:
     rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -89,8 +95,7 @@ def token_create(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> N
 
 
 def token_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
-    if args.name is not None and store.get_member(args.name) is None:
-        raise CommandError(f"there is no member named {args.name!r}")
+    _known_member(store, args.name)
     tokens = store.list_tokens(args.name)
     if not tokens:
         out.write("no API tokens\n")
@@ -157,8 +162,7 @@ def key_add(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def key_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> None:
-    if args.name is not None and store.get_member(args.name) is None:
-        raise CommandError(f"there is no member named {args.name!r}")
+    _known_member(store, args.name)
     keys = store.list_keys(args.name)
     if not keys:
         out.write("no keys\n")
@@ -244,8 +248,7 @@ def ports_list(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -> Non
     if args.remove is not None:
         ports_remove(store, args.remove, out)
         return
-    if args.name is not None and store.get_member(args.name) is None:
-        raise CommandError(f"there is no member named {args.name!r}")
+    _known_member(store, args.name)
     ports = store.list_ports(args.name)
     if not ports:
         out.write("no registered ports\n")

@@ -58,6 +58,12 @@ class Recorder(service.SSHService):
     def send(self, number: int, payload: bytes) -> None:
         self.transport.sendPacket(number, payload)
 
+    @staticmethod
+    def key_query(key: Key, user: bytes = b"tunnel") -> bytes:
+        """A publickey request without signature: would this key do (PK_OK)?"""
+        prefix = NS(user) + NS(b"ssh-connection") + NS(b"publickey") + b"\x00"
+        return prefix + NS(b"ssh-ed25519") + NS(key.public().blob())
+
     def signed_auth(self, key: Key, user: bytes = b"tunnel") -> bytes:
         blob, alg, service_name = key.public().blob(), b"ssh-ed25519", b"ssh-connection"
         signed = (
@@ -218,8 +224,7 @@ def test_a_key_removed_between_pk_ok_and_the_signature_loses_the_session_at_once
     """The signed request reuses the key PK_OK confirmed; the re-check after login ends it."""
     recorder, pump, server = world.connect()
     blob = world.key.public().blob()
-    query = NS(b"tunnel") + NS(b"ssh-connection") + NS(b"publickey") + b"\x00"
-    recorder.send(MSG_USERAUTH_REQUEST, query + NS(b"ssh-ed25519") + NS(blob))
+    recorder.send(MSG_USERAUTH_REQUEST, recorder.key_query(world.key))
     pump.flush()
     assert recorder.count(MSG_USERAUTH_PK_OK) == 1
     assert world.store.remove_key(fingerprint_of_blob(blob)).member_name == "alice"
@@ -234,9 +239,7 @@ def test_a_tier_changed_between_pk_ok_and_the_signature_applies_to_the_session(w
     """The signing can take seconds (an agent asking, a hardware key waiting for a
     touch); a tier changed meanwhile is what the new connection gets."""
     recorder, pump, _server = world.connect()
-    blob = world.key.public().blob()
-    query = NS(b"tunnel") + NS(b"ssh-connection") + NS(b"publickey") + b"\x00"
-    recorder.send(MSG_USERAUTH_REQUEST, query + NS(b"ssh-ed25519") + NS(blob))
+    recorder.send(MSG_USERAUTH_REQUEST, recorder.key_query(world.key))
     pump.flush()
     assert recorder.count(MSG_USERAUTH_PK_OK) == 1
     world.store.set_member_tier("alice", "pro")
@@ -251,10 +254,8 @@ def test_a_tier_changed_between_pk_ok_and_the_signature_applies_to_the_session(w
 def test_a_client_that_only_asks_about_a_key_is_cut_off_after_max_auth_tries(world):
     """Each PK_OK answer is a store lookup, and Conch counts no query as a failed try."""
     recorder, pump, server = world.connect()
-    blob = world.key.public().blob()
-    query = NS(b"tunnel") + NS(b"ssh-connection") + NS(b"publickey") + b"\x00"
     for _ in range(50):
-        recorder.send(MSG_USERAUTH_REQUEST, query + NS(b"ssh-ed25519") + NS(blob))
+        recorder.send(MSG_USERAUTH_REQUEST, recorder.key_query(world.key))
         pump.flush()
         if server.transport.disconnecting or server.transport.disconnected:
             break
