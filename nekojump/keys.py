@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import struct
 from functools import lru_cache
 
@@ -42,10 +43,18 @@ def contains_private_key(text: str) -> bool:
     return OPENSSH_PRIVATE_BODY in text or any(m in text for m in PRIVATE_KEY_MARKERS)
 
 
+#: A long run of base64 and nothing else, not starting like a public key blob
+#: ("AAAA": the length of its type name): the body of some other key file, such
+#: as a PEM private key without its BEGIN/END lines.
+_BARE_BASE64 = re.compile(r"(?!AAAA)[A-Za-z0-9+/=]{60,}")
+
+
 def safe_to_echo(text: str) -> bool:
     """True if a refused form field may be shown back to fix it: one line (a public
-    key is one line; a private key, armoured or not, is many) with no private key in it."""
-    return "\n" not in text.strip() and not contains_private_key(text)
+    key is one line; a private key, armoured or not, is many), no private key in
+    it, and no bare block of base64 but a public key's (a PEM private key's body)."""
+    line = text.strip()
+    return "\n" not in line and not contains_private_key(line) and not _BARE_BASE64.fullmatch(line)
 
 
 @frozen

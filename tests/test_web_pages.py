@@ -7,6 +7,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -129,13 +131,37 @@ def test_a_private_key_pasted_without_its_armour_is_not_echoed_back(alice_sessio
     """Only the base64 lines of ~/.ssh/id_ed25519, without BEGIN/END: still private."""
     store, treq, cookie, csrf = alice_session
     body_lines = private_key_text().strip().splitlines()[1:-1]
-    for pasted in ("\n".join(body_lines), "".join(body_lines), "\n".join(body_lines[1:])):
+    pkcs8 = (
+        ed25519.Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+    pem_body = "".join(pkcs8.strip().splitlines()[1:-1])  # one line: "MC4CAQAw..."
+    body_lines.append(pem_body)
+    for pasted in (
+        "\n".join(body_lines[:-1]),
+        "".join(body_lines[:-1]),
+        "\n".join(body_lines[1:-1]),
+        pem_body,
+    ):
         code, _headers, body = fetch(
             treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": pasted}
         )
         assert code == 400
         assert not any(line in body for line in body_lines[1:]), pasted[:30]
     assert store.list_keys("alice") == []
+
+
+def test_a_public_key_pasted_without_its_type_is_kept_for_correction(alice_session):
+    _store, treq, cookie, csrf = alice_session
+    blob = public_key_text().split()[1]
+    code, _headers, body = fetch(treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": blob})
+    assert code == 400
+    assert f"{blob}</textarea>" in body
 
 
 def test_bad_key_text_is_kept_for_correction(alice_session):
