@@ -145,3 +145,15 @@ def test_capacity_keeps_a_reserve_of_descriptors(in_use, needed, refused):
     assert (result is not None) is refused
     if refused:
         assert result.code == "server-full"
+
+
+def test_penalties_that_ran_out_are_forgotten_when_the_box_fills():
+    from nekojump.ssh.penalty import SourcePenalties
+
+    now = [0.0]
+    box = SourcePenalties(lambda: now[0], failures=1, duration=30, max_sources=100)
+    for n in range(1000):
+        box.failed(f"198.51.{n // 250}.{n % 250}")
+        now[0] += 1.0
+    assert len(box._until) <= 100 + 1
+    assert box.refusal("198.51.3.249") is not None  # the latest is still in the box

@@ -497,3 +497,89 @@ def test_tier_limits_cap_connections_and_forwards(tmp_path):
         assert len(world.registry.avatars()) == 1
     finally:
         world.store.close()
+
+
+@pytest.mark.parametrize("request_type", [b"exec", b"shell"])
+def test_a_session_with_a_zero_maximum_packet_is_refused_and_the_server_goes_on(
+    world, request_type
+):
+    """Conch cuts what a session writes into maxPacket-sized packets: with 0 it
+    looped forever (exec) or raised (shell), and every tunnel stopped with it."""
+    recorder, pump, _server = world.logged_in()
+    recorder.send(MSG_CHANNEL_OPEN, NS(b"session") + struct.pack(">3L", 7, 65536, 0))
+    recorder.send(98, struct.pack(">L", 0) + NS(request_type) + b"\x01" + NS(b"id"))
+    pump.flush()
+    assert recorder.count(92) == 1  # CHANNEL_OPEN_FAILURE
+    assert recorder.count(91) == 0
+    other, pump2, _ = world.logged_in()
+    other.send(MSG_GLOBAL_REQUEST, forward_request(20085))
+    pump2.flush()
+    assert other.count(MSG_REQUEST_SUCCESS) == 1
+
+
+def test_a_login_for_any_service_but_ssh_connection_is_refused(world):
+    """Another next service would skip where limits, keepalives and revocation
+    take hold of a connection."""
+    recorder, pump, server = world.connect()
+    signed = recorder.signed_auth(world.key)
+    user_len = struct.unpack(">L", signed[:4])[0]
+    service_end = 4 + user_len + 4 + len(b"ssh-connection")
+    recorder.send(
+        MSG_USERAUTH_REQUEST, signed[: 4 + user_len] + NS(b"ssh-userauth") + signed[service_end:]
+    )
+    pump.flush()
+    assert recorder.count(MSG_USERAUTH_SUCCESS) == 0
+    assert server.transport.disconnecting or server.transport.disconnected
+    assert world.registry.avatars() == []
+
+
+def test_members_whose_client_asks_about_other_keys_first_are_not_penalised(tmp_path):
+    """OpenSSH asks about each key it has (agent, ~/.ssh/id_*) before the one
+    that works; only connections that never log in count against the source."""
+    world = World(tmp_path)
+    strangers = [Key(ed25519.Ed25519PrivateKey.generate()) for _ in range(3)]
+    try:
+        for _ in range(2 * world.config.ssh.penalty_failures):
+            recorder, pump, server = world.connect()
+            for stranger in strangers:
+                recorder.send(MSG_USERAUTH_REQUEST, recorder.key_query(stranger))
+            recorder.send(MSG_USERAUTH_REQUEST, recorder.signed_auth(world.key))
+            pump.flush()
+            assert recorder.count(MSG_USERAUTH_SUCCESS) == 1
+            server.transport.loseConnection()
+            pump.flush()
+        peer = IPv4Address("TCP", "127.0.0.1", 40002)
+        assert world.factory.buildProtocol(peer) is not None
+        # Connections that only ask, and leave without logging in, do count.
+        for _ in range(world.config.ssh.penalty_failures // len(strangers) + 1):
+            recorder, pump, server = world.connect()
+            for stranger in strangers:
+                recorder.send(MSG_USERAUTH_REQUEST, recorder.key_query(stranger))
+            pump.flush()
+            server.transport.loseConnection()
+            pump.flush()
+        assert world.factory.buildProtocol(peer) is None
+    finally:
+        world.store.close()
+
+
+def test_malformed_forward_requests_count_as_refusals(world):
+    recorder, pump, server = world.logged_in()
+    for _ in range(MAX_REFUSALS + 5):
+        recorder.send(MSG_GLOBAL_REQUEST, NS(b"tcpip-forward") + b"\x01" + b"\xff\xff")
+    pump.flush()
+    assert server.transport.disconnecting or server.transport.disconnected
+
+
+def test_a_connection_looping_on_bind_and_cancel_is_ended(world, monkeypatch):
+    """Each bind and unbind is an audit row: a loop must not write them forever."""
+    monkeypatch.setattr("nekojump.ssh.avatar.MAX_FORWARD_CHANGES", 40)
+    recorder, pump, server = world.logged_in()
+    for _ in range(30):
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(20086))
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(20086, b"cancel-tcpip-forward"))
+        pump.flush()
+        if server.transport.disconnecting or server.transport.disconnected:
+            break
+    assert server.transport.disconnecting or server.transport.disconnected
+    assert len(world.store.audit_events(1000)) < 50

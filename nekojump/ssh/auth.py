@@ -12,7 +12,10 @@ from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import userauth
 from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.keys import BadKeyError, Key
-from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
+from twisted.conch.ssh.transport import (
+    DISCONNECT_PROTOCOL_ERROR,
+    DISCONNECT_SERVICE_NOT_AVAILABLE,
+)
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
@@ -172,6 +175,7 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
         self._stopped = False
         self._queue: deque[bytes] = deque()
         self._key_queries = 0
+        self._asking = False
         super().serviceStarted()
         shared = self.portal
         checker = shared.checkers.get(ISSHPrivateKey)
@@ -187,6 +191,17 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
         # order, so two successes can never race each other.
         if self._succeeded:
             return None
+        try:
+            _user, service, method, rest = getNS(packet, 3)
+        except (IndexError, ValueError, struct.error):
+            service = method = rest = b""
+        if service != b"ssh-connection":
+            # Any other next service would skip the connection service, where
+            # limits, keepalives and revocation take hold of a login.
+            self.transport.sendDisconnect(
+                DISCONNECT_SERVICE_NOT_AVAILABLE, b"only ssh-connection is offered"
+            )
+            return None
         if self._pending:
             if len(self._queue) >= self.max_queued:
                 self.transport.sendDisconnect(
@@ -195,6 +210,8 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
                 return None
             self._queue.append(packet)
             return None
+        # A publickey request without a signature only asks whether a key would do.
+        self._asking = method == b"publickey" and rest[:1] == b"\x00"
         d = super().ssh_USERAUTH_REQUEST(packet)
         if d is not None:
             self._pending = True
@@ -221,7 +238,13 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
     def _ebBadAuth(self, reason):
         if not reason.check(IgnoreAuthentication) and self.method != b"none":
             transport = self.transport
-            transport.factory.penalties.failed(transport.startup_source)
+            if self._asking:
+                # Clients ask about every key they have (an agent's, ~/.ssh/id_*)
+                # before the one that logs in: such a "no" only counts against
+                # the source if the connection never logs in (as in OpenSSH).
+                transport.unanswered_key_queries += 1
+            else:
+                transport.factory.penalties.failed(transport.startup_source)
         return super()._ebBadAuth(reason)
 
     def _cbFinishedAuth(self, result) -> None:

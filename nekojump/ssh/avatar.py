@@ -23,7 +23,7 @@ from nekojump.logs import duration
 from nekojump.metrics import Metrics
 from nekojump.model import Identity, Refused
 from nekojump.policy import Bind, Holder, Takeover
-from nekojump.ssh.forwarding import ForwardListenerFactory
+from nekojump.ssh.forwarding import MIN_MEMBER_PACKET, ForwardListenerFactory
 from nekojump.ssh.registry import ActiveForward, TunnelRegistry
 from nekojump.ssh.sending import gather_writes
 from nekojump.ssh.session import TunnelSession
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 #: Refused forward requests one connection may make before it is dropped.
 MAX_REFUSALS = 20
+#: Forwards one connection may open and cancel in all (each is audited): far
+#: more than any client needs, far less than a loop would write.
+MAX_FORWARD_CHANGES = 1000
 #: Longest bind address a client may send in tcpip-forward.
 MAX_HOST_LENGTH = 255
 
@@ -93,6 +96,7 @@ class TunnelAvatar(ConchUser):
         #: When the connection service started (None until it does).
         self.connected_at: float | None = None
         self.refusals = 0
+        self.forward_changes = 0
         self.channelLookup[b"session"] = TunnelSession
 
     def change_tier(self, tier: str) -> None:
@@ -186,6 +190,14 @@ class TunnelAvatar(ConchUser):
         refusal = policy.channel_allowed(channelType)
         if refusal is not None:
             raise ConchError(refusal.reason, OPEN_ADMINISTRATIVELY_PROHIBITED)
+        if maxPacket < MIN_MEMBER_PACKET:
+            # Conch cuts what it writes into packets of maxPacket bytes: with 0
+            # it loops forever on empty packets, and the whole server with it.
+            raise ConchError(
+                f"maximum packet size {maxPacket} is too small "
+                f"(at least {MIN_MEMBER_PACKET} needed)",
+                OPEN_ADMINISTRATIVELY_PROHIBITED,
+            )
         return TunnelSession(
             remoteWindow=windowSize, remoteMaxPacket=maxPacket, data=data, avatar=self
         )
@@ -205,6 +217,7 @@ class TunnelAvatar(ConchUser):
             requested_host, port = unpackGlobal_tcpip_forward(data)
         except (struct.error, UnicodeDecodeError, ValueError):
             self.log.warn("malformed tcpip-forward from {member}", member=self.identity.member_name)
+            self._count_refusal()
             return 0
         result = self._bind(requested_host, port)
         if isinstance(result, Refused):
@@ -215,17 +228,24 @@ class TunnelAvatar(ConchUser):
                 code=result.code,
             )
             self.metrics.refused_binds.labels(result.code).inc()
-            self.refusals += 1
-            if self.refusals > MAX_REFUSALS:
-                # A client looping on refused binds would flood the audit trail.
-                self.disconnect("too many refused forward requests")
-                return 0
-            self._audit("bind-refused", port=port, code=result.code)
+            if self._count_refusal():
+                self._audit("bind-refused", port=port, code=result.code)
             return 0
         self._audit("bind", port=result.port, requested_host=requested_host)
+        self._count_change()
         if port == 0:
             return (1, struct.pack(">L", result.port))
         return 1
+
+    def _count_refusal(self) -> bool:
+        """Count a refused or malformed request; False once there were too many
+        (the connection is ending: a client looping on them would flood the logs
+        and the audit trail)."""
+        self.refusals += 1
+        if self.refusals > MAX_REFUSALS:
+            self.disconnect("too many refused forward requests")
+            return False
+        return True
 
     def _bind(self, requested_host: str, port: int) -> ActiveForward | Refused:
         rules = self.config.forwarding.rules
@@ -330,7 +350,13 @@ class TunnelAvatar(ConchUser):
             return 0
         self._release(forward)
         self._audit("unbind", port=port)
+        self._count_change()
         return 1
+
+    def _count_change(self) -> None:
+        self.forward_changes += 1
+        if self.forward_changes > MAX_FORWARD_CHANGES:
+            self.disconnect("too many forward requests")
 
     def _release(self, forward: ActiveForward) -> None:
         self.forwards.pop(forward.port, None)

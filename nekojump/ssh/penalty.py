@@ -43,6 +43,8 @@ class SourcePenalties:
         while times and times[0] < now - self.window:
             times.popleft()
         if len(times) >= self.failures:
+            if len(self._until) >= self.max_sources:
+                self._forget_old(now)  # penalties that ran out, of sources gone for good
             self._until[source] = now + self.duration
             times.clear()
 
@@ -59,3 +61,5 @@ class SourcePenalties:
     def _forget_old(self, now: float) -> None:
         for source in [s for s, t in self._recent.items() if not t or t[-1] < now - self.window]:
             del self._recent[source]
+        for source in [s for s, until in self._until.items() if until <= now]:
+            del self._until[source]

@@ -75,6 +75,9 @@ class TunnelServerTransport(PacketLayerMixin, SSHServerTransport):
     preauth_buffer_limit = 64 * 1024
 
     authenticated = False
+    #: Keys the client asked about that would not do (counted as failed logins
+    #: of the source only if the connection ends without logging in).
+    unanswered_key_queries = 0
     _grace: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -118,6 +121,9 @@ class TunnelServerTransport(PacketLayerMixin, SSHServerTransport):
 
     def connectionLost(self, reason=None) -> None:
         self._end_preauth()
+        if not self.authenticated:
+            for _ in range(self.unanswered_key_queries):
+                self.factory.penalties.failed(self.startup_source)
         super().connectionLost(reason)
 
     def _peer(self) -> str:
