@@ -56,7 +56,7 @@ class KeyRecord:
 
 @frozen
 class Identity:
-    """Who an SSH connection authenticated as: the avatar id of our portal."""
+    """Who an SSH connection authenticated as: what its login was decided to be."""
 
     member_id: int
     member_name: str

@@ -8,7 +8,6 @@ import random
 from prometheus_client.twisted import MetricsResource
 from twisted.application.service import MultiService
 from twisted.conch.ssh.keys import Key
-from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -24,7 +23,7 @@ from nekojump.hostkey import host_key_fingerprint, load_or_create_host_key
 from nekojump.metrics import Metrics
 from nekojump.model import Identity
 from nekojump.revocation import RevocationWatcher
-from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
+from nekojump.ssh.auth import TunnelKeyChecker
 from nekojump.ssh.avatar import TunnelAvatar
 from nekojump.ssh.factory import TunnelSSHFactory
 from nekojump.ssh.registry import ActiveForward, TunnelRegistry
@@ -54,13 +53,11 @@ class NekojumpService(MultiService):
             lambda: self.registry.descriptors_in_use() + sum(self.factory.startups.values()),
         )
         self.rng = random.Random()
-        realm = TunnelRealm(self._make_avatar)
         checker = TunnelKeyChecker(
             self.store, config.ssh.user, self.metrics, changes=lambda: self.watcher.changes
         )
-        portal = Portal(realm, [checker])
         self.factory = TunnelSSHFactory(
-            portal, host_key, config, reactor, self.metrics, self.budget
+            checker, self._make_avatar, host_key, config, reactor, self.metrics, self.budget
         )
         self.metrics.watch(self.registry, lambda: sum(self.factory.startups.values()))
         self.watcher = RevocationWatcher(self.store, self.registry, reactor)

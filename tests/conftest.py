@@ -131,6 +131,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("bob", "ed25519"),
         ("stranger", "ed25519"),
         ("carol_rsa", "rsa"),
+        ("dave_ecdsa", "ecdsa"),
     ]:
         path = directory / name
         subprocess.run(

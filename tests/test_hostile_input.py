@@ -129,11 +129,10 @@ def test_any_forward_request_is_answered_without_raising(tmp_path_factory, paylo
 @SETTINGS
 @given(st.binary(min_size=1, max_size=4000))
 def test_random_bytes_after_the_banner_end_in_a_disconnect_not_a_crash(tmp_path_factory, junk):
-    from twisted.cred.portal import Portal
-
     config = parse_config({})
+    # Random bytes never get past the key exchange: no checker or avatars needed.
     factory = TunnelSSHFactory(
-        Portal(None, []), Key(ed25519.Ed25519PrivateKey.generate()), config, MemoryReactorClock()
+        None, None, Key(ed25519.Ed25519PrivateKey.generate()), config, MemoryReactorClock()
     )
     factory.startFactory()
     server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))

@@ -368,6 +368,13 @@ def test_rsa_user_keys_log_in_with_sha2_signatures(running, keys, echo):
     assert exchange(MESH_ADDRESS, port, b"rsa") == b"rsa"
 
 
+def test_ecdsa_user_keys_log_in(running, keys, echo):
+    running.add_member("dave", keys["dave_ecdsa"])
+    port = running.port_min + 64
+    running.forward(keys["dave_ecdsa"], port, echo.port)
+    assert exchange(MESH_ADDRESS, port, b"ecdsa") == b"ecdsa"
+
+
 def test_local_service_down_closes_the_mesh_side_and_says_why(running, keys):
     """Tunnel up but nothing on localhost:LOCAL: the mesh member sees a close, not a hang."""
     port = running.port_min + 94

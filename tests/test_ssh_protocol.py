@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import common, service, transport
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.keys import Key
-from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.protocol import ClientFactory
@@ -25,7 +24,7 @@ from nekojump.capacity import DescriptorBudget
 from nekojump.config import parse_config
 from nekojump.keys import fingerprint_of_blob, parse_public_key
 from nekojump.model import Identity
-from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
+from nekojump.ssh.auth import TunnelKeyChecker
 from nekojump.ssh.avatar import MAX_REFUSALS, TunnelAvatar
 from nekojump.ssh.factory import TunnelSSHFactory
 from nekojump.ssh.packets import PacketLayerMixin
@@ -165,12 +164,10 @@ class World:
                 budget=self.budget,
             )
 
-        portal = Portal(
-            TunnelRealm(make_avatar), [TunnelKeyChecker(deferred_store, self.config.ssh.user)]
-        )
+        checker = TunnelKeyChecker(deferred_store, self.config.ssh.user)
         host_key = Key(ed25519.Ed25519PrivateKey.generate())
         self.factory = TunnelSSHFactory(
-            portal, host_key, self.config, self.reactor, budget=self.budget
+            checker, make_avatar, host_key, self.config, self.reactor, budget=self.budget
         )
         self.factory.startFactory()
 

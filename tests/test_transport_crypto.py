@@ -18,7 +18,6 @@ from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
 from twisted.conch.ssh.keys import Key
-from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.protocol import ClientFactory
@@ -27,7 +26,7 @@ from twisted.test import iosim
 
 from nekojump.config import parse_config
 from nekojump.ssh import ciphers
-from nekojump.ssh.auth import TunnelKeyChecker, TunnelRealm
+from nekojump.ssh.auth import TunnelKeyChecker
 from nekojump.ssh.factory import TunnelSSHFactory
 from nekojump.ssh.packets import PacketLayerMixin
 from nekojump.store import ImmediateStore, SQLiteStore
@@ -211,11 +210,12 @@ def _world(tmp_path, **ssh: Any):
     store = SQLiteStore.open(tmp_path)
     config = parse_config({"ssh": {"login_grace_time": 30, **ssh}})
     deferred = ImmediateStore(store)
-    portal = Portal(
-        TunnelRealm(lambda identity: None), [TunnelKeyChecker(deferred, config.ssh.user)]
-    )
     factory = TunnelSSHFactory(
-        portal, Key(ed25519.Ed25519PrivateKey.generate()), config, MemoryReactorClock()
+        TunnelKeyChecker(deferred, config.ssh.user),
+        lambda identity: None,
+        Key(ed25519.Ed25519PrivateKey.generate()),
+        config,
+        MemoryReactorClock(),
     )
     factory.startFactory()
     return store, factory

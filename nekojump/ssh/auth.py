@@ -1,51 +1,160 @@
-"""Who may log in: user ``tunnel`` with a stored key of an active member."""
+"""Who may log in: user ``tunnel`` with a stored key of an active member.
+
+nekojump answers ``ssh-userauth`` itself (RFC 4252, publickey only) rather
+than through Conch's ``SSHUserAuthServer`` and a cred ``Portal``.  Those
+turn every request into Deferred chains and every "no" (even the PK_OK
+answer) into a raised exception with a traceback; for a login that was
+about a third of the server's CPU, twice the cost of checking the
+signature.  Here a request is parsed once, the store is asked only when the
+connection has not just confirmed the same key, and the answer is decided
+by plain code (``TunnelKeyChecker.decide``).
+"""
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from hashlib import sha256
 
-from twisted.conch.error import IgnoreAuthentication, ValidPublicKey
-from twisted.conch.interfaces import IConchUser
-from twisted.conch.ssh import userauth
-from twisted.conch.ssh.common import getNS
+from attrs import frozen
+from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.keys import BadKeyError, Key
+from twisted.conch.ssh.service import SSHService
 from twisted.conch.ssh.transport import (
+    DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
     DISCONNECT_PROTOCOL_ERROR,
     DISCONNECT_SERVICE_NOT_AVAILABLE,
 )
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import ISSHPrivateKey
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from nekojump.keys import fingerprint_of_blob, key_from_blob
 from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
 from nekojump.model import Identity, KeyRecord
-from nekojump.ssh.avatar import TunnelAvatar
 from nekojump.ssh.transport import USER_SIGNATURE_ALGORITHMS
 from nekojump.store import DeferredStore
 
-_DENIED = "permission denied"
+MSG_USERAUTH_REQUEST = 50
+MSG_USERAUTH_FAILURE = 51
+MSG_USERAUTH_SUCCESS = 52
+MSG_USERAUTH_PK_OK = 60
+
+#: The one method offered, as USERAUTH_FAILURE lists it.
+METHODS = NS(b"publickey") + b"\x00"
+
+#: Signature algorithms each key type may log in with: RSA keys only with
+#: SHA-2 (``ssh-rsa`` signs with SHA-1), every other key with its own name.
+ALGORITHMS_BY_KEY_TYPE: dict[bytes, frozenset[bytes]] = {
+    b"ssh-rsa": frozenset(a for a in USER_SIGNATURE_ALGORITHMS if a.startswith(b"rsa-sha2-")),
+    **{a: frozenset((a,)) for a in USER_SIGNATURE_ALGORITHMS if not a.startswith(b"rsa-")},
+}
+
+#: The "user present" flag of a security key's signature: the key was touched.
+SK_USER_PRESENT = 0x01
 
 
-@implementer(ICredentialsChecker)
+@frozen
+class KeyRequest:
+    """One publickey USERAUTH_REQUEST."""
+
+    user: bytes
+    algorithm: bytes
+    blob: bytes
+    #: The signature field, or None when the client only asks whether the key
+    #: would do (and gets PK_OK if it would).
+    signature: bytes | None
+    #: What the signature must cover (RFC 4252 section 7).
+    message: bytes
+
+
+def parse_publickey_request(
+    session_id: bytes, user: bytes, service: bytes, rest: bytes
+) -> KeyRequest:
+    """The publickey request whose method-specific part is ``rest``; ``ValueError``
+    if it is malformed (bytes left over included, as in OpenSSH)."""
+    if not rest or rest[0] not in (0, 1):
+        raise ValueError("malformed publickey request")
+    strings = read_strings(rest, 1)
+    if len(strings) != 2 + rest[0]:
+        raise ValueError("malformed publickey request")
+    algorithm, blob = strings[:2]
+    signature = strings[2] if rest[0] else None
+    message = (
+        NS(session_id)
+        + bytes((MSG_USERAUTH_REQUEST,))
+        + NS(user)
+        + NS(service)
+        + NS(b"publickey")
+        + b"\x01"
+        + NS(algorithm)
+        + NS(blob)
+    )
+    return KeyRequest(user, algorithm, blob, signature, message)
+
+
+def read_strings(data: bytes, start: int = 0) -> list[bytes]:
+    """The SSH strings that make up ``data`` from ``start`` to its end;
+    ``ValueError`` if the last one is cut short."""
+    strings = []
+    end = len(data)
+    while start < end:
+        if start + 4 > end:
+            raise ValueError("truncated string")
+        length = int.from_bytes(data[start : start + 4], "big")
+        start += 4
+        if start + length > end:
+            raise ValueError("truncated string")
+        strings.append(data[start : start + length])
+        start += length
+    return strings
+
+
+def signature_valid(key: Key, algorithm: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` (a USERAUTH_REQUEST's signature field) is ``key``'s
+    over ``message``, made with ``algorithm``.
+
+    A security key's signature counts only if the key was touched (its "user
+    present" flag, which OpenSSH requires too); it covers the hashes of the
+    application and the message with the flags and counter in between
+    (OpenSSH's PROTOCOL.u2f).  Nothing may follow a signature."""
+    try:
+        signed_with, _, trailing = getNS(signature, 2)
+    except (IndexError, struct.error):
+        return False
+    if signed_with != algorithm:
+        return False
+    if key.isSecurityKey():
+        if len(trailing) != 5 or not trailing[0] & SK_USER_PRESENT:
+            return False
+        message = sha256(key.application).digest() + trailing + sha256(message).digest()
+    elif trailing:
+        return False
+    try:
+        return key.verify(signature, message)
+    except (ValueError, IndexError, TypeError, struct.error):
+        return False  # a signature that does not even parse
+
+
+class Answer(enum.Enum):
+    """What the checker says to a request that does not log in."""
+
+    DENIED = "denied"
+    #: The key would do: PK_OK.
+    KEY_OK = "key ok"
+
+
 class TunnelKeyChecker:
-    """Checks SSH public keys against the store; the avatar id is an ``Identity``.
+    """Decides publickey requests against the store.
 
     A wrong user name fails exactly like an unknown key.  A key is confirmed
     (PK_OK) only if it would log in, and a signature only counts if its
-    algorithm is the one the client named.
+    algorithm is the one the client named and fits the key's type.
     """
 
-    credentialInterfaces = (ISSHPrivateKey,)
     log = Logger()
 
     def __init__(
@@ -62,48 +171,25 @@ class TunnelKeyChecker:
         #: watcher's count): a key record read before the count moved is read again.
         self.changes = changes
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[Identity]:
-        return Deferred.fromCoroutine(self._check(credentials, None))
+    def look_up(self, fingerprint: str) -> Deferred[KeyRecord | None]:
+        """The stored key with ``fingerprint`` and its member, or None."""
+        return self.store.call(self.store.store.find_key, fingerprint)
 
-    def for_connection(self) -> ConnectionKeyChecker:
-        """A checker for one SSH connection's requests (see ``ConnectionKeyChecker``)."""
-        return ConnectionKeyChecker(self)
-
-    async def _check(self, credentials: Any, memo: ConnectionKeyChecker | None) -> Identity:
-        confirmed = memo.take_confirmed() if memo is not None else None
-        if (
-            confirmed is not None
-            and credentials.signature
-            and confirmed[0] == credentials.blob
-            and confirmed[3] == self.changes()
-        ):
-            _, key, record, _ = confirmed
-        else:
-            try:
-                key = key_from_blob(credentials.blob)
-                fingerprint = fingerprint_of_blob(credentials.blob)
-            except (BadKeyError, ValueError, IndexError, struct.error):
-                raise UnauthorizedLogin(_DENIED) from None
-            record = await self.store.call(self.store.store.find_key, fingerprint)
-        if credentials.username != self.user or record is None or not record.usable:
-            if credentials.signature:
+    def decide(self, request: KeyRequest, key: Key, record: KeyRecord | None) -> Identity | Answer:
+        """The login ``request`` (whose key is ``key``, stored as ``record``) earns."""
+        signed = request.signature is not None
+        if request.user != self.user or record is None or not record.usable:
+            if signed:
                 self.metrics.auth.labels("unknown_key_or_user").inc()
-            raise UnauthorizedLogin(_DENIED)
-        if not credentials.signature:
-            if memo is not None:
-                memo.confirmed = (credentials.blob, key, record, self.changes())
-            raise ValidPublicKey()
-        try:
-            signature_algorithm = getNS(credentials.signature)[0]
-        except (IndexError, ValueError, struct.error):
-            raise UnauthorizedLogin(_DENIED) from None
-        if (
-            signature_algorithm != credentials.algName
-            or signature_algorithm not in USER_SIGNATURE_ALGORITHMS
-            or not key.verify(credentials.signature, credentials.sigData)
+            return Answer.DENIED
+        fits = request.algorithm in ALGORITHMS_BY_KEY_TYPE.get(key.sshType(), ())
+        if request.signature is None:
+            return Answer.KEY_OK if fits else Answer.DENIED
+        if not fits or not signature_valid(
+            key, request.algorithm, request.signature, request.message
         ):
             self.metrics.auth.labels("bad_signature").inc()
-            raise UnauthorizedLogin(_DENIED)
+            return Answer.DENIED
         self.metrics.auth.labels("success").inc()
         return Identity(
             member_id=record.member_id,
@@ -115,50 +201,38 @@ class TunnelKeyChecker:
         )
 
 
-@implementer(ICredentialsChecker)
-class ConnectionKeyChecker:
-    """``TunnelKeyChecker`` for the requests of one connection.
+@frozen
+class Confirmed:
+    """The key a PK_OK answer confirmed, kept for the signed request after it."""
 
-    Clients ask whether a key would do (PK_OK) before they sign with it; the
-    signed request that comes next on the same connection uses the key the
-    store has just confirmed instead of looking it up again (unless another
-    process changed the store meanwhile, as the admin CLI does).  Any other
-    request forgets it.  The avatar re-checks each login against the store
-    right after it, as it does for a key removed during any lookup.
+    blob: bytes
+    key: Key
+    record: KeyRecord
+    #: ``TunnelKeyChecker.changes`` when the record was read.
+    changes: int
+
+
+class TunnelUserAuthServer(SSHService):
+    """The ``ssh-userauth`` service: publickey logins, one request at a time.
+
+    - Requests are answered in order; a client may pipeline up to
+      ``max_queued`` while one waits for the store.
+    - A signed request right after PK_OK for the same key uses the record the
+      store just gave (unless another process changed the store since, as the
+      admin CLI does); the avatar re-checks every login right after it anyway.
+    - ``max_auth_tries`` failed requests end the connection, and so do more
+      PK_OK answers than that (each one is a store lookup).
+    - A failed signature counts against the source address at once; a key the
+      client only asked about counts only if the connection never logs in
+      (clients ask about every key they have before the one that logs in).
+    - The next service must be ``ssh-connection``: that is where limits,
+      keepalives and revocation take hold of a login.
     """
 
-    credentialInterfaces = (ISSHPrivateKey,)
-
-    def __init__(self, checker: TunnelKeyChecker) -> None:
-        self.checker = checker
-        #: The key PK_OK confirmed: blob, key, record, and the store's change count then.
-        self.confirmed: tuple[bytes, Key, KeyRecord, int] | None = None
-
-    def take_confirmed(self) -> tuple[bytes, Key, KeyRecord, int] | None:
-        confirmed, self.confirmed = self.confirmed, None
-        return confirmed
-
-    def requestAvatarId(self, credentials: Any) -> Deferred[Identity]:
-        return Deferred.fromCoroutine(self.checker._check(credentials, self))
-
-
-@implementer(IRealm)
-class TunnelRealm:
-    """Makes a ``TunnelAvatar`` for each authenticated connection."""
-
-    def __init__(self, make_avatar: Callable[[Identity], TunnelAvatar]):
-        self.make_avatar = make_avatar
-
-    def requestAvatar(self, avatarId: Identity, mind: object, *interfaces: Any):
-        if IConchUser not in interfaces:  # pragma: no cover - Conch always asks for it
-            raise NotImplementedError("only SSH avatars are available")
-        avatar = self.make_avatar(avatarId)
-        return IConchUser, avatar, avatar.logout
-
-
-class TunnelUserAuthServer(userauth.SSHUserAuthServer):
-    """Bounded attempts and a bounded time to authenticate, from the config."""
-
+    name = b"ssh-userauth"
+    protocolMessages = {MSG_USERAUTH_REQUEST: "MSG_USERAUTH_REQUEST"}
+    log = Logger()
+    # SSHService logs every message it cannot handle at info level.
     _log = conch_logger("nekojump.ssh.auth", LogLevel.warn)
 
     #: Requests a client may pipeline while one is being checked.
@@ -166,93 +240,140 @@ class TunnelUserAuthServer(userauth.SSHUserAuthServer):
 
     def serviceStarted(self) -> None:
         factory = self.transport.factory
-        self.loginTimeout = factory.config.ssh.login_grace_time
-        # Conch disconnects once attempts exceed this number.
-        self.attemptsBeforeDisconnect = factory.config.ssh.max_auth_tries - 1
-        self.clock = factory.reactor
-        self._pending = False
-        self._succeeded = False
-        self._stopped = False
+        self.checker: TunnelKeyChecker = factory.key_checker
+        self.max_tries: int = factory.config.ssh.max_auth_tries
+        self.failures = 0
+        self.key_queries = 0
+        self.confirmed: Confirmed | None = None
         self._queue: deque[bytes] = deque()
-        self._key_queries = 0
-        self._asking = False
-        super().serviceStarted()
-        shared = self.portal
-        checker = shared.checkers.get(ISSHPrivateKey)
-        if isinstance(checker, TunnelKeyChecker):
-            self.portal = Portal(shared.realm, [checker.for_connection()])
+        self._waiting = False
+        #: Logged in, disconnected or gone: nothing more to answer.
+        self._finished = False
 
     def serviceStopped(self) -> None:
-        self._stopped = True
-        super().serviceStopped()
-
-    def ssh_USERAUTH_REQUEST(self, packet: bytes):
-        # Our key checker answers asynchronously; one request at a time, in
-        # order, so two successes can never race each other.
-        if self._succeeded:
-            return None
-        try:
-            _user, service, method, rest = getNS(packet, 3)
-        except (IndexError, ValueError, struct.error):
-            service = method = rest = b""
-        if service != b"ssh-connection":
-            # Any other next service would skip the connection service, where
-            # limits, keepalives and revocation take hold of a login.
-            self.transport.sendDisconnect(
-                DISCONNECT_SERVICE_NOT_AVAILABLE, b"only ssh-connection is offered"
-            )
-            return None
-        if self._pending:
-            if len(self._queue) >= self.max_queued:
-                self.transport.sendDisconnect(
-                    DISCONNECT_PROTOCOL_ERROR, b"too many pipelined auth requests"
-                )
-                return None
-            self._queue.append(packet)
-            return None
-        # A publickey request without a signature only asks whether a key would do.
-        self._asking = method == b"publickey" and rest[:1] == b"\x00"
-        d = super().ssh_USERAUTH_REQUEST(packet)
-        if d is not None:
-            self._pending = True
-            d.addBoth(self._request_done)
-        return d
-
-    def _request_done(self, result: object) -> object:
-        self._pending = False
-        if self._queue and not self._succeeded and not self._stopped:
-            self.ssh_USERAUTH_REQUEST(self._queue.popleft())
-        return result
-
-    def _ebCheckKey(self, reason, packet: bytes):
-        # Asking whether a key would do (PK_OK) is no failed attempt to Conch, so
-        # max_auth_tries never ends a client that only asks: each answer costs a
-        # store lookup, and a client needs one per key it is about to sign with.
-        reason.trap(ValidPublicKey)
-        self._key_queries += 1
-        if self._key_queries > self.attemptsBeforeDisconnect + 1:
-            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"too many public key queries")
-            return Failure(IgnoreAuthentication())
-        return super()._ebCheckKey(reason, packet)
-
-    def _ebBadAuth(self, reason):
-        if not reason.check(IgnoreAuthentication) and self.method != b"none":
-            transport = self.transport
-            if self._asking:
-                # Clients ask about every key they have (an agent's, ~/.ssh/id_*)
-                # before the one that logs in: such a "no" only counts against
-                # the source if the connection never logs in (as in OpenSSH).
-                transport.unanswered_key_queries += 1
-            else:
-                transport.factory.penalties.failed(transport.startup_source)
-        return super()._ebBadAuth(reason)
-
-    def _cbFinishedAuth(self, result) -> None:
-        _interface, _avatar, logout = result
-        if self._succeeded or self._stopped:
-            logout()  # the client left (or already got in) while we checked
-            return
-        self._succeeded = True
+        self._finished = True
         self._queue.clear()
-        self.transport.authentication_succeeded()
-        super()._cbFinishedAuth(result)
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> None:
+        if self._finished:
+            return
+        if self._waiting:
+            if len(self._queue) >= self.max_queued:
+                self._disconnect(DISCONNECT_PROTOCOL_ERROR, b"too many pipelined auth requests")
+            else:
+                self._queue.append(packet)
+            return
+        self._handle(packet)
+
+    def _handle(self, packet: bytes) -> None:
+        confirmed, self.confirmed = self.confirmed, None  # any request forgets it
+        try:
+            user, service, method, rest = getNS(packet, 3)
+        except (IndexError, struct.error):
+            self._disconnect(DISCONNECT_PROTOCOL_ERROR, b"malformed auth request")
+            return
+        if service != b"ssh-connection":
+            self._disconnect(DISCONNECT_SERVICE_NOT_AVAILABLE, b"only ssh-connection is offered")
+            return
+        if method == b"none":  # asks which methods there are: no attempt
+            self.transport.sendPacket(MSG_USERAUTH_FAILURE, METHODS)
+            return
+        if method != b"publickey":
+            self._denied(asking=False)
+            return
+        try:
+            request = parse_publickey_request(self.transport.sessionID, user, service, rest)
+        except ValueError:
+            self._denied(asking=False)
+            return
+        if (
+            confirmed is not None
+            and request.signature is not None
+            and confirmed.blob == request.blob
+            and confirmed.changes == self.checker.changes()
+        ):
+            self._decide(request, confirmed.key, confirmed.record, confirmed.changes)
+            return
+        try:
+            key = key_from_blob(request.blob)
+            fingerprint = fingerprint_of_blob(request.blob)
+        except (BadKeyError, ValueError, IndexError, struct.error):
+            self._denied(asking=request.signature is None)
+            return
+        changes = self.checker.changes()
+        self._waiting = True
+        self.checker.look_up(fingerprint).addCallbacks(
+            self._looked_up,
+            self._lookup_failed,
+            callbackArgs=(request, key, changes),
+        )
+
+    def _looked_up(
+        self, record: KeyRecord | None, request: KeyRequest, key: Key, changes: int
+    ) -> None:
+        self._waiting = False
+        if self._finished:
+            return
+        self._decide(request, key, record, changes)
+        self._handle_queued()
+
+    def _lookup_failed(self, failure: Failure) -> None:
+        self._waiting = False
+        self.log.failure("could not look up a login key", failure)
+        if self._finished:
+            return
+        self.failures += 1  # ours, not the source's: no penalty, but no endless retries
+        self._fail_or_end()
+        self._handle_queued()
+
+    def _handle_queued(self) -> None:
+        while self._queue and not self._waiting and not self._finished:
+            self._handle(self._queue.popleft())
+
+    def _decide(
+        self, request: KeyRequest, key: Key, record: KeyRecord | None, changes: int
+    ) -> None:
+        answer = self.checker.decide(request, key, record)
+        if isinstance(answer, Identity):
+            self._logged_in(answer)
+        elif answer is Answer.KEY_OK:
+            self.key_queries += 1
+            if self.key_queries > self.max_tries:
+                self._disconnect(DISCONNECT_PROTOCOL_ERROR, b"too many public key queries")
+                return
+            assert record is not None
+            self.confirmed = Confirmed(request.blob, key, record, changes)
+            self.transport.sendPacket(MSG_USERAUTH_PK_OK, NS(request.algorithm) + NS(request.blob))
+        else:
+            self._denied(asking=request.signature is None)
+
+    def _denied(self, asking: bool) -> None:
+        transport = self.transport
+        if asking:
+            transport.unanswered_key_queries += 1
+        else:
+            transport.factory.penalties.failed(transport.startup_source)
+        self.failures += 1
+        self._fail_or_end()
+
+    def _fail_or_end(self) -> None:
+        if self.failures >= self.max_tries:
+            self._disconnect(DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many bad auths")
+        else:
+            self.transport.sendPacket(MSG_USERAUTH_FAILURE, METHODS)
+
+    def _logged_in(self, identity: Identity) -> None:
+        self._finished = True
+        self._queue.clear()
+        transport = self.transport
+        avatar = transport.factory.make_avatar(identity)
+        transport.avatar = avatar
+        transport.logoutFunction = avatar.logout
+        transport.authentication_succeeded()
+        transport.sendPacket(MSG_USERAUTH_SUCCESS, b"")
+        transport.setService(transport.factory.getService(transport, b"ssh-connection")())
+
+    def _disconnect(self, reason: int, description: bytes) -> None:
+        self._finished = True
+        self._queue.clear()
+        self.transport.sendDisconnect(reason, description)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from twisted.conch.ssh.factory import SSHFactory
 from twisted.conch.ssh.keys import Key
-from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -15,8 +15,10 @@ from nekojump.capacity import DescriptorBudget
 from nekojump.config import Config
 from nekojump.keys import FixedKey
 from nekojump.metrics import Metrics
+from nekojump.model import Identity
 from nekojump.policy import source_allowed, startup_refusal
-from nekojump.ssh.auth import TunnelUserAuthServer
+from nekojump.ssh.auth import TunnelKeyChecker, TunnelUserAuthServer
+from nekojump.ssh.avatar import TunnelAvatar
 from nekojump.ssh.connection import TunnelConnection
 from nekojump.ssh.penalty import SourcePenalties
 from nekojump.ssh.transport import TunnelServerTransport
@@ -35,7 +37,8 @@ class TunnelSSHFactory(SSHFactory):
 
     def __init__(
         self,
-        portal: Portal,
+        key_checker: TunnelKeyChecker,
+        make_avatar: Callable[[Identity], TunnelAvatar],
         host_key: Key,
         config: Config,
         reactor: object,
@@ -47,7 +50,9 @@ class TunnelSSHFactory(SSHFactory):
         self.penalties = SourcePenalties(
             reactor.seconds, config.ssh.penalty_failures, config.ssh.penalty_seconds
         )
-        self.portal = portal
+        #: Decides logins; ``make_avatar`` gives each login its ``TunnelAvatar``.
+        self.key_checker = key_checker
+        self.make_avatar = make_avatar
         self.config = config
         self.reactor = reactor
         host_key = FixedKey.of(host_key)
