@@ -196,6 +196,10 @@ class TunnelConnection(SSHConnection):
         if consumed >= channel.localWindowSize // 2 and not channel.localClosed:
             self.adjustWindow(channel, consumed)
 
+    #: Where the packet layer hands channel data once this service runs,
+    #: without going through ``dispatchMessage`` and ``packetReceived``.
+    channel_data = ssh_CHANNEL_DATA
+
     def sendData(self, channel: SSHChannel, data: bytes) -> None:
         """Conch's ``sendData`` without copying ``data`` into a new payload first."""
         if channel.localClosed:

@@ -286,8 +286,9 @@ class ForwardedChannel(SSHChannel):
                     port=self.forward.port,
                 )
             return
-        self.forward.bytes_from_member += len(data)
-        self.conn.transport.burst.hold(self.mesh.output).write(data)
+        mesh = self.mesh
+        mesh.forward.bytes_from_member += len(data)
+        self.conn.transport.burst.hold(mesh.output).write(data)
 
     def write(self, data: bytes) -> None:
         """Conch's ``write``; what the window allows now is sealed in one pass."""

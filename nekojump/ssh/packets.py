@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
@@ -524,15 +525,30 @@ class PacketLayerMixin:
         return used
 
     def _dispatch_packets(self) -> None:
+        # Channel data is passed on as a view of the decrypted packet: no
+        # copies of up to 256 KiB per packet.  Once the service that holds the
+        # channels runs, it goes straight to its ``channel_data`` (nearly every
+        # packet of a busy tunnel; ``dispatchMessage`` would only hand it on).
+        channel_data = self._channel_data_handler()
         while (opened := self._open_packet()) is not None:
             body, end = opened
             number = body[1]
-            if number == MSG_CHANNEL_DATA:
-                # Channel data is passed on as a view of the decrypted
-                # packet: no copies of up to 256 KiB per packet.
+            if number != MSG_CHANNEL_DATA:
+                self.dispatchMessage(number, body[2:end])
+                channel_data = self._channel_data_handler()  # the service may change
+            elif channel_data is None:
                 self.dispatchMessage(number, memoryview(body)[2:end])
             else:
-                self.dispatchMessage(number, body[2:end])
+                try:
+                    channel_data(memoryview(body)[2:end])
+                except MALFORMED:
+                    self._malformed(number)
+
+    def _channel_data_handler(self) -> Callable[[memoryview], None] | None:
+        """The running service's ``channel_data``, once the first key exchange is done."""
+        if not self._initial_kex_done:
+            return None
+        return getattr(self.service, "channel_data", None)
 
     #: Length of the packet at the head of ``buf``, once its first 4 bytes are read.
     _head_length: int | None = None
