@@ -24,6 +24,8 @@ ACCEPTED_TYPES = {
     "sk-ecdsa-sha2-nistp256@openssh.com": "ECDSA-SK",
 }
 MIN_RSA_BITS = 2048
+#: OpenSSH's largest RSA key (SSH_RSA_MAXIMUM_MODULUS_SIZE).
+MAX_RSA_BITS = 16384
 #: The longest key description (a machine's name) a member may give.
 MAX_DESCRIPTION = 100
 
@@ -82,37 +84,49 @@ class PublicKey:
         return ACCEPTED_TYPES[self.key_type]
 
 
-#: Blobs up to this size are remembered (an RSA 8192-bit key is about 1 KiB):
-#: a client can send anything as its key, up to the 256 KiB packet limit.
-MAX_REMEMBERED_BLOB = 2048
+#: The longest key blob looked at: an RSA key of the largest size OpenSSH
+#: accepts (16384 bits) takes about 2 KiB.
+MAX_KEY_BLOB = 4096
 
 
 def fingerprint_of_blob(blob: bytes) -> str:
-    """``SHA256:`` plus unpadded base64, as ``ssh-keygen -l`` prints it.
+    """``SHA256:`` plus unpadded base64, as ``ssh-keygen -l`` prints it, of the
+    key in ``blob`` (``BadKeyError`` if there is none, see ``key_from_blob``).
 
     Remembered for the last keys asked about: every login asks for its key's
     fingerprint, and the same keys log in again and again."""
-    if len(blob) <= MAX_REMEMBERED_BLOB:
-        return _remembered_fingerprint(blob)
-    return _fingerprint(Key.fromString(blob))
+    return _remembered_fingerprint(blob)
 
 
-def key_from_blob(blob: bytes) -> Key:
-    """The public key in an SSH key blob (``BadKeyError`` and kin if it is
-    none), remembered like ``fingerprint_of_blob``."""
-    if len(blob) <= MAX_REMEMBERED_BLOB:
-        return _remembered_key(blob)
-    return FixedKey.fromString(blob)
+def key_from_blob(blob: bytes) -> FixedKey:
+    """The public key whose SSH wire encoding (RFC 4253 section 6.6) is exactly
+    ``blob``; ``BadKeyError`` if it is none, too long, or has bytes after it.
+
+    Only that encoding is tried: ``Key.fromString`` without a type guesses
+    among private key formats too, and checking an RSA "private key" a client
+    made up costs a primality test of numbers as large as it likes.
+    Remembered like ``fingerprint_of_blob``."""
+    if len(blob) > MAX_KEY_BLOB:
+        raise BadKeyError("key blob too long")
+    return _remembered_key(blob)
 
 
 @lru_cache(maxsize=1024)
-def _remembered_key(blob: bytes) -> Key:
-    return FixedKey.fromString(blob)
+def _remembered_key(blob: bytes) -> FixedKey:
+    try:
+        key = FixedKey.fromString(blob, type="blob")
+    except BadKeyError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever the parser trips on: no key
+        raise BadKeyError(f"not a public key blob ({type(error).__name__})") from None
+    if key.blob() != blob:
+        raise BadKeyError("not a public key blob (bytes after the key, or another encoding)")
+    return key
 
 
 @lru_cache(maxsize=1024)
 def _remembered_fingerprint(blob: bytes) -> str:
-    return _fingerprint(_remembered_key(blob))
+    return _fingerprint(key_from_blob(blob))
 
 
 def _fingerprint(key: Key) -> str:
@@ -204,8 +218,13 @@ def _vet(key_type: str, data: str, comment: str) -> PublicKey | Refused:
         return Refused("key-unsupported", f"key type {key_type} is not supported")
     try:
         blob = base64.b64decode(data, validate=True)
-        key = Key.fromString(blob)
-    except (binascii.Error, ValueError, BadKeyError, IndexError, TypeError, struct.error):
+    except (binascii.Error, ValueError):
+        return Refused("key-malformed", "the key data is damaged or incomplete")
+    if len(blob) > MAX_KEY_BLOB:
+        return Refused("key-malformed", "the key data is far too long for a public key")
+    try:
+        key = Key.fromString(blob, type="blob")
+    except (ValueError, BadKeyError, IndexError, TypeError, struct.error):
         return Refused("key-malformed", "the key data is damaged or incomplete")
     if key.blob() != blob:
         return Refused(
@@ -224,5 +243,11 @@ def _vet(key_type: str, data: str, comment: str) -> PublicKey | Refused:
             "key-weak",
             f"RSA keys need at least {MIN_RSA_BITS} bits (this one has {bits}); "
             "use ssh-keygen -t ed25519",
+        )
+    if key_type == "ssh-rsa" and bits > MAX_RSA_BITS:
+        return Refused(
+            "key-malformed",
+            f"RSA keys may have at most {MAX_RSA_BITS} bits, as in OpenSSH "
+            f"(this one has {bits}); use ssh-keygen -t ed25519",
         )
     return PublicKey(key_type=key_type, blob=blob, comment=comment.strip(), bits=bits)

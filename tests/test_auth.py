@@ -11,8 +11,8 @@ from hashlib import sha256
 from types import SimpleNamespace
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from twisted.conch.ssh.common import NS
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from twisted.conch.ssh.common import MP, NS
 from twisted.conch.ssh.keys import Key
 from twisted.conch.ssh.transport import (
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
@@ -427,6 +427,217 @@ def test_security_keys_log_in_only_when_touched(world, flags, trailing, logs_in)
     assert transport.sent == ([(MSG_USERAUTH_SUCCESS, b"")] if logs_in else [FAILURE])
 
 
+# -- what a client may send as its key and signature --------------------------------
+
+
+def query_with_blob(blob: bytes, algorithm: bytes, user: bytes = b"tunnel") -> bytes:
+    """A publickey query (no signature) whose key blob field is ``blob``."""
+    head = NS(user) + NS(b"ssh-connection") + NS(b"publickey") + b"\x00"
+    return head + NS(algorithm) + NS(blob)
+
+
+def agentv3_rsa_blob() -> bytes:
+    """What Conch's ``Key.fromString`` takes for an RSA *private* key in the
+    agent v3 format: it starts like an ssh-rsa public key blob, and more than
+    four numbers make Conch guess "agentv3".  Checking one makes OpenSSL test p
+    for primality, and a client may make p as large as a packet allows (20000
+    bits took 10.7 s of the reactor thread)."""
+    p, q = 2**127 - 1, 2**89 - 1
+    return NS(b"ssh-rsa") + MP(65537) + MP(3) + MP(p * q) + MP(pow(q, -1, p)) + MP(p) + MP(q)
+
+
+def test_a_key_blob_is_never_read_as_a_private_key(world, monkeypatch):
+    """Unauthenticated, any user name: the key field is read as a public key
+    blob and nothing else."""
+    guessed = []
+    for name in ("_fromString_AGENTV3", "_fromString_PRIVATE_OPENSSH", "_fromString_PRIVATE_LSH"):
+        monkeypatch.setattr(
+            Key, name, classmethod(lambda cls, *args, _name=name: guessed.append(_name))
+        )
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(query_with_blob(agentv3_rsa_blob(), b"rsa-sha2-256", b"nobody"))
+    assert transport.sent == [FAILURE] and guessed == []
+
+
+@pytest.mark.parametrize("form", ["authorized_keys line", "OpenSSH private key file"])
+def test_a_key_in_another_format_than_the_wire_blob_gets_no_pk_ok(world, form):
+    """RFC 4253 6.6 / OpenSSH sshkey_from_blob: the field is a public key blob.
+    Here the text of an authorized_keys line, or the member's private key file,
+    is parsed by format guessing, maps to the stored fingerprint and gets PK_OK
+    (the private key is then kept in the key cache of the server)."""
+    if form == "authorized_keys line":
+        blob = world.private.public().toString("OPENSSH")
+    else:
+        blob = world.private.toString("OPENSSH")
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(query_with_blob(blob, b"ssh-ed25519"))
+    assert transport.sent == [FAILURE]
+
+
+def _ec_pem_with_unknown_curve() -> bytes:
+    pem = Key(ec.generate_private_key(ec.SECP256R1())).toString("openssh", subtype="PEM")
+    lines = pem.splitlines()
+    der = base64.b64decode(b"".join(lines[1:-1]))
+    der = der.replace(bytes.fromhex("06082a8648ce3d030107"), bytes.fromhex("06082a8648ce3d030109"))
+    return lines[0] + b"\n" + base64.encodebytes(der) + lines[-1]
+
+
+POISON_BLOBS = {
+    # Conch guesses "private_lsh" and asserts on the s-expression.
+    "lsh": (b"(", "AssertionError"),
+    # An encrypted OpenSSH private key: EncryptedKeyError (not a BadKeyError).
+    "encrypted": (
+        Key(ed25519.Ed25519PrivateKey.generate()).toString("OPENSSH", passphrase=b"x"),
+        "EncryptedKeyError",
+    ),
+    # cryptography.exceptions.UnsupportedAlgorithm from load_pem_private_key.
+    "unknown curve": (_ec_pem_with_unknown_curve(), "UnsupportedAlgorithm"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POISON_BLOBS))
+def test_a_malformed_key_blob_is_refused_not_raised(world, name):
+    """None of these is in the transport's MALFORMED tuple either, so in the
+    server the reactor logs an unhandled error and drops the connection; the
+    request is counted nowhere."""
+    blob, _ = POISON_BLOBS[name]
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(query_with_blob(blob, b"ssh-ed25519"))
+    assert transport.sent == [FAILURE]
+
+
+def test_an_exception_in_a_queued_request_does_not_stall_the_ones_behind_it(world):
+    """Raised inside the store lookup's callback, the exception ends
+    ``_handle_queued`` and is swallowed by the Deferred: the member's own signed
+    request behind it is never answered (until the next packet, which then
+    overtakes it)."""
+    pending = []
+
+    def slow_lookup(fingerprint):
+        held = Deferred()
+        pending.append((fingerprint, held))
+        return held
+
+    real_lookup = world.checker.look_up
+    world.checker.look_up = slow_lookup
+    service, transport = world.connection()
+    stranger = Key(ed25519.Ed25519PrivateKey.generate())
+    service.ssh_USERAUTH_REQUEST(signed(stranger))  # lookup in flight
+    service.ssh_USERAUTH_REQUEST(query_with_blob(b"(", b"ssh-ed25519"))  # queued
+    service.ssh_USERAUTH_REQUEST(signed(world.private))  # queued
+    fingerprint, held = pending.pop()
+    world.checker.look_up = real_lookup
+    errors = []
+    real_lookup(fingerprint).addCallback(held.callback).addErrback(errors.append)
+    held.addErrback(errors.append)
+    assert transport.sent == [FAILURE, FAILURE, (MSG_USERAUTH_SUCCESS, b"")], (
+        transport.sent,
+        [e.value for e in errors],
+        list(service._queue),
+        service._waiting,
+    )
+    assert errors == []
+
+
+@pytest.mark.parametrize("ending", ["client closes", "server ends it: too many pipelined"])
+def test_a_failed_signature_in_flight_when_the_connection_ends_still_counts(world, ending):
+    """Otherwise ten bad signed requests in one write (the server ends the
+    connection at the ninth, while the first is looked up) would never be
+    counted, and the penalty box never close."""
+    pending = []
+
+    def slow_lookup(fingerprint):
+        held = Deferred()
+        pending.append((fingerprint, held))
+        return held
+
+    real_lookup = world.checker.look_up
+    world.checker.look_up = slow_lookup
+    stranger = Key(ed25519.Ed25519PrivateKey.generate())
+    for _ in range(3):  # the harness's penalty box: 3 failures
+        service, transport = world.connection()
+        service.ssh_USERAUTH_REQUEST(signed(stranger))
+        if ending == "client closes":
+            service.serviceStopped()  # what connectionLost does
+        else:
+            for _ in range(service.max_queued + 1):
+                service.ssh_USERAUTH_REQUEST(signed(stranger))
+            assert transport.disconnected is not None
+        fingerprint, held = pending.pop()
+        real_lookup(fingerprint).addCallback(held.callback)
+    assert world.penalties.refusal("192.0.2.7") is not None
+
+
+@pytest.mark.parametrize("case", ["ed25519 length overstated", "ecdsa bytes after s"])
+def test_a_signature_that_is_not_exactly_well_formed_is_refused(world, case):
+    """Not a forgery (the key's own signature is still needed), but neither
+    field is a well-formed signature and OpenSSH refuses both
+    (SSH_ERR_UNEXPECTED_TRAILING_DATA / INVALID_FORMAT), while the commit says
+    malformed signatures are refused: ``getNS`` silently truncates a length
+    that overstates what follows, and Conch's ECDSA verify ignores bytes after s."""
+    if case == "ed25519 length overstated":
+        private, algorithm = world.private, b"ssh-ed25519"
+        blob = private.public().blob()
+        good = private.sign(message(b"tunnel", algorithm, blob))
+        raw = good[4 + len(algorithm) + 4 :]
+        assert len(raw) == 64
+        signature = NS(algorithm) + (1000).to_bytes(4, "big") + raw
+    else:
+        private, algorithm = Key(ec.generate_private_key(ec.SECP256R1())), b"ecdsa-sha2-nistp256"
+        world.add_key(private.public().toString("OPENSSH").decode())
+        blob = private.public().blob()
+        good = private.sign(message(b"tunnel", algorithm, blob))
+        inner = good[4 + len(algorithm) + 4 :]
+        signature = NS(algorithm) + NS(inner + b"junk")
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(signed(private, algorithm=algorithm, signature=signature))
+    assert transport.sent == [FAILURE]
+
+
+# -- what a client signs, and what PK_OK says -----------------------------------------
+
+
+def test_pk_ok_echoes_the_algorithm_and_blob_exactly(world):
+    service, transport = world.connection()
+    blob = world.private.public().blob()
+    service.ssh_USERAUTH_REQUEST(query_with_blob(blob, b"ssh-ed25519"))
+    assert transport.sent == [(MSG_USERAUTH_PK_OK, NS(b"ssh-ed25519") + NS(blob))]
+
+
+def _message(session_id: bytes, user: bytes, algorithm: bytes, blob: bytes) -> bytes:
+    return (
+        NS(session_id)
+        + bytes((50,))
+        + NS(user)
+        + NS(b"ssh-connection")
+        + NS(b"publickey")
+        + b"\x01"
+        + NS(algorithm)
+        + NS(blob)
+    )
+
+
+@pytest.mark.parametrize("field", ["session id", "user", "algorithm", "blob"])
+def test_a_signature_over_another_message_does_not_log_in(world, field):
+    blob = world.private.public().blob()
+    fields = {
+        "session id": b"\x07" * 32,
+        "user": b"tunnel",
+        "algorithm": b"ssh-ed25519",
+        "blob": blob,
+    }
+    fields[field] = {
+        "session id": b"\x08" * 32,
+        "user": b"root",
+        "algorithm": b"ssh-rsa",
+        "blob": blob + b"\x00",
+    }[field]
+    data = _message(fields["session id"], fields["user"], fields["algorithm"], fields["blob"])
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(signed(world.private, signed_over=data))
+    assert transport.sent == [FAILURE] and world.logins == []
+
+
 def test_the_revocation_watcher_counts_changes_made_by_other_processes(tmp_path):
     from nekojump.revocation import RevocationWatcher
     from nekojump.ssh.registry import TunnelRegistry
@@ -452,3 +663,16 @@ def test_the_revocation_watcher_counts_changes_made_by_other_processes(tmp_path)
     finally:
         admin_cli.close()
         server_side.close()
+
+
+def test_a_bug_while_deciding_ends_the_connection_and_is_logged(world, monkeypatch, logged):
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug in decide")
+
+    monkeypatch.setattr(world.checker, "decide", broken)
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(signed(world.private))
+    service.ssh_USERAUTH_REQUEST(signed(world.private))  # nothing more is answered
+    assert transport.sent == [] and world.logins == []
+    assert transport.disconnected == (DISCONNECT_PROTOCOL_ERROR, b"internal error")
+    assert any("bug in decide" in str(e.get("log_failure", "")) for e in logged)

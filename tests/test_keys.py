@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
-from twisted.conch.ssh.keys import FingerprintFormats, Key
+from twisted.conch.ssh.keys import Key
 
 from nekojump.keys import FixedKey, key_from_blob, parse_public_key
 from nekojump.model import Refused
@@ -128,21 +128,52 @@ def test_a_fixed_key_answers_like_the_key_it_fixes(tmp_path):
         assert not key_from_blob(fixed.blob()).verify(signature, b"another hash")
 
 
-def test_only_key_sized_blobs_are_remembered(monkeypatch):
-    """A client may send anything as its key; what is kept stays small."""
+def test_a_key_blob_is_only_ever_read_as_one_public_key_blob():
+    """A client may send anything as its key: no guessing among other formats
+    (an RSA "private key" made up by a client costs a primality test), nothing
+    after the key, nothing longer than a public key can be."""
+    from twisted.conch.ssh.keys import BadKeyError
+
     from nekojump import keys
 
-    monkeypatch.setattr(keys, "MAX_REMEMBERED_BLOB", 100)
-    public = Key(ed25519.Ed25519PrivateKey.generate()).public()  # 51 bytes
-    before = keys._remembered_key.cache_info().currsize
+    private = Key(ed25519.Ed25519PrivateKey.generate())
+    public = private.public()
     assert key_from_blob(public.blob()) == public
-    assert keys._remembered_key.cache_info().currsize == before + 1
-    large = Key(rsa.generate_private_key(public_exponent=65537, key_size=2048)).public()
-    assert key_from_blob(large.blob()) == large
-    assert keys.fingerprint_of_blob(large.blob()) == "SHA256:" + large.fingerprint(
-        FingerprintFormats.SHA256_BASE64
-    ).rstrip("=")
-    assert keys._remembered_key.cache_info().currsize == before + 1
+    for bogus in [
+        public.blob() + b"\0",
+        public.toString("OPENSSH"),  # an authorized_keys line
+        private.toString("OPENSSH"),  # a private key file
+        b"(",  # Conch would guess an lsh key and trip over an assertion
+        b"\0\0\0\x07ssh-rsa" + b"\xff" * keys.MAX_KEY_BLOB,
+    ]:
+        with pytest.raises(BadKeyError):
+            key_from_blob(bogus)
+        with pytest.raises(BadKeyError):
+            keys.fingerprint_of_blob(bogus)
+
+
+def test_a_pasted_key_is_read_as_a_public_key_only(monkeypatch):
+    """An RSA "private key" in Conch's agent format, pasted as the data of an
+    ssh-rsa line, is not checked as one (that costs a primality test of primes
+    as large as the paster likes)."""
+    from twisted.conch.ssh.common import MP, NS
+
+    guessed = []
+    monkeypatch.setattr(Key, "_fromString_AGENTV3", classmethod(lambda cls, b: guessed.append(b)))
+    p, q = 2**127 - 1, 2**89 - 1
+    blob = NS(b"ssh-rsa") + MP(65537) + MP(3) + MP(p * q) + MP(pow(q, -1, p)) + MP(p) + MP(q)
+    refused = parse_public_key("ssh-rsa " + base64.b64encode(blob).decode())
+    assert isinstance(refused, Refused) and refused.code == "key-malformed"
+    assert guessed == []
+
+
+def test_rsa_keys_larger_than_openssh_takes_are_refused():
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
+
+    modulus = (1 << 16999) | 1  # odd and 17000 bits: a key to the parser
+    huge = Key(RSAPublicNumbers(65537, modulus).public_key())
+    refused = parse_public_key(huge.toString("OPENSSH").decode())
+    assert isinstance(refused, Refused) and "at most 16384 bits" in refused.reason
 
 
 def putty_private_key(version: int = 3) -> str:

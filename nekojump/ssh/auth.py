@@ -96,20 +96,25 @@ def parse_publickey_request(
     return KeyRequest(user, algorithm, blob, signature, message)
 
 
+def read_string(data: bytes, start: int = 0) -> tuple[bytes, int]:
+    """The SSH string at ``start`` in ``data`` and where it ends; ``ValueError``
+    if it is cut short."""
+    end = start + 4
+    if end > len(data):
+        raise ValueError("truncated string")
+    end += int.from_bytes(data[start:end], "big")
+    if end > len(data):
+        raise ValueError("truncated string")
+    return data[start + 4 : end], end
+
+
 def read_strings(data: bytes, start: int = 0) -> list[bytes]:
     """The SSH strings that make up ``data`` from ``start`` to its end;
     ``ValueError`` if the last one is cut short."""
     strings = []
-    end = len(data)
-    while start < end:
-        if start + 4 > end:
-            raise ValueError("truncated string")
-        length = int.from_bytes(data[start : start + 4], "big")
-        start += 4
-        if start + length > end:
-            raise ValueError("truncated string")
-        strings.append(data[start : start + length])
-        start += length
+    while start < len(data):
+        string, start = read_string(data, start)
+        strings.append(string)
     return strings
 
 
@@ -117,15 +122,23 @@ def signature_valid(key: Key, algorithm: bytes, signature: bytes, message: bytes
     """Whether ``signature`` (a USERAUTH_REQUEST's signature field) is ``key``'s
     over ``message``, made with ``algorithm``.
 
-    A security key's signature counts only if the key was touched (its "user
-    present" flag, which OpenSSH requires too); it covers the hashes of the
-    application and the message with the flags and counter in between
-    (OpenSSH's PROTOCOL.u2f).  Nothing may follow a signature."""
+    The field must be exactly what OpenSSH makes: the algorithm and the
+    signature, an Ed25519 signature 64 bytes, an ECDSA one the two numbers r
+    and s.  A security key's signature is followed by its flags and counter and
+    counts only if the key was touched (the "user present" flag, which OpenSSH
+    requires too); it covers the hashes of the application and the message
+    with the flags and counter in between (OpenSSH's PROTOCOL.u2f)."""
     try:
-        signed_with, _, trailing = getNS(signature, 2)
-    except (IndexError, struct.error):
+        signed_with, end = read_string(signature)
+        raw, end = read_string(signature, end)
+        if key.type() == "EC" and len(read_strings(raw)) != 2:
+            return False
+    except ValueError:
         return False
+    trailing = signature[end:]
     if signed_with != algorithm:
+        return False
+    if key.type() == "Ed25519" and len(raw) != 64:
         return False
     if key.isSecurityKey():
         if len(trailing) != 5 or not trailing[0] & SK_USER_PRESENT:
@@ -136,7 +149,7 @@ def signature_valid(key: Key, algorithm: bytes, signature: bytes, message: bytes
     try:
         return key.verify(signature, message)
     except (ValueError, IndexError, TypeError, struct.error):
-        return False  # a signature that does not even parse
+        return False  # numbers that make no signature
 
 
 class Answer(enum.Enum):
@@ -263,7 +276,19 @@ class TunnelUserAuthServer(SSHService):
             else:
                 self._queue.append(packet)
             return
-        self._handle(packet)
+        self._handle_safely(packet)
+
+    def _handle_safely(self, packet: bytes) -> None:
+        """``_handle``; a bug it trips on ends the connection, not the queue behind it."""
+        try:
+            self._handle(packet)
+        except Exception:  # noqa: BLE001 - logged; failing closed is the answer
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        self._waiting = False
+        self.log.failure("error answering an auth request")
+        self._disconnect(DISCONNECT_PROTOCOL_ERROR, b"internal error")
 
     def _handle(self, packet: bytes) -> None:
         confirmed, self.confirmed = self.confirmed, None  # any request forgets it
@@ -312,10 +337,22 @@ class TunnelUserAuthServer(SSHService):
         self, record: KeyRecord | None, request: KeyRequest, key: Key, changes: int
     ) -> None:
         self._waiting = False
-        if self._finished:
+        try:
+            if self._finished:
+                self._count_after_the_end(request, key, record)
+                return
+            self._decide(request, key, record, changes)
+        except Exception:  # noqa: BLE001 - logged; failing closed is the answer
+            self._internal_error()
             return
-        self._decide(request, key, record, changes)
         self._handle_queued()
+
+    def _count_after_the_end(self, request: KeyRequest, key: Key, record: KeyRecord | None) -> None:
+        """The connection ended while the store answered: a request that fails
+        still counts against the source (this connection never logged in)."""
+        if self.checker.decide(request, key, record) is Answer.DENIED:
+            transport = self.transport
+            transport.factory.penalties.failed(transport.startup_source)
 
     def _lookup_failed(self, failure: Failure) -> None:
         self._waiting = False
@@ -328,7 +365,7 @@ class TunnelUserAuthServer(SSHService):
 
     def _handle_queued(self) -> None:
         while self._queue and not self._waiting and not self._finished:
-            self._handle(self._queue.popleft())
+            self._handle_safely(self._queue.popleft())
 
     def _decide(
         self, request: KeyRequest, key: Key, record: KeyRecord | None, changes: int
