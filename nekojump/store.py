@@ -79,6 +79,10 @@ class SQLiteStore:
     def __init__(self, db: sqlite3.Connection, clock: Callable[[], float] = time.time):
         self._db = db
         self._clock = clock
+        #: Changes made through this object to who may log in and with what
+        #: tier (a key removed, a member disabled or re-tiered).  Other
+        #: processes' changes show in ``data_version`` instead.
+        self.login_changes = 0
 
     @classmethod
     def open(cls, data_dir: Path, clock: Callable[[], float] = time.time) -> SQLiteStore:
@@ -190,6 +194,7 @@ class SQLiteStore:
                 self._audit(db, event, member=name)
                 if not active:
                     self._end_sessions_of(db, name)
+        self.login_changes += 1
         member = self.get_member(name)
         if not changed or member is None:
             return Refused("no-such-member", f"there is no member named {name!r}")
@@ -255,6 +260,7 @@ class SQLiteStore:
                 actor=actor,
                 detail={"fingerprint": fingerprint},
             )
+        self.login_changes += 1
         return record
 
     def usable_key_ids(self) -> frozenset[int]:
@@ -488,6 +494,7 @@ class SQLiteStore:
             ).rowcount
             if changed:
                 self._audit(db, "member-tier", member=name, detail={"tier": tier})
+        self.login_changes += 1
         member = self.get_member(name)
         if not changed or member is None:
             return Refused("no-such-member", f"there is no member named {name!r}")

@@ -80,6 +80,7 @@ class Transport:
 
 class World:
     def __init__(self, tmp_path) -> None:
+        self.data_dir = tmp_path
         self.store = SQLiteStore.open(tmp_path)
         self.config = parse_config({})
         self.counting = CountingStore(self.store)
@@ -332,11 +333,25 @@ def test_a_confirmed_key_is_looked_up_again_after_another_process_changed_the_st
     connection starts with (its first forwards are decided before any re-check)."""
     service, _ = world.connection()
     service.ssh_USERAUTH_REQUEST(query(world.private))
-    world.store.set_member_tier("alice", "pro")
+    admin_cli = SQLiteStore.open(world.data_dir)
+    try:
+        admin_cli.set_member_tier("alice", "pro")
+    finally:
+        admin_cli.close()
     world.changes += 1  # the revocation watcher saw another process write
     service.ssh_USERAUTH_REQUEST(signed(world.private))
     assert [identity.tier for identity in world.logins] == ["pro"]
     assert world.counting.calls == 2
+
+
+def test_a_key_removed_on_the_dashboard_between_pk_ok_and_the_signature_does_not_log_in(world):
+    """The dashboard writes through this process's store: no watcher is needed to
+    see it, and no session starts only to be ended by the re-check after login."""
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(query(world.private))
+    world.store.remove_key(world.record.fingerprint, actor="alice")
+    service.ssh_USERAUTH_REQUEST(signed(world.private))
+    assert transport.sent[-1] == FAILURE and world.logins == []
 
 
 def test_a_lookup_in_flight_queues_what_follows_and_logs_in_once(world):

@@ -126,6 +126,7 @@ class World:
         basic_limits: dict[str, int] | None = None,
     ) -> None:
         self.reactor = Reactor()
+        self.data_dir = tmp_path
         self.store = SQLiteStore.open(tmp_path)
         self.key = Key(ed25519.Ed25519PrivateKey.generate())
         self.store.add_member("alice")
@@ -218,13 +219,19 @@ def test_pipelined_auth_requests_log_in_once(world):
 
 
 def test_a_key_removed_between_pk_ok_and_the_signature_loses_the_session_at_once(world):
-    """The signed request reuses the key PK_OK confirmed; the re-check after login ends it."""
+    """Removed by another process the watcher has not seen yet: the signed request
+    reuses the key PK_OK confirmed, and the re-check after login ends it."""
     recorder, pump, server = world.connect()
     blob = world.key.public().blob()
     recorder.send(MSG_USERAUTH_REQUEST, recorder.key_query(world.key))
     pump.flush()
     assert recorder.count(MSG_USERAUTH_PK_OK) == 1
-    assert world.store.remove_key(fingerprint_of_blob(blob)).member_name == "alice"
+    # Removed by another process (the admin CLI) before the watcher looked.
+    admin_cli = SQLiteStore.open(world.data_dir)
+    try:
+        assert admin_cli.remove_key(fingerprint_of_blob(blob)).member_name == "alice"
+    finally:
+        admin_cli.close()
 
     recorder.send(MSG_USERAUTH_REQUEST, recorder.signed_auth(world.key))
     pump.flush()

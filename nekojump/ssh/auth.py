@@ -181,8 +181,13 @@ class TunnelKeyChecker:
         self.user = user.encode("utf-8")
         self.metrics = metrics if metrics is not None else Metrics()
         #: Counts the changes other processes made to the store (the revocation
-        #: watcher's count): a key record read before the count moved is read again.
-        self.changes = changes
+        #: watcher's count).
+        self.changes_elsewhere = changes
+
+    def changes(self) -> int:
+        """Changes to keys and members so far, by other processes and this one:
+        a key record read before the count moved is read again."""
+        return self.changes_elsewhere() + self.store.store.login_changes
 
     def look_up(self, fingerprint: str) -> Deferred[KeyRecord | None]:
         """The stored key with ``fingerprint`` and its member, or None."""
@@ -231,8 +236,9 @@ class TunnelUserAuthServer(SSHService):
     - Requests are answered in order; a client may pipeline up to
       ``max_queued`` while one waits for the store.
     - A signed request right after PK_OK for the same key uses the record the
-      store just gave (unless another process changed the store since, as the
-      admin CLI does); the avatar re-checks every login right after it anyway.
+      store just gave, unless keys or members changed since (on the dashboard,
+      or in another process such as the admin CLI); the avatar re-checks every
+      login right after it anyway.
     - ``max_auth_tries`` failed requests end the connection, and so do more
       PK_OK answers than that (each one is a store lookup).
     - A failed signature counts against the source address at once; a key the
