@@ -160,12 +160,12 @@ class TunnelConnection(SSHConnection):
     def ssh_CHANNEL_DATA(self, packet: bytes | memoryview) -> None:
         """Data for a channel, checked against its window and packet size.
 
-        ``packet`` may be a view of the decrypted packet: channels that say
-        ``takes_views`` get the data as a view, the others as ``bytes``.
-        The window is given back after the data is delivered: by the channel's
-        own ``replenish`` if it has one, else once half of it is used."""
+        ``packet`` may be a view of the decrypted packet.  Channels with a
+        ``receive_data`` method get the data there, as a view, and give the
+        window back themselves; the others get ``bytes`` in ``dataReceived``
+        and the window back once half of it is used."""
         try:
-            local_channel, length = struct.unpack(">2L", packet[:8])
+            local_channel, length = CHANNEL_DATA_FIELDS.unpack_from(packet)
             channel = self.channels[local_channel]
         except (struct.error, KeyError):
             self.log.info("data for an unknown channel; disconnecting")
@@ -185,13 +185,13 @@ class TunnelConnection(SSHConnection):
             self.sendClose(channel)
             return
         channel.localWindowLeft -= length
-        if isinstance(data, memoryview) and not getattr(channel, "takes_views", False):
+        receive = getattr(channel, "receive_data", None)
+        if receive is not None:
+            receive(data)
+            return
+        if isinstance(data, memoryview):
             data = data.tobytes()
         channel.dataReceived(data)
-        replenish = getattr(channel, "replenish", None)
-        if replenish is not None:
-            replenish()
-            return
         consumed = channel.localWindowSize - channel.localWindowLeft
         if consumed >= channel.localWindowSize // 2 and not channel.localClosed:
             self.adjustWindow(channel, consumed)

@@ -45,7 +45,7 @@ from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
 from nekojump.policy import IPNetwork, source_allowed
 from nekojump.ssh.registry import ActiveForward
-from nekojump.ssh.sending import Cork, unsent_bytes
+from nekojump.ssh.sending import Burst, Cork, unsent_bytes
 
 #: The window a forwarded connection starts with (OpenSSH's), and the most
 #: it grows to while the mesh client reads as fast as the member sends.
@@ -233,6 +233,8 @@ class ForwardedChannel(SSHChannel):
         self.reading_paused = False
         #: True if the member's client cannot take our packets (see channelOpen).
         self.refused = False
+        #: Where writes to the mesh socket wait for the end of a read of the SSH socket.
+        self._burst: Burst = self.conn.transport.burst
 
     # -- channel events ----------------------------------------------------------
 
@@ -271,8 +273,18 @@ class ForwardedChannel(SSHChannel):
             self.forward.avatar.forward_failed(self.forward, message)
         self.mesh.transport.loseConnection()
 
-    #: ``dataReceived`` accepts a ``memoryview`` of the packet.
-    takes_views = True
+    def receive_data(self, data: memoryview) -> None:
+        """Data from the member, a view of its packet (the connection counted it
+        against the window): on to the mesh client, and the window given back
+        once it has left.  ``dataReceived`` and ``replenish`` in one call: this
+        runs for every packet of a download."""
+        if self.member_eof:
+            self.dataReceived(data)
+            return
+        mesh = self.mesh
+        mesh.forward.bytes_from_member += len(data)
+        self._burst.hold(mesh.output).write(data)
+        self.replenish()
 
     def dataReceived(self, data: bytes | memoryview) -> None:
         if self.member_eof:
@@ -288,7 +300,7 @@ class ForwardedChannel(SSHChannel):
             return
         mesh = self.mesh
         mesh.forward.bytes_from_member += len(data)
-        self.conn.transport.burst.hold(mesh.output).write(data)
+        self._burst.hold(mesh.output).write(data)
 
     def write(self, data: bytes) -> None:
         """Conch's ``write``; what the window allows now is sealed in one pass."""
@@ -374,10 +386,10 @@ class ForwardedChannel(SSHChannel):
             self.localWindowSize - self.localWindowLeft < self.localWindowSize // 8
         ):
             return  # too little used to give back, and no growth to settle
-        burst = self.conn.transport.burst
+        burst = self._burst
         if burst.holds(self.mesh.output):
             # This read's data is still gathered: decide once it has left.
-            burst.after(self, partial(self.replenish, grow))
+            burst.after(self, self.replenish if grow else partial(self.replenish, grow))
             return
         self._settle_growth()
         if (
