@@ -51,6 +51,8 @@ class Direction:
     tag_size = 0
     #: True when the 4-byte length is outside the alignment (ETM and AEAD).
     length_outside = True
+    #: True when the 4-byte length is sent unencrypted (then ``length`` only reads it).
+    length_in_clear = True
 
     def length(self, seq: int, head: bytes) -> int:
         """The packet length from the first 4 bytes on the wire."""
@@ -170,6 +172,7 @@ _SEQ_NONCE = struct.Struct(">QQ")
 class ChaChaPoly(Direction):
     block_size = 8
     tag_size = 16
+    length_in_clear = False
 
     def __init__(self, key: bytes) -> None:
         self._main = key[:32]

@@ -54,6 +54,7 @@ MAX_PACKET_LENGTH = 256 * 1024
 _SEQ_MASK = 0xFFFFFFFF
 #: CHANNEL_DATA's fields before the data: recipient channel, data length.
 CHANNEL_DATA_FIELDS = struct.Struct(">2L")
+_PACKET_LENGTH = struct.Struct(">L")
 #: uint32 packet length, byte padding length, byte message number.
 _PACKET_HEAD = struct.Struct(">LBB")
 #: A CHANNEL_DATA packet up to its data: length, padding length, message
@@ -567,7 +568,10 @@ class PacketLayerMixin:
         length = self._head_length
         rx = self._rx
         if length is None:
-            length = rx.length(self.incomingPacketSequence, bytes(self.buf[:4]))
+            if rx.length_in_clear:  # most packets: no call, no copy of the 4 bytes
+                length = _PACKET_LENGTH.unpack_from(self.buf)[0]
+            else:
+                length = rx.length(self.incomingPacketSequence, bytes(self.buf[:4]))
             aligned = length if rx.length_outside else length + 4
             if not 5 <= length <= MAX_PACKET_LENGTH or aligned % rx.block_size:
                 self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
