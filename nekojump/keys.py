@@ -111,8 +111,22 @@ def key_from_blob(blob: bytes) -> FixedKey:
     return _remembered_key(blob)
 
 
+#: Size of an uncompressed point (0x04, x, y) on each curve SSH keys use.
+EC_POINT_SIZES = {b"nistp256": 65, b"nistp384": 97, b"nistp521": 133}
+
+
 @lru_cache(maxsize=1024)
 def _remembered_key(blob: bytes) -> FixedKey:
+    try:
+        key_type, end = read_string(blob)
+        if key_type.startswith((b"ecdsa-sha2-", b"sk-ecdsa-sha2-")):
+            curve, end = read_string(blob, end)
+            point, _ = read_string(blob, end)
+            if len(point) != EC_POINT_SIZES.get(curve) or point[0] != 4:
+                # OpenSSL would decompress a compressed point first: a square root.
+                raise BadKeyError("not an uncompressed point on a known curve")
+    except ValueError:
+        raise BadKeyError("not a public key blob (cut short)") from None
     try:
         key = FixedKey.fromString(blob, type="blob")
     except BadKeyError:
@@ -127,6 +141,28 @@ def _remembered_key(blob: bytes) -> FixedKey:
 @lru_cache(maxsize=1024)
 def _remembered_fingerprint(blob: bytes) -> str:
     return _fingerprint(key_from_blob(blob))
+
+
+def read_string(data: bytes, start: int = 0) -> tuple[bytes, int]:
+    """The SSH string at ``start`` in ``data`` and where it ends; ``ValueError``
+    if it is cut short."""
+    end = start + 4
+    if end > len(data):
+        raise ValueError("truncated string")
+    end += int.from_bytes(data[start:end], "big")
+    if end > len(data):
+        raise ValueError("truncated string")
+    return data[start + 4 : end], end
+
+
+def read_strings(data: bytes, start: int = 0) -> list[bytes]:
+    """The SSH strings that make up ``data`` from ``start`` to its end;
+    ``ValueError`` if the last one is cut short."""
+    strings = []
+    while start < len(data):
+        string, start = read_string(data, start)
+        strings.append(string)
+    return strings
 
 
 def _fingerprint(key: Key) -> str:

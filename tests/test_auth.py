@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.conch.ssh.common import MP, NS
 from twisted.conch.ssh.keys import Key
 from twisted.conch.ssh.transport import (
@@ -651,6 +652,63 @@ def test_a_signature_over_another_message_does_not_log_in(world, field):
     service, transport = world.connection()
     service.ssh_USERAUTH_REQUEST(signed(world.private, signed_over=data))
     assert transport.sent == [FAILURE] and world.logins == []
+
+
+def successes(world: World) -> float:
+    return world.checker.metrics.auth.labels("success")._value.get()
+
+
+def test_a_good_signature_answered_after_the_connection_ended_is_no_login_in_the_metrics(world):
+    pending = []
+
+    def slow_lookup(fingerprint):
+        held = Deferred()
+        pending.append((fingerprint, held))
+        return held
+
+    real_lookup = world.checker.look_up
+    world.checker.look_up = slow_lookup
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(signed(world.private))  # lookup in flight
+    service.serviceStopped()  # the client closed: what connectionLost does
+    fingerprint, held = pending.pop()
+    real_lookup(fingerprint).addCallback(held.callback)
+    assert world.logins == [] and not transport.authenticated
+    assert successes(world) == 0
+
+
+@pytest.mark.parametrize(
+    ("key_type", "curve_name", "curve"),
+    [
+        (b"ecdsa-sha2-nistp521", b"nistp521", ec.SECP521R1()),
+        (b"sk-ecdsa-sha2-nistp256@openssh.com", b"nistp256", ec.SECP256R1()),
+    ],
+)
+def test_a_compressed_ec_point_is_refused_before_it_is_decompressed(
+    world, monkeypatch, key_type, curve_name, curve
+):
+    """Unauthenticated, any user name: decompressing a point is a modular square
+    root (P-521: about 0.15 ms), and OpenSSH refuses such points unread."""
+    point = (
+        ec.generate_private_key(curve)
+        .public_key()
+        .public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+    )
+    blob = NS(key_type) + NS(curve_name) + NS(point)
+    if key_type.startswith(b"sk-"):
+        blob += NS(b"ssh:")
+    decoded = []
+    real = ec.EllipticCurvePublicKey.from_encoded_point
+
+    def recording(curve, data):
+        decoded.append(data)
+        return real(curve, data)
+
+    monkeypatch.setattr(ec.EllipticCurvePublicKey, "from_encoded_point", recording)
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(query_with_blob(blob, key_type, b"nobody"))
+    assert transport.sent == [FAILURE]
+    assert decoded == []
 
 
 def test_the_revocation_watcher_counts_changes_made_by_other_processes(tmp_path):

@@ -93,7 +93,11 @@ class Client(PacketLayerMixin, transport.SSHClientTransport):
         return succeed(True)
 
     def connectionSecure(self) -> None:
-        self.requestService(self.factory.recorder)
+        # Conch calls this after every key exchange; OpenSSH asks for its
+        # service once, and so does this client.
+        if not getattr(self, "service_requested", False):
+            self.service_requested = True
+            self.requestService(self.factory.recorder)
 
 
 def forward_request(port: int, name: bytes = b"tcpip-forward") -> bytes:
@@ -172,13 +176,19 @@ class World:
         )
         self.factory.startFactory()
 
-    def connect(self) -> tuple[Recorder, Any, Any]:
+    def connect(self, request_service: bool = True) -> tuple[Recorder, Any, Any]:
+        """A client connected and through the key exchange, asking for
+        ``ssh-userauth`` (unless ``request_service`` is False: then the
+        recorder only sends what it is told to)."""
         peer = IPv4Address("TCP", "127.0.0.1", 40000)
         server = self.factory.buildProtocol(peer)
         factory = ClientFactory()
         factory.recorder = Recorder()
         client = Client()
         client.factory = factory
+        if not request_service:
+            client.service_requested = True
+            factory.recorder.transport = client
         pump = iosim.connect(
             server,
             iosim.FakeTransport(server, isServer=True, peerAddress=peer),

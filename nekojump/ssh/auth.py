@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from nekojump.keys import fingerprint_of_blob, key_from_blob
+from nekojump.keys import fingerprint_of_blob, key_from_blob, read_string, read_strings
 from nekojump.logs import conch_logger
 from nekojump.metrics import Metrics
 from nekojump.model import Identity, KeyRecord
@@ -94,28 +94,6 @@ def parse_publickey_request(
         + NS(blob)
     )
     return KeyRequest(user, algorithm, blob, signature, message)
-
-
-def read_string(data: bytes, start: int = 0) -> tuple[bytes, int]:
-    """The SSH string at ``start`` in ``data`` and where it ends; ``ValueError``
-    if it is cut short."""
-    end = start + 4
-    if end > len(data):
-        raise ValueError("truncated string")
-    end += int.from_bytes(data[start:end], "big")
-    if end > len(data):
-        raise ValueError("truncated string")
-    return data[start + 4 : end], end
-
-
-def read_strings(data: bytes, start: int = 0) -> list[bytes]:
-    """The SSH strings that make up ``data`` from ``start`` to its end;
-    ``ValueError`` if the last one is cut short."""
-    strings = []
-    while start < len(data):
-        string, start = read_string(data, start)
-        strings.append(string)
-    return strings
 
 
 def signature_valid(key: Key, algorithm: bytes, signature: bytes, message: bytes) -> bool:
@@ -194,22 +172,29 @@ class TunnelKeyChecker:
         return self.store.call(self.store.store.find_key, fingerprint)
 
     def decide(self, request: KeyRequest, key: Key, record: KeyRecord | None) -> Identity | Answer:
-        """The login ``request`` (whose key is ``key``, stored as ``record``) earns."""
+        """The login ``request`` (whose key is ``key``, stored as ``record``)
+        earns, counted in the auth metrics."""
+        answer, result = self.judge(request, key, record)
+        if result is not None:
+            self.metrics.auth.labels(result).inc()
+        return answer
+
+    def judge(
+        self, request: KeyRequest, key: Key, record: KeyRecord | None
+    ) -> tuple[Identity | Answer, str | None]:
+        """What ``request`` earns, and the auth metric's result for it (None for
+        a query without signature)."""
         signed = request.signature is not None
         if request.user != self.user or record is None or not record.usable:
-            if signed:
-                self.metrics.auth.labels("unknown_key_or_user").inc()
-            return Answer.DENIED
+            return Answer.DENIED, "unknown_key_or_user" if signed else None
         fits = request.algorithm in ALGORITHMS_BY_KEY_TYPE.get(key.sshType(), ())
         if request.signature is None:
-            return Answer.KEY_OK if fits else Answer.DENIED
+            return (Answer.KEY_OK if fits else Answer.DENIED), None
         if not fits or not signature_valid(
             key, request.algorithm, request.signature, request.message
         ):
-            self.metrics.auth.labels("bad_signature").inc()
-            return Answer.DENIED
-        self.metrics.auth.labels("success").inc()
-        return Identity(
+            return Answer.DENIED, "bad_signature"
+        identity = Identity(
             member_id=record.member_id,
             member_name=record.member_name,
             key_id=record.id,
@@ -217,6 +202,7 @@ class TunnelKeyChecker:
             key_description=record.description,
             tier=record.member_tier,
         )
+        return identity, "success"
 
 
 @frozen
@@ -356,7 +342,7 @@ class TunnelUserAuthServer(SSHService):
     def _count_after_the_end(self, request: KeyRequest, key: Key, record: KeyRecord | None) -> None:
         """The connection ended while the store answered: a request that fails
         still counts against the source (this connection never logged in)."""
-        if self.checker.decide(request, key, record) is Answer.DENIED:
+        if self.checker.judge(request, key, record)[0] is Answer.DENIED:
             transport = self.transport
             transport.factory.penalties.failed(transport.startup_source)
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from twisted.conch.ssh import _kex
-from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR, SSHServerTransport
+from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.transport import (
+    DISCONNECT_PROTOCOL_ERROR,
+    DISCONNECT_SERVICE_NOT_AVAILABLE,
+    MSG_SERVICE_ACCEPT,
+    SSHServerTransport,
+)
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -107,6 +113,27 @@ class TunnelServerTransport(PacketLayerMixin, SSHServerTransport):
             )
             self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"packet too large")
             self.transport.abortConnection()
+
+    #: Set by the one SERVICE_REQUEST a connection may make.
+    _service_requested = False
+
+    def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
+        """``ssh-userauth``, once per connection, as in OpenSSH; a later request
+        gets UNIMPLEMENTED and changes nothing.
+
+        Conch starts a fresh service on every request: a new userauth service
+        forgot its failures and limits, and one started after login could log
+        in again over the avatar holding the ports.  Conch's own client asks
+        again after every key exchange."""
+        if self._service_requested:
+            self.sendUnimplemented()
+            return
+        self._service_requested = True
+        if packet != NS(b"ssh-userauth"):
+            self.sendDisconnect(DISCONNECT_SERVICE_NOT_AVAILABLE, b"only ssh-userauth is offered")
+            return
+        self.sendPacket(MSG_SERVICE_ACCEPT, packet)
+        self.setService(self.factory.services[b"ssh-userauth"]())
 
     def authentication_succeeded(self) -> None:
         """Userauth is done: stop the grace timer and leave the startup count."""
