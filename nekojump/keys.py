@@ -26,6 +26,8 @@ ACCEPTED_TYPES = {
 MIN_RSA_BITS = 2048
 #: OpenSSH's largest RSA key (SSH_RSA_MAXIMUM_MODULUS_SIZE).
 MAX_RSA_BITS = 16384
+#: The largest RSA public exponent taken (ssh-keygen uses 65537).
+MAX_RSA_EXPONENT = 2**32
 #: The longest key description (a machine's name) a member may give.
 MAX_DESCRIPTION = 100
 
@@ -285,5 +287,12 @@ def _vet(key_type: str, data: str, comment: str) -> PublicKey | Refused:
             "key-malformed",
             f"RSA keys may have at most {MAX_RSA_BITS} bits, as in OpenSSH "
             f"(this one has {bits}); use ssh-keygen -t ed25519",
+        )
+    if key_type == "ssh-rsa" and key.data()["e"] > MAX_RSA_EXPONENT:
+        # ssh-keygen makes 65537; a huge one costs milliseconds per signature check,
+        # and anyone who knows the public key can ask for checks.
+        return Refused(
+            "key-malformed",
+            "this RSA key has an unusual public exponent; use ssh-keygen -t ed25519",
         )
     return PublicKey(key_type=key_type, blob=blob, comment=comment.strip(), bits=bits)

@@ -181,15 +181,25 @@ def test_a_query_for_a_stored_key_gets_pk_ok_naming_that_key(world):
     assert world.logins == []
 
 
-def test_none_lists_publickey_and_is_no_attempt(world):
+def test_the_first_none_lists_publickey_and_is_no_attempt_the_others_are(world):
+    """As in OpenSSH: clients send one "none" to learn the methods."""
     service, transport = world.connection()
     none = NS(b"tunnel") + NS(b"ssh-connection") + NS(b"none")
-    for _ in range(world.config.ssh.max_auth_tries + 2):
-        service.ssh_USERAUTH_REQUEST(none)
-    assert transport.disconnected is None
-    assert set(transport.sent) == {FAILURE}
-    service.ssh_USERAUTH_REQUEST(signed(world.private))
+    service.ssh_USERAUTH_REQUEST(none)
+    for _ in range(world.config.ssh.max_auth_tries - 2):
+        service.ssh_USERAUTH_REQUEST(signed(Key(ed25519.Ed25519PrivateKey.generate())))
+    assert transport.disconnected is None and set(transport.sent) == {FAILURE}
+    service.ssh_USERAUTH_REQUEST(signed(world.private))  # the last try logs in
     assert transport.sent[-1] == (MSG_USERAUTH_SUCCESS, b"")
+
+    service, transport = world.connection()
+    for _ in range(world.config.ssh.max_auth_tries + 3):
+        service.ssh_USERAUTH_REQUEST(none)
+    assert transport.sent == [FAILURE] * world.config.ssh.max_auth_tries
+    assert transport.disconnected == (
+        DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+        b"too many bad auths",
+    )
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,19 @@ def test_a_pasted_key_is_read_as_a_public_key_only(monkeypatch):
     assert guessed == []
 
 
+def test_rsa_keys_with_a_huge_public_exponent_are_refused():
+    """Checking a signature by one costs milliseconds, and anyone who knows the
+    public key can ask for checks."""
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
+
+    ordinary = Key(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    modulus = ordinary.public().data()["n"]
+    huge = Key(RSAPublicNumbers(2**2047 + 1, modulus).public_key())
+    refused = parse_public_key(huge.toString("OPENSSH").decode())
+    assert isinstance(refused, Refused) and "public exponent" in refused.reason
+    assert not isinstance(parse_public_key(ordinary.public().toString("OPENSSH").decode()), Refused)
+
+
 def test_rsa_keys_larger_than_openssh_takes_are_refused():
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 

@@ -249,6 +249,7 @@ class TunnelUserAuthServer(SSHService):
         self.max_tries: int = factory.config.ssh.max_auth_tries
         self.failures = 0
         self.key_queries = 0
+        self.none_requests = 0
         self.confirmed: Confirmed | None = None
         self._queue: deque[bytes] = deque()
         self._waiting = False
@@ -292,8 +293,13 @@ class TunnelUserAuthServer(SSHService):
         if service != b"ssh-connection":
             self._disconnect(DISCONNECT_SERVICE_NOT_AVAILABLE, b"only ssh-connection is offered")
             return
-        if method == b"none":  # asks which methods there are: no attempt
-            self.transport.sendPacket(MSG_USERAUTH_FAILURE, METHODS)
+        if method == b"none":
+            # Asks which methods there are: the first time is no attempt, and
+            # after that each one is a failure, as in OpenSSH.
+            self.none_requests += 1
+            if self.none_requests > 1:
+                self.failures += 1
+            self._fail_or_end()
             return
         if method != b"publickey":
             self._denied(asking=False)
