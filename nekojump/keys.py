@@ -137,6 +137,9 @@ def _remembered_key(blob: bytes) -> FixedKey:
         raise BadKeyError(f"not a public key blob ({type(error).__name__})") from None
     if key.blob() != blob:
         raise BadKeyError("not a public key blob (bytes after the key, or another encoding)")
+    if key.type() == "RSA" and key.data()["e"] > MAX_RSA_EXPONENT:
+        # Stored before the dashboard refused them: no key to check signatures with.
+        raise BadKeyError("RSA public exponent over 2**32")
     return key
 
 

@@ -220,6 +220,38 @@ def test_the_first_none_lists_publickey_and_is_no_attempt_the_others_are(world):
     )
 
 
+def test_a_none_request_after_another_request_is_a_failed_try(world):
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(query(world.private))
+    for _ in range(world.config.ssh.max_auth_tries):
+        service.ssh_USERAUTH_REQUEST(NS(b"tunnel") + NS(b"ssh-connection") + NS(b"none"))
+    assert transport.disconnected is not None
+
+
+def test_a_stored_rsa_key_with_a_huge_exponent_checks_no_signature(world, monkeypatch):
+    """Stored before the dashboard refused such keys: a check would cost
+    milliseconds, and anyone who knows the public key could ask for checks."""
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
+
+    from nekojump.keys import PublicKey
+
+    class Grandfathered(PublicKey):
+        @property
+        def fingerprint(self) -> str:  # as ssh-keygen -l prints it
+            return "SHA256:" + base64.b64encode(sha256(self.blob).digest()).decode().rstrip("=")
+
+    modulus = Key(rsa.generate_private_key(65537, 2048)).public().data()["n"]
+    public = Key(RSAPublicNumbers(2**2047 + 1, modulus).public_key())
+    world.store.add_key("alice", Grandfathered("ssh-rsa", public.blob(), "old", 2048), "old")
+    checked = []
+    monkeypatch.setattr(Key, "verify", lambda *args: checked.append(args))
+    head = NS(b"tunnel") + NS(b"ssh-connection") + NS(b"publickey") + b"\x01"
+    request = head + NS(b"rsa-sha2-256") + NS(public.blob())
+    service, transport = world.connection()
+    service.ssh_USERAUTH_REQUEST(request + NS(NS(b"rsa-sha2-256") + NS(b"\x01" * 256)))
+    assert transport.sent == [FAILURE] and checked == []
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -1,5 +1,6 @@
-"""SERVICE_REQUEST: one per connection, for ssh-userauth, as in OpenSSH
-(auth2.c answers any later one as a protocol error).
+"""SERVICE_REQUEST: only ssh-userauth, and until login, as in OpenSSH (auth2.c
+accepts it again and again then, for the same userauth state; paramiko asks
+before every attempt); after login a request is answered UNIMPLEMENTED.
 
 Conch's server starts a fresh service on every request: a new userauth
 service would forget the failures and limits of the last one, and one started
@@ -174,3 +175,34 @@ def test_a_conch_client_rekeying_after_login_does_not_put_the_server_back_in_use
     pump.flush()
     assert not closed(server) and type(server.service).__name__ == "TunnelConnection"
     assert world.registry.held_ports() == {20088}
+
+
+MSG_UNIMPLEMENTED = 3
+MSG_SERVICE_ACCEPT = 6
+
+
+def test_asking_for_ssh_userauth_again_before_login_is_accepted_as_in_openssh(world):
+    """paramiko asks before every attempt, and waits for the answer."""
+    recorder, pump, _server = world.connect()
+    client = recorder.transport
+    seen: list[int] = []
+    dispatch = client.dispatchMessage
+
+    def spy(number: int, payload: bytes) -> None:
+        seen.append(number)
+        dispatch(number, payload)
+
+    client.dispatchMessage = spy
+    # paramiko's first attempt: a key the server does not know.
+    stranger = Key(ed25519.Ed25519PrivateKey.generate())
+    recorder.send(MSG_USERAUTH_REQUEST, recorder.signed_auth(stranger))
+    pump.flush()
+    assert recorder.count(MSG_USERAUTH_FAILURE) == 1
+    # Its next attempt starts with a SERVICE_REQUEST and waits for the accept.
+    restart_userauth(recorder)
+    pump.flush()
+    assert MSG_UNIMPLEMENTED not in seen
+    assert MSG_SERVICE_ACCEPT in seen
+    recorder.send(MSG_USERAUTH_REQUEST, recorder.signed_auth(world.key))
+    pump.flush()
+    assert recorder.count(MSG_USERAUTH_SUCCESS) == 1

@@ -142,3 +142,25 @@ def test_paramiko_compat_ctr_etm(compat, keys, echo, mac):
         compat, keys["alice"], port, echo.port, "aes256-ctr", mac
     )
     assert (used, used_mac, strict) == ("aes256-ctr", mac, True)
+
+
+def test_paramiko_logs_in_when_its_first_key_is_not_registered(running, keys):
+    """paramiko asks for ssh-userauth again before each key it tries."""
+    paramiko = pytest.importorskip("paramiko")
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    try:
+        client.connect(
+            SSH_HOST,
+            running.ssh_port,
+            username="tunnel",
+            pkey=paramiko.Ed25519Key.from_private_key_file(str(keys["stranger"])),
+            key_filename=[str(keys["alice"])],
+            allow_agent=False,
+            look_for_keys=False,
+            timeout=10,
+            auth_timeout=10,
+        )
+        assert client.get_transport().is_authenticated()
+    finally:
+        client.close()

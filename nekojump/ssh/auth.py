@@ -249,7 +249,8 @@ class TunnelUserAuthServer(SSHService):
         self.max_tries: int = factory.config.ssh.max_auth_tries
         self.failures = 0
         self.key_queries = 0
-        self.none_requests = 0
+        #: Requests handled so far.
+        self.requests = 0
         self.confirmed: Confirmed | None = None
         self._queue: deque[bytes] = deque()
         self._waiting = False
@@ -284,6 +285,7 @@ class TunnelUserAuthServer(SSHService):
         self._disconnect(DISCONNECT_PROTOCOL_ERROR, b"internal error")
 
     def _handle(self, packet: bytes) -> None:
+        self.requests += 1
         confirmed, self.confirmed = self.confirmed, None  # any request forgets it
         try:
             user, service, method, rest = getNS(packet, 3)
@@ -294,10 +296,9 @@ class TunnelUserAuthServer(SSHService):
             self._disconnect(DISCONNECT_SERVICE_NOT_AVAILABLE, b"only ssh-connection is offered")
             return
         if method == b"none":
-            # Asks which methods there are: the first time is no attempt, and
-            # after that each one is a failure, as in OpenSSH.
-            self.none_requests += 1
-            if self.none_requests > 1:
+            # Asks which methods there are: as the first request no attempt,
+            # else a failed one, as in OpenSSH.
+            if self.requests > 1:
                 self.failures += 1
             self._fail_or_end()
             return

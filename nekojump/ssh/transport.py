@@ -114,26 +114,26 @@ class TunnelServerTransport(PacketLayerMixin, SSHServerTransport):
             self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"packet too large")
             self.transport.abortConnection()
 
-    #: Set by the one SERVICE_REQUEST a connection may make.
-    _service_requested = False
-
     def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
-        """``ssh-userauth``, once per connection, as in OpenSSH; a later request
-        gets UNIMPLEMENTED and changes nothing.
+        """``ssh-userauth`` until login, as in OpenSSH: the first request starts
+        the userauth service, and later ones are accepted for that same service,
+        failures and all (paramiko asks before every attempt).  Any other
+        service ends the connection; after login a request is answered
+        UNIMPLEMENTED and changes nothing.
 
         Conch starts a fresh service on every request: a new userauth service
         forgot its failures and limits, and one started after login could log
         in again over the avatar holding the ports.  Conch's own client asks
         again after every key exchange."""
-        if self._service_requested:
+        if self.authenticated:
             self.sendUnimplemented()
             return
-        self._service_requested = True
         if packet != NS(b"ssh-userauth"):
             self.sendDisconnect(DISCONNECT_SERVICE_NOT_AVAILABLE, b"only ssh-userauth is offered")
             return
         self.sendPacket(MSG_SERVICE_ACCEPT, packet)
-        self.setService(self.factory.services[b"ssh-userauth"]())
+        if self.service is None:
+            self.setService(self.factory.services[b"ssh-userauth"]())
 
     def authentication_succeeded(self) -> None:
         """Userauth is done: stop the grace timer and leave the startup count."""
