@@ -54,3 +54,29 @@ def test_stop_cancels_everything():
     keepalive.stop()
     clock.pump([15] * 10)
     assert asks == [] and dead == []
+
+
+def test_a_probe_unanswered_in_time_ends_the_client():
+    clock, asks, dead, keepalive = make()
+    keepalive.probe(5)
+    keepalive.probe(5)  # one at a time
+    assert len(asks) == 1
+    clock.advance(5)
+    assert dead == [5.0]
+    clock.pump([15] * 10)
+    assert dead == [5.0]  # ended once: the regular asks stop too
+
+
+def test_a_probe_answered_in_time_keeps_the_client_and_its_count():
+    clock, asks, dead, keepalive = make()
+    clock.advance(15)
+    clock.advance(15)  # two regular asks unanswered
+    keepalive.probe(5)
+    asks[-1].callback(None)
+    clock.advance(5)
+    assert dead == [] and keepalive.unanswered == 0
+    keepalive.stop()
+    keepalive.probe(5)
+    keepalive.stop()  # cancels the probe as well
+    clock.advance(10)
+    assert dead == []

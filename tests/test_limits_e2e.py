@@ -14,6 +14,7 @@ from tests.conftest import (
     Jumphost,
     alice_on_host,
     exchange,
+    exited_within,
     tool,
     wait_for,
 )
@@ -129,5 +130,34 @@ def test_a_flood_of_unauthenticated_connections_leaves_members_working(tmp_path,
     finally:
         for s in flood:
             s.close()
+        host.close_clients()
+        host.stop()
+
+
+def test_back_after_a_blip_at_the_connection_cap_the_port_comes_back_within_seconds(
+    tmp_path, keys, echo
+):
+    """A member whose tier allows one connection: the laptop's network went away
+    (its ssh answers nothing, and no FIN came), and autossh connects again.
+    The new connection is refused at the cap, but the old one is asked at once
+    and ended when it does not answer: the next try gets the port back."""
+    import signal
+
+    host = Jumphost(tmp_path, forwarding_extra="[limits]\nbasic = { connections = 1 }")
+    host.add_member("alice", keys["alice"])
+    host.start()
+    old = None
+    try:
+        port = host.port_min + 5
+        old = host.forward(keys["alice"], port, echo.port)
+        old.send_signal(signal.SIGSTOP)
+        retry = host.ssh_background(keys["alice"], "-R", f"{port}:127.0.0.1:{echo.port}")
+        assert exited_within(retry, 10)  # refused: one connection is the cap
+        wait_for(lambda: host.holder_of(port) is None, what="the vanished connection to end")
+        host.forward(keys["alice"], port, echo.port)
+        assert exchange(MESH_ADDRESS, port, b"back") == b"back"
+    finally:
+        if old is not None:
+            old.send_signal(signal.SIGCONT)
         host.close_clients()
         host.stop()

@@ -513,6 +513,45 @@ def test_tier_limits_cap_connections_and_forwards(tmp_path):
         world.store.close()
 
 
+@pytest.mark.parametrize("old_one", ["vanished", "alive"])
+def test_at_the_connection_cap_a_vanished_old_connection_makes_room_within_seconds(
+    tmp_path, old_one
+):
+    """autossh back after a blip, while its old connection has not timed out:
+    refused at the cap, but the old connection must answer at once, and if it
+    does not, it ends and the next try gets the port back.  One that answers
+    stays, and the cap holds."""
+    from nekojump.ssh.avatar import STALE_PROBE_SECONDS
+
+    world = World(tmp_path, basic_limits={"connections": 1})
+    try:
+        first, pump, _server = world.logged_in()
+        first.send(MSG_GLOBAL_REQUEST, forward_request(20062))
+        pump.flush()
+        asked_before = first.count(MSG_GLOBAL_REQUEST)
+        _second, pump2, server2 = world.logged_in()  # over the cap: refused
+        pump2.flush()
+        pump.flush()
+        assert server2.transport.disconnecting or server2.transport.disconnected
+        assert first.count(MSG_GLOBAL_REQUEST) == asked_before + 1  # asked at once
+        if old_one == "alive":
+            first.send(MSG_REQUEST_FAILURE, b"")  # how OpenSSH answers a keepalive
+            pump.flush()
+        world.reactor.advance(STALE_PROBE_SECONDS)
+        pump.flush()
+        if old_one == "alive":
+            assert len(world.registry.avatars()) == 1
+            assert world.registry.held_ports() == {20062}
+            return
+        assert world.registry.avatars() == [] and world.registry.held_ports() == set()
+        third, pump3, _server3 = world.logged_in()
+        third.send(MSG_GLOBAL_REQUEST, forward_request(20062))
+        pump3.flush()
+        assert world.registry.held_ports() == {20062}
+    finally:
+        world.store.close()
+
+
 @pytest.mark.parametrize("request_type", [b"exec", b"shell"])
 def test_a_session_with_a_zero_maximum_packet_is_refused_and_the_server_goes_on(
     world, request_type

@@ -51,6 +51,10 @@ DISCONNECT_LABELS = {
     "too many refused forward requests": "too_many_refusals",
 }
 
+#: How long a member's connection has to answer when a new one finds the
+#: member at their connection cap (see ``_probe_older_connections``).
+STALE_PROBE_SECONDS = 5.0
+
 #: Give the disconnect message this long to leave before the socket is cut.
 DISCONNECT_GRACE = 0.3
 
@@ -119,6 +123,7 @@ class TunnelAvatar(ConchUser):
             self.config.limits.max_connections_per_member,
         )
         if too_many is not None:
+            self._probe_older_connections()
             self.disconnect(too_many.reason)
             return
         self.connected_at = self.clock.seconds()
@@ -134,6 +139,16 @@ class TunnelAvatar(ConchUser):
         self.store.write_later(self.store.store.confirm_login, self.identity.key_id).addCallbacks(
             self._confirmed, self._confirm_failed
         )
+
+    def _probe_older_connections(self) -> None:
+        """At the member's connection cap, a new connection is often autossh
+        back after a blip, while the old one has not timed out yet (that takes
+        up to a minute of keepalives).  The member's connections are asked to
+        answer at once: one that does not within ``STALE_PROBE_SECONDS`` is
+        ended, so the next try gets in.  A connection that answers stays."""
+        for other in self.registry.avatars_of_member(self.identity.member_id):
+            if other is not self and other.connected_at is not None:
+                other.conn.probe(STALE_PROBE_SECONDS)
 
     def _confirmed(self, tier: str | None) -> None:
         if tier is None:

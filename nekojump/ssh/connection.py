@@ -60,6 +60,12 @@ class TunnelConnection(SSHConnection):
         if getattr(socket, "producer", True) is None:
             socket.registerProducer(self, True)
 
+    def probe(self, timeout: float) -> None:
+        """Make sure the client is still there: a keepalive now, and the
+        connection ends if no reply comes within ``timeout`` seconds."""
+        if self.keepalive is not None:
+            self.keepalive.probe(timeout)
+
     #: True while the member's SSH socket has more queued than it should:
     #: every forwarded connection stops reading its mesh socket meanwhile.
     output_paused = False

@@ -32,14 +32,35 @@ class Keepalive:
         self._on_dead = on_dead
         self.unanswered = 0
         self._call: IDelayedCall | None = None
+        self._probe: IDelayedCall | None = None
 
     def start(self) -> None:
         self._call = self._clock.callLater(self.interval, self._tick)
 
     def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        for call in (self._call, self._probe):
+            if call is not None and call.active():
+                call.cancel()
+        self._call = self._probe = None
+
+    def probe(self, timeout: float) -> None:
+        """Ask now, out of turn: no reply within ``timeout`` seconds and the
+        client is gone (``on_dead``).  One probe at a time."""
+        if self._probe is not None:
+            return
+        self._probe = self._clock.callLater(timeout, self._probe_expired)
+        self._send().addBoth(self._probe_answered)
+
+    def _probe_answered(self, _reply: object) -> None:
+        self.unanswered = 0
+        if self._probe is not None and self._probe.active():
+            self._probe.cancel()
+        self._probe = None
+
+    def _probe_expired(self) -> None:
+        self._probe = None
+        self.stop()
+        self._on_dead()
 
     def _tick(self) -> None:
         self._call = None

@@ -119,6 +119,9 @@ class TunnelRegistry:
     def avatars(self) -> list[TunnelAvatar]:
         return list(self._avatars.values())
 
+    def avatars_of_member(self, member_id: int) -> list[TunnelAvatar]:
+        return [a for a in self._avatars.values() if a.identity.member_id == member_id]
+
     def avatars_of_key(self, key_id: int) -> list[TunnelAvatar]:
         return [a for a in self._avatars.values() if a.identity.key_id == key_id]
 
