@@ -76,7 +76,38 @@ def test_a_probe_answered_in_time_keeps_the_client_and_its_count():
     clock.advance(5)
     assert dead == [] and keepalive.unanswered == 0
     keepalive.stop()
+    clock.advance(15)
     keepalive.probe(5)
+    assert len(asks) == 4
     keepalive.stop()  # cancels the probe as well
     clock.advance(10)
     assert dead == []
+
+
+def test_a_client_that_just_answered_a_probe_is_not_probed_again_until_the_next_interval():
+    clock, asks, _dead, keepalive = make()
+    keepalive.probe(5)
+    asks[-1].callback(None)
+    keepalive.probe(5)
+    clock.advance(14)
+    keepalive.probe(5)
+    assert len(asks) == 1
+    clock.advance(1)  # the regular ask
+    keepalive.probe(5)
+    assert len(asks) == 3
+
+
+def test_a_client_busy_sending_counts_as_there_while_a_probe_waits():
+    """Its answer may wait behind its own data (a slow uplink, a full window)."""
+    clock = Clock()
+    received = [1000]
+    dead: list[float] = []
+    keepalive = Keepalive(Deferred, clock, 15, 3, lambda: dead.append(1), lambda: received[0])
+    keepalive.probe(5)
+    received[0] += 32768  # channel data, no answer yet
+    clock.advance(5)
+    assert dead == []
+    clock.advance(15)
+    keepalive.probe(5)  # silent this time
+    clock.advance(5)
+    assert dead == [1]

@@ -34,6 +34,7 @@ from nekojump.store import ImmediateStore, SQLiteStore
 MSG_USERAUTH_REQUEST = 50
 MSG_USERAUTH_SUCCESS = 52
 MSG_USERAUTH_PK_OK = 60
+MSG_IGNORE = 2
 MSG_GLOBAL_REQUEST = 80
 MSG_REQUEST_SUCCESS = 81
 MSG_REQUEST_FAILURE = 82
@@ -513,7 +514,7 @@ def test_tier_limits_cap_connections_and_forwards(tmp_path):
         world.store.close()
 
 
-@pytest.mark.parametrize("old_one", ["vanished", "alive"])
+@pytest.mark.parametrize("old_one", ["vanished", "alive", "busy"])
 def test_at_the_connection_cap_a_vanished_old_connection_makes_room_within_seconds(
     tmp_path, old_one
 ):
@@ -536,10 +537,12 @@ def test_at_the_connection_cap_a_vanished_old_connection_makes_room_within_secon
         assert first.count(MSG_GLOBAL_REQUEST) == asked_before + 1  # asked at once
         if old_one == "alive":
             first.send(MSG_REQUEST_FAILURE, b"")  # how OpenSSH answers a keepalive
-            pump.flush()
+        elif old_one == "busy":  # sending, its answer stuck behind its data
+            first.transport.sendPacket(MSG_IGNORE, NS(b"data"))
+        pump.flush()
         world.reactor.advance(STALE_PROBE_SECONDS)
         pump.flush()
-        if old_one == "alive":
+        if old_one != "vanished":
             assert len(world.registry.avatars()) == 1
             assert world.registry.held_ports() == {20062}
             return
@@ -548,6 +551,31 @@ def test_at_the_connection_cap_a_vanished_old_connection_makes_room_within_secon
         third.send(MSG_GLOBAL_REQUEST, forward_request(20062))
         pump3.flush()
         assert world.registry.held_ports() == {20062}
+    finally:
+        world.store.close()
+
+
+def test_refused_logins_in_a_row_do_not_ask_the_same_connections_again_and_again(tmp_path):
+    """Each refused login probes the member's connections: one that just
+    answered is not asked again (a member holding many connections would get
+    that many packets out of the server per refused login)."""
+    world = World(tmp_path, basic_limits={"connections": 2})
+    try:
+        held = [world.logged_in() for _ in range(2)]
+        before = [recorder.count(MSG_GLOBAL_REQUEST) for recorder, _, _ in held]
+        for _ in range(10):  # within one clock instant
+            _refused, pump, _server = world.logged_in()
+            pump.flush()
+            for recorder, held_pump, _ in held:
+                held_pump.flush()
+                recorder.send(MSG_REQUEST_FAILURE, b"")  # answer, as OpenSSH does
+                held_pump.flush()
+        asked = [
+            recorder.count(MSG_GLOBAL_REQUEST) - b
+            for (recorder, _, _), b in zip(held, before, strict=True)
+        ]
+        assert len(world.registry.avatars()) == 2  # both alive, both stay
+        assert asked == [1, 1]
     finally:
         world.store.close()
 

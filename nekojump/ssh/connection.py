@@ -54,6 +54,7 @@ class TunnelConnection(SSHConnection):
             interval=ssh.client_alive_interval,
             count_max=ssh.client_alive_count_max,
             on_dead=lambda: avatar.disconnect("client stopped answering keepalives"),
+            received=lambda: self.transport.bytes_received,
         )
         self.keepalive.start()
         socket = self.transport.transport

@@ -24,15 +24,20 @@ class Keepalive:
         interval: float,
         count_max: int,
         on_dead: Callable[[], None],
+        received: Callable[[], int] = lambda: 0,
     ):
         self._send = send
         self._clock = clock
         self.interval = interval
         self.count_max = count_max
         self._on_dead = on_dead
+        #: Bytes received from the client so far: any counts as a sign of life
+        #: for a probe (its answer may wait behind the client's own data).
+        self._received = received
         self.unanswered = 0
         self._call: IDelayedCall | None = None
         self._probe: IDelayedCall | None = None
+        self._probed_at: float | None = None
 
     def start(self) -> None:
         self._call = self._clock.callLater(self.interval, self._tick)
@@ -44,11 +49,17 @@ class Keepalive:
         self._call = self._probe = None
 
     def probe(self, timeout: float) -> None:
-        """Ask now, out of turn: no reply within ``timeout`` seconds and the
-        client is gone (``on_dead``).  One probe at a time."""
-        if self._probe is not None:
+        """Ask now, out of turn: if neither a reply nor any other data comes
+        within ``timeout`` seconds, the client is gone (``on_dead``).  At most
+        one probe per ``interval``: a client that just showed it is there is
+        left to the regular asks."""
+        now = self._clock.seconds()
+        if self._probe is not None or (
+            self._probed_at is not None and now - self._probed_at < self.interval
+        ):
             return
-        self._probe = self._clock.callLater(timeout, self._probe_expired)
+        self._probed_at = now
+        self._probe = self._clock.callLater(timeout, self._probe_expired, self._received())
         self._send().addBoth(self._probe_answered)
 
     def _probe_answered(self, _reply: object) -> None:
@@ -57,8 +68,10 @@ class Keepalive:
             self._probe.cancel()
         self._probe = None
 
-    def _probe_expired(self) -> None:
+    def _probe_expired(self, received_before: int) -> None:
         self._probe = None
+        if self._received() != received_before:
+            return  # busy sending: there, whatever became of the answer
         self.stop()
         self._on_dead()
 

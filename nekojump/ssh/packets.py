@@ -482,6 +482,7 @@ class PacketLayerMixin:
         and only the incomplete tail is kept for the next read.  Appending
         every read to one buffer and cutting packets off its front copied
         each byte two or three times."""
+        self.bytes_received += len(data)
         if not self.gotVersion:
             super().dataReceived(data)
             return
@@ -550,6 +551,9 @@ class PacketLayerMixin:
         if not self._initial_kex_done:
             return None
         return getattr(self.service, "channel_data", None)
+
+    #: Bytes read from the peer so far.
+    bytes_received = 0
 
     #: Length of the packet at the head of ``buf``, once its first 4 bytes are read.
     _head_length: int | None = None
