@@ -139,10 +139,10 @@ def world(tmp_path):
     w.store.close()
 
 
-def message(user: bytes, algorithm: bytes, blob: bytes) -> bytes:
+def message(user: bytes, algorithm: bytes, blob: bytes, session_id: bytes = SESSION_ID) -> bytes:
     """What a publickey signature covers (RFC 4252 section 7)."""
     return (
-        NS(SESSION_ID)
+        NS(session_id)
         + bytes((MSG_USERAUTH_REQUEST,))
         + NS(user)
         + NS(b"ssh-connection")
@@ -645,19 +645,6 @@ def test_pk_ok_echoes_the_algorithm_and_blob_exactly(world):
     assert transport.sent == [(MSG_USERAUTH_PK_OK, NS(b"ssh-ed25519") + NS(blob))]
 
 
-def _message(session_id: bytes, user: bytes, algorithm: bytes, blob: bytes) -> bytes:
-    return (
-        NS(session_id)
-        + bytes((50,))
-        + NS(user)
-        + NS(b"ssh-connection")
-        + NS(b"publickey")
-        + b"\x01"
-        + NS(algorithm)
-        + NS(blob)
-    )
-
-
 @pytest.mark.parametrize("field", ["session id", "user", "algorithm", "blob"])
 def test_a_signature_over_another_message_does_not_log_in(world, field):
     blob = world.private.public().blob()
@@ -673,7 +660,7 @@ def test_a_signature_over_another_message_does_not_log_in(world, field):
         "algorithm": b"ssh-rsa",
         "blob": blob + b"\x00",
     }[field]
-    data = _message(fields["session id"], fields["user"], fields["algorithm"], fields["blob"])
+    data = message(fields["user"], fields["algorithm"], fields["blob"], fields["session id"])
     service, transport = world.connection()
     service.ssh_USERAUTH_REQUEST(signed(world.private, signed_over=data))
     assert transport.sent == [FAILURE] and world.logins == []
