@@ -6,6 +6,7 @@ packets; the mesh member's socket is a ``StringTransport``.
 
 from __future__ import annotations
 
+import socket as pysocket
 import struct
 
 from attrs import define, field
@@ -559,3 +560,100 @@ def test_a_mesh_read_bigger_than_the_window_leaves_in_one_send(tmp_path):
     # Three packets (16384 + 16384 + 7232 bytes of data), each 4 + 12 + data + padding + tag.
     assert 40_000 < len(writes[0]) < 40_000 + 3 * (4 + 13 + 255 + 16)
     assert len(channel.buf) == 60_000
+
+
+def sealing_world(tmp_path, remote_window: int, remote_packet: int = 32768, cipher: bytes = b""):
+    """A forwarded channel whose SSH connection has done a real key exchange
+    with an in-memory client and now writes to a real socket, and a real mesh
+    socket: what ``read_socket`` reads, seals and sends, the client opens."""
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactor
+
+    from tests.test_transport_crypto import Client, _world, connect
+
+    _store, factory = _world(tmp_path, chacha20_poly1305=True)
+    client = Client()
+    client.supportedCiphers = [cipher or b"aes128-gcm@openssh.com"]
+    client, server, _pump = connect(factory, client)
+    conn, mesh, mesh_transport, channel, forward, confirm = setup(remote_window, remote_packet)
+    confirm()
+    conn.transport = server
+    ours, member_end = pysocket.socketpair()
+    ours.setblocking(False)
+    server.transport = tcp.Connection(ours, server, MemoryReactor())
+    server.transport.connected = True
+    mesh_end, mesh_peer = pysocket.socketpair()
+    mesh_end.setblocking(False)
+
+    def member_receives() -> list[bytes]:
+        """The CHANNEL_DATA payloads the member's client opens from what it got."""
+        member_end.setblocking(False)
+        wire = bytearray()
+        while True:
+            try:
+                wire += member_end.recv(1 << 20)
+            except BlockingIOError:
+                break
+        client.buf = wire
+        pieces = []
+        while (packet := client.getPacket()) is not None:
+            assert packet[0] == connection.MSG_CHANNEL_DATA
+            recipient, length = struct.unpack(">2L", packet[1:9])
+            assert recipient == 77 and length == len(packet) - 9
+            pieces.append(bytes(packet[9:]))
+        assert not client.buf  # nothing left over: whole packets only
+        return pieces
+
+    return mesh, mesh_transport, channel, forward, mesh_end, mesh_peer, member_receives
+
+
+def test_a_mesh_read_is_sealed_straight_into_packets_the_member_opens(tmp_path):
+    mesh, _transport, channel, forward, mesh_end, mesh_peer, member_receives = sealing_world(
+        tmp_path, remote_window=300_000
+    )
+    burst = bytes(range(251)) * 400  # 100,400 bytes: three whole packets and a short one
+    mesh_peer.sendall(burst)
+    assert mesh.read_socket(mesh_end) == len(burst)
+    pieces = member_receives()
+    assert [len(p) for p in pieces] == [32768, 32768, 32768, len(burst) - 3 * 32768]
+    assert b"".join(pieces) == burst
+    assert channel.remoteWindowLeft == 300_000 - len(burst)
+    assert forward.bytes_to_member == len(burst)
+    # Again: the buffers are reused, and the packets go on in sequence.
+    mesh_peer.sendall(burst[::-1])
+    assert mesh.read_socket(mesh_end) == len(burst)
+    assert b"".join(member_receives()) == burst[::-1]
+
+
+def test_a_sealed_read_takes_no_more_than_the_window_and_then_stops_reading(tmp_path):
+    mesh, transport, channel, _forward, mesh_end, mesh_peer, member_receives = sealing_world(
+        tmp_path, remote_window=50_000, remote_packet=16_384
+    )
+    mesh_peer.sendall(b"a" * 80_000)
+    assert mesh.read_socket(mesh_end) == 50_000
+    assert b"".join(member_receives()) == b"a" * 50_000
+    assert channel.remoteWindowLeft == 0 and channel.buf == b""
+    assert transport.producerState == "paused"  # the rest stays in the mesh socket
+    channel.addWindowBytes(100_000)  # the member's window adjust
+    assert transport.producerState == "producing"
+    assert mesh.read_socket(mesh_end) == 30_000
+    assert b"".join(member_receives()) == b"a" * 30_000
+
+
+def test_a_sealed_read_reports_the_end_of_the_mesh_stream(tmp_path):
+    mesh, _transport, _channel, _forward, mesh_end, mesh_peer, member_receives = sealing_world(
+        tmp_path, remote_window=50_000
+    )
+    mesh_peer.shutdown(pysocket.SHUT_WR)
+    assert mesh.read_socket(mesh_end) == 0
+    assert member_receives() == []
+
+
+def test_a_cipher_that_cannot_seal_in_place_reads_as_usual(tmp_path):
+    mesh, *_rest, mesh_end, mesh_peer, member_receives = sealing_world(
+        tmp_path, remote_window=50_000, cipher=b"chacha20-poly1305@openssh.com"
+    )
+    mesh_peer.sendall(b"hello")
+    assert mesh.read_socket(mesh_end) is None
+    mesh.dataReceived(mesh_end.recv(100))  # what Twisted then does
+    assert member_receives() == [b"hello"]

@@ -258,3 +258,47 @@ def test_unsent_bytes_of_a_lost_connection_is_what_twisted_still_holds():
     conn.connectionLost(Failure(ConnectionDone()))  # Twisted drops the socket attribute
     assert not hasattr(conn, "socket")
     assert unsent_bytes(conn) == 0
+
+
+class ReadsItself(Protocol):
+    """A protocol that reads its socket itself while ``answers`` says so."""
+
+    def __init__(self, *answers: object) -> None:
+        self.answers = list(answers)
+        self.received: list[bytes] = []
+
+    def read_socket(self, sock: socket.socket) -> int | None:
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer:
+            return len(sock.recv(answer))
+        return answer
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+@pytest.mark.parametrize(
+    ("answer", "result"),
+    [
+        (3, None),
+        (0, main.CONNECTION_DONE),
+        (BlockingIOError(), None),
+        (ConnectionResetError(), main.CONNECTION_LOST),
+    ],
+)
+def test_a_mesh_connection_lets_its_protocol_read_the_socket(answer, result):
+    conn, peer, _reactor = gathering()
+    conn.protocol = protocol = ReadsItself(answer)
+    peer.sendall(b"abcdef")
+    assert conn.doRead() == result
+    assert protocol.received == []
+
+
+def test_a_mesh_connection_reads_as_usual_when_its_protocol_declines():
+    conn, peer, _reactor = gathering()
+    conn.protocol = protocol = ReadsItself(None)
+    peer.sendall(b"abcdef")
+    assert conn.doRead() is None
+    assert protocol.received == [b"abcdef"]

@@ -53,6 +53,8 @@ class Direction:
     length_outside = True
     #: True when the 4-byte length is sent unencrypted (then ``length`` only reads it).
     length_in_clear = True
+    #: True if ``seal_into`` seals into a buffer of the caller's.
+    seals_into = False
 
     def length(self, seq: int, head: bytes) -> int:
         """The packet length from the first 4 bytes on the wire."""
@@ -104,6 +106,7 @@ _NONCE_COUNTER_MASK = 0xFFFFFFFFFFFFFFFF
 class AesGcm(Direction):
     block_size = 16
     tag_size = 16
+    seals_into = hasattr(AESGCM, "encrypt_into")  # in recent cryptography releases
 
     def __init__(self, key: bytes, iv: bytes) -> None:
         self._key = key
@@ -141,6 +144,26 @@ class AesGcm(Direction):
         head = packet[:4]
         with memoryview(packet) as view:
             return head, context.encrypt(self._fixed + counter.to_bytes(8, "big"), view[4:], head)
+
+    def seal_into(self, seq: int, source: memoryview, target: memoryview, start: int) -> int:
+        """Seal the packet at ``source[start:]`` (its length field says how
+        long it is) into ``target`` at the same offset, tag included, without
+        building a new ``bytes``; returns where it ends.  ``source`` and
+        ``target`` are distinct buffers."""
+        context = self._context or self._new_context()
+        self._used = True
+        counter = self._counter
+        self._counter = (counter + 1) & _NONCE_COUNTER_MASK
+        body = start + 4
+        end = body + _LENGTH.unpack_from(source, start)[0]
+        target[start:body] = source[start:body]
+        context.encrypt_into(
+            self._fixed + counter.to_bytes(8, "big"),
+            source[body:end],
+            source[start:body],
+            target[body : end + 16],
+        )
+        return end + 16
 
     def open(self, seq: int, wire: bytes) -> bytes | None:
         context = self._context or self._new_context()

@@ -21,6 +21,7 @@ at most 2 MiB of the member's data, and all fast ones together at most
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from functools import partial
 
@@ -190,6 +191,17 @@ class MeshConnection(Protocol):
         assert self.channel is not None
         self.channel.write(data)
 
+    def read_socket(self, sock: socket.socket) -> int | None:
+        """Read the mesh socket straight into packets for the member, if the
+        channel can (``ForwardedChannel.forward_from``); None: read as usual."""
+        channel = self.channel
+        if channel is None or self.read_closed:
+            return None
+        got = channel.forward_from(sock)
+        if got:
+            self.forward.bytes_to_member += got
+        return got
+
     def readConnectionLost(self) -> None:
         """The mesh member sent FIN: pass EOF on, keep the other direction."""
         self.read_closed = True
@@ -301,6 +313,38 @@ class ForwardedChannel(SSHChannel):
         mesh = self.mesh
         mesh.forward.bytes_from_member += len(data)
         self._burst.hold(mesh.output).write(data)
+
+    def forward_from(self, sock: socket.socket) -> int | None:
+        """Read the mesh socket into sealed packets for the member, no more
+        than its window takes (``PacketLayerMixin.forward_from_socket``);
+        returns the bytes read, or None if the socket is to be read as usual."""
+        window = self.remoteWindowLeft
+        if (
+            window <= 0
+            or self.buf
+            or self.refused
+            or self.closing
+            or self.localClosed
+            or not self.is_open
+        ):
+            return None
+        forward_from_socket = getattr(self.conn.transport, "forward_from_socket", None)
+        if forward_from_socket is None:
+            return None
+        got = forward_from_socket(
+            sock,
+            self.conn.channelsToRemoteChannel[self],
+            min(window, SOCKET_BUFFER),
+            self.remoteMaxPacket,
+        )
+        if got:
+            self.remoteWindowLeft = window - got
+            if got == window:
+                # Used up: Conch's write would stop here; the member's next
+                # window adjust starts reading again (``addWindowBytes``).
+                self.areWriting = False
+                self.stopWriting()
+        return got
 
     def write(self, data: bytes) -> None:
         """Conch's ``write``; what the window allows now is sealed in one pass."""

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from collections.abc import Callable
 
@@ -44,7 +45,7 @@ from nekojump.ssh.ciphers import (
     PacketCiphers,
     Plain,
 )
-from nekojump.ssh.sending import Burst, Cork
+from nekojump.ssh.sending import Burst, Cork, send_or_copy
 
 STRICT_KEX_S = b"kex-strict-s-v00@openssh.com"
 STRICT_KEX_C = b"kex-strict-c-v00@openssh.com"
@@ -60,6 +61,25 @@ _PACKET_HEAD = struct.Struct(">LBB")
 #: A CHANNEL_DATA packet up to its data: length, padding length, message
 #: number, recipient channel, data length.
 _DATA_PACKET_HEAD = struct.Struct(">LBBLL")
+
+
+#: The most packets one read of a mesh socket is sealed into at once.
+MAX_PACKETS_PER_READ = 64
+
+
+class _SealBuffers:
+    """Where ``forward_from_socket`` lays out packets and seals them: two
+    buffers for the whole process (one read at a time runs in the reactor),
+    grown on demand.  Nothing keeps a view of them once a read is sent."""
+
+    source = bytearray()
+    target = bytearray()
+
+    @classmethod
+    def of_size(cls, size: int) -> tuple[memoryview, memoryview]:
+        if len(cls.source) < size:
+            cls.source, cls.target = bytearray(size), bytearray(size)
+        return memoryview(cls.source), memoryview(cls.target)
 
 
 #: What Conch's connection service raises on a message it cannot parse or
@@ -438,6 +458,71 @@ class PacketLayerMixin:
         self._tx_bytes += wire_bytes
         if self._tx_packets >= self.rekey_packets or self._tx_bytes >= self.rekey_bytes:
             self._maybe_rekey()
+
+    def forward_from_socket(
+        self, sock: socket.socket, recipient: int, limit: int, max_packet: int
+    ) -> int | None:
+        """Read up to ``limit`` bytes from ``sock`` straight into CHANNEL_DATA
+        packets for channel ``recipient`` (``max_packet`` bytes of data each),
+        seal them and send them in one write.
+
+        What a read and ``send_channel_data`` do, without a ``bytes`` for the
+        read, a copy of each piece into its packet and a new, zeroed buffer per
+        sealed packet: ``recvmsg_into`` scatters the data into the packets'
+        places in one buffer, each packet is sealed into a second one, and
+        the packets lie back to back there, ready to send.
+
+        Returns how many bytes were read (0: the peer closed), or None if it
+        cannot be done now (a key exchange runs, the cipher cannot seal into
+        a buffer, output is being gathered or the connection is closing):
+        then read and send as usual.  An ``OSError`` of the read is raised."""
+        tx = self._tx
+        if (
+            not tx.seals_into
+            or self._keyExchangeState != self._KEY_EXCHANGE_NONE
+            or self._closing
+            or self.output.holding
+        ):
+            return None
+        count = min(-(-limit // max_packet), MAX_PACKETS_PER_READ)
+        limit = min(limit, count * max_packet)
+        full_padding = _padding_length(tx, 8 + max_packet)
+        # A whole packet on the wire: length, padding length, message number,
+        # recipient, data length, data, padding, tag.
+        slot = 14 + max_packet + full_padding + tx.tag_size
+        # The last packet may be short, with up to a block more padding.
+        source, target = _SealBuffers.of_size(count * slot + 2 * tx.block_size)
+        places = []
+        for start in range(14, count * slot, slot):
+            places.append(source[start : start + min(max_packet, limit)])
+            limit -= max_packet
+        got = sock.recvmsg_into(places)[0]
+        del places
+        if not got:
+            return 0
+        seal_into = tx.seal_into
+        seq = self.outgoingPacketSequence
+        left = got
+        start = end = packets = 0
+        while left:
+            length = min(left, max_packet)
+            padding = full_padding if length == max_packet else _padding_length(tx, 8 + length)
+            _DATA_PACKET_HEAD.pack_into(
+                source, start, length + padding + 10, padding, MSG_CHANNEL_DATA, recipient, length
+            )
+            source[start + 14 + length : start + 14 + length + padding] = self._padding(padding)
+            end = seal_into(seq, source, target, start)
+            seq = (seq + 1) & _SEQ_MASK
+            packets += 1
+            left -= length
+            start += slot
+        send_or_copy(self.transport, target[:end])
+        self.outgoingPacketSequence = seq
+        self._tx_packets += packets
+        self._tx_bytes += end
+        if self._tx_packets >= self.rekey_packets or self._tx_bytes >= self.rekey_bytes:
+            self._maybe_rekey()
+        return got
 
     def _padding(self, count: int) -> bytes:
         """``count`` random bytes from a pool refilled 4 KiB at a time."""

@@ -59,6 +59,21 @@ def send_now(transport: object, data: bytes | memoryview) -> None:
         _queue(transport, [memoryview(data)[sent:]])
 
 
+def send_or_copy(transport: object, data: memoryview) -> None:
+    """``send_now`` for a view of a buffer that is used again as soon as this
+    returns: what the socket does not take at once is queued as a copy."""
+    if not _idle(transport):
+        transport.write(bytes(data))
+        return
+    try:
+        sent = transport.socket.send(data)
+    except OSError:
+        # A full socket, or an error Twisted finds on its own write and closes on.
+        sent = 0
+    if sent < len(data):
+        transport.write(bytes(data[sent:]))
+
+
 #: The most buffers one ``sendmsg`` takes (Linux: 1024; POSIX promises 16).
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
 #: Pieces smaller than this that wait for a slow peer are copied together.
@@ -118,10 +133,28 @@ class GatheringServer(tcp.Server):
     The queue is Twisted's own ``_tempDataBuffer``/``_tempDataLen``, so
     Twisted's producer pausing and ``unsent_bytes`` see it as before;
     ``dataBuffer`` stays empty.
+
+    Its protocol may also read the socket itself: if it has
+    ``read_socket(sock)``, that is asked first on each readable event and
+    returns the bytes it read (0 at end of file), or None to have Twisted
+    read as usual.
     """
 
     #: Bytes of the first queued buffer already sent.
     _head_sent = 0
+
+    def doRead(self) -> object:
+        read_socket = getattr(self.protocol, "read_socket", None)
+        if read_socket is not None:
+            try:
+                got = read_socket(self.socket)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return main.CONNECTION_LOST
+            if got is not None:
+                return None if got else main.CONNECTION_DONE
+        return super().doRead()
 
     def write_pieces(self, pieces: list[bytes | memoryview]) -> None:
         """Queue ``pieces`` (``bytes`` or views) to be sent in order.
@@ -224,6 +257,11 @@ class Cork:
             self._pieces.extend(pieces)
         else:
             send_all_now(self.transport, pieces)
+
+    @property
+    def holding(self) -> bool:
+        """True while writes are gathered rather than sent."""
+        return self._pieces is not None
 
     def held(self) -> Cork:
         """Gather writes made inside the ``with`` block (nested blocks join the outer one)."""
