@@ -21,7 +21,7 @@ from nekojump.keys import parse_public_key
 from nekojump.model import Refused
 from nekojump.passwords import hash_password
 from nekojump.policy import plain_number
-from nekojump.store import TIERS, SQLiteStore
+from nekojump.store import TIERS, SQLiteStore, UnusableDatabase
 
 
 class CommandError(Exception):
@@ -450,7 +450,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     except ConfigError as error:
         sys.stderr.write(f"nekojump-admin: {error}\n")
         return 1
-    except OSError as error:
+    except (OSError, UnusableDatabase) as error:
         sys.stderr.write(f"nekojump-admin: cannot open the data directory: {error}\n")
         return 1
     try:

@@ -159,12 +159,15 @@ def _seconds(value: Any) -> float:
 def _endpoint(value: Any) -> str:
     text = _string(value)
     try:
-        serverFromString(None, text)
+        endpoint = serverFromString(None, text)
     except Exception as error:  # noqa: BLE001 - any parse failure is the user's
         raise ValueError(
             f"{text!r} is not a Twisted endpoint string "
             f'(e.g. "tcp:2222:interface=0.0.0.0"): {error}'
         ) from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is not a TCP port (0-65535)")
     return text
 
 
@@ -375,6 +378,11 @@ def load_config(path: str | Path | None = None, data_dir: str | None = None) -> 
             raise ConfigError(f"{source}: cannot read: {error.strerror}") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{source}: not valid TOML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{source}: not UTF-8 (TOML files must be): byte {error.start} is "
+                f"{error.object[error.start : error.start + 1]!r}"
+            ) from None
     if data_dir is not None:
         storage = document.get("storage", {})
         if not isinstance(storage, dict):

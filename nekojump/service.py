@@ -218,6 +218,9 @@ class NekojumpService(MultiService):
         def stopped(result: object) -> object:
             self.store.stop()
             self.store.store.stop_server()
+            # The last connection's close moves the WAL into the database
+            # file: after a clean stop that file alone holds everything.
+            self.store.store.close()
             return result
 
         return d.addBoth(stopped) if d is not None else stopped(None)

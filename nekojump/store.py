@@ -65,8 +65,20 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+class UnusableDatabase(Exception):
+    """The data directory's database cannot be used: damaged, not SQLite, in a
+    place SQLite cannot write, or from a newer release of nekojump."""
+
+
 def _migrate(db: sqlite3.Connection) -> None:
     current = db.execute("PRAGMA user_version").fetchone()[0]
+    known = max(version for version, _ in schema_scripts())
+    if current > known:
+        raise UnusableDatabase(
+            f"its schema version is {current}, and this release of nekojump knows only up "
+            f"to {known}: it was made by a newer release (roll back the database too, "
+            "or upgrade nekojump)"
+        )
     for version, script in schema_scripts():
         if version <= current:
             continue
@@ -86,22 +98,38 @@ class SQLiteStore:
 
     @classmethod
     def open(cls, data_dir: Path, clock: Callable[[], float] = time.time) -> SQLiteStore:
-        """Open (creating and migrating as needed) the store in ``data_dir``."""
-        data_dir.mkdir(parents=True, exist_ok=True)
+        """Open (creating and migrating as needed) the store in ``data_dir``.
+
+        A data directory made here is private to the server's user (0700), and
+        so is a new database file (0600): it holds password hashes.  Raises
+        OSError for a directory it cannot make, and ``UnusableDatabase`` for
+        a database SQLite cannot use."""
+        if not data_dir.is_dir():
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = data_dir / DB_NAME
-        if not path.exists():
-            # Build a new database beside the real name and rename it into
-            # place, so a crash never leaves a half-made file behind.
-            scratch = path.with_suffix(".new")
-            scratch.unlink(missing_ok=True)
-            db = _connect(scratch)
-            _migrate(db)
-            db.close()
-            os.replace(scratch, path)
-        db = _connect(path)
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = NORMAL")
-        _migrate(db)
+        try:
+            if not path.exists():
+                # Build a new database beside the real name and rename it into
+                # place, so a crash never leaves a half-made file behind.
+                scratch = path.with_suffix(".new")
+                scratch.unlink(missing_ok=True)
+                scratch.touch(mode=0o600)
+                db = _connect(scratch)
+                _migrate(db)
+                db.close()
+                os.replace(scratch, path)
+            db = _connect(path)
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")
+                _migrate(db)
+            except BaseException:
+                db.close()
+                raise
+        except sqlite3.Error as error:
+            raise UnusableDatabase(f"{path}: {error}") from error
+        except UnusableDatabase as error:
+            raise UnusableDatabase(f"{path}: {error}") from None
         return cls(db, clock)
 
     def close(self) -> None:

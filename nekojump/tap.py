@@ -27,6 +27,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from nekojump.service import make_service
+    from nekojump.store import UnusableDatabase
 
     try:
         config = load_config(options["config"], options["data-dir"])
@@ -37,4 +38,8 @@ def makeService(options: Options) -> IService:
     except OSError as error:
         raise SystemExit(
             f"nekojump: cannot use data directory {config.data_dir}: {error.strerror}"
+        ) from None
+    except UnusableDatabase as error:
+        raise SystemExit(
+            f"nekojump: cannot use data directory {config.data_dir}: {error}"
         ) from None

@@ -216,6 +216,10 @@ class Confirmed:
     changes: int
 
 
+#: User names and keys a failed login's log line lists, at most.
+MAX_NOTED = 5
+
+
 class TunnelUserAuthServer(SSHService):
     """The ``ssh-userauth`` service: publickey logins, one request at a time.
 
@@ -256,10 +260,31 @@ class TunnelUserAuthServer(SSHService):
         self._waiting = False
         #: Logged in, disconnected or gone: nothing more to answer.
         self._finished = False
+        self._logged_in_as: Identity | None = None
+        #: The user names and key fingerprints tried, for the log (a few of each).
+        self._users_tried: list[str] = []
+        self._keys_tried: list[str] = []
 
     def serviceStopped(self) -> None:
         self._finished = True
         self._queue.clear()
+        if self._logged_in_as is None and self.failures:
+            self._log_failed_login()
+
+    def _note_tried(self, tried: list[str], what: str) -> None:
+        if what not in tried and len(tried) < MAX_NOTED:
+            tried.append(what)
+
+    def _log_failed_login(self) -> None:
+        """One line per connection that tried and never logged in: who tried
+        what from where (what a member's "Permission denied" is about)."""
+        self.log.info(
+            "login failed from {source}: {failures} failed attempt(s) as {users} with {keys}",
+            source=self.transport.startup_source,
+            failures=self.failures,
+            users=", ".join(self._users_tried) or "no user",
+            keys=", ".join(self._keys_tried) or "no public key",
+        )
 
     def ssh_USERAUTH_REQUEST(self, packet: bytes) -> None:
         if self._finished:
@@ -292,6 +317,7 @@ class TunnelUserAuthServer(SSHService):
         except (IndexError, struct.error):
             self._disconnect(DISCONNECT_PROTOCOL_ERROR, b"malformed auth request")
             return
+        self._note_tried(self._users_tried, repr(user.decode("utf-8", "replace"))[:66])
         if service != b"ssh-connection":
             self._disconnect(DISCONNECT_SERVICE_NOT_AVAILABLE, b"only ssh-connection is offered")
             return
@@ -324,6 +350,7 @@ class TunnelUserAuthServer(SSHService):
         except (BadKeyError, ValueError, IndexError, struct.error):
             self._denied(asking=request.signature is None)
             return
+        self._note_tried(self._keys_tried, fingerprint)
         changes = self.checker.changes()
         self._waiting = True
         self.checker.look_up(fingerprint).addCallbacks(
@@ -400,6 +427,7 @@ class TunnelUserAuthServer(SSHService):
 
     def _logged_in(self, identity: Identity) -> None:
         self._finished = True
+        self._logged_in_as = identity
         self._queue.clear()
         transport = self.transport
         avatar = transport.factory.make_avatar(identity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 import struct
 from typing import TYPE_CHECKING
@@ -324,11 +325,29 @@ class TunnelAvatar(ConchUser):
                     port, forward.factory, interface=bind_address
                 )
                 gather_writes(forward.listener)
-            except CannotListenError:
+            except CannotListenError as error:
+                self._log_bind_error(bind_address, port, error.socketError)
                 return None
         self.forwards[port] = forward
         self.registry.add_forward(forward)
         return forward
+
+    _bind_error_logged = False
+
+    def _log_bind_error(self, address: str, port: int, error: object) -> None:
+        """Say why the OS would not open a port, unless it was only in use (once
+        per connection: with the mesh address gone every port fails alike)."""
+        if getattr(error, "errno", None) == errno.EADDRINUSE or self._bind_error_logged:
+            return
+        self._bind_error_logged = True
+        self.log.error(
+            "cannot open port {port} on {address} for {member}: {reason} "
+            "(is [forwarding] bind_address an address of this machine, and up?)",
+            port=port,
+            address=address,
+            member=self.identity.member_name,
+            reason=getattr(error, "strerror", None) or error,
+        )
 
     def _take_over(self, requested_host: str, decision: Takeover) -> ActiveForward | Refused:
         forward = self.registry.forward_on(decision.port)
