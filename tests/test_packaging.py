@@ -22,11 +22,11 @@ def verify(unit: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_jumphost_unit_verifies(tmp_path):
-    # The unit names /usr/local/bin/twistd (pip as root); point it at this machine's.
+    # The unit names the operator guide's venv; point it at this machine's twistd.
     text = (REPO / "etc" / "nekojump.service").read_text()
-    assert "ExecStart=/usr/local/bin/twistd" in text
+    assert "ExecStart=/opt/nekojump/bin/twistd" in text
     unit = tmp_path / "nekojump.service"
-    unit.write_text(text.replace("/usr/local/bin/twistd", tool("twistd")))
+    unit.write_text(text.replace("/opt/nekojump/bin/twistd", tool("twistd")))
     result = verify(unit)
     assert result.returncode == 0, result.stderr
     for hardening in (
