@@ -67,19 +67,52 @@ _DATA_PACKET_HEAD = struct.Struct(">LBBLL")
 MAX_PACKETS_PER_READ = 64
 
 
+#: A whole packet's size on the wire, its padding, and where each packet's data goes.
+_Layout = tuple[int, int, list[memoryview]]
+
+
 class _SealBuffers:
     """Where ``forward_from_socket`` lays out packets and seals them: two
     buffers for the whole process (one read at a time runs in the reactor),
-    grown on demand.  Nothing keeps a view of them once a read is sent."""
+    replaced by bigger ones on demand.  Nothing outside keeps a view of them
+    once a read is sent."""
 
-    source = bytearray()
-    target = bytearray()
+    source = memoryview(bytearray())
+    target = memoryview(bytearray())
+    #: Layouts of reads of whole packets, made once: (block size, tag size,
+    #: max packet, limit) -> what ``layout`` returns.
+    _layouts: dict[tuple[int, int, int, int], _Layout] = {}
 
     @classmethod
-    def of_size(cls, size: int) -> tuple[memoryview, memoryview]:
+    def layout(cls, tx: Direction, max_packet: int, limit: int) -> _Layout:
+        """For a read of up to ``limit`` bytes into packets of ``max_packet``
+        bytes of data: the size of a whole packet on the wire (its slot), its
+        padding, and the places in ``source`` where each packet's data goes
+        (14 bytes into its slot).  ``limit`` is at most MAX_PACKETS_PER_READ
+        packets' worth."""
+        key = (tx.block_size, tx.tag_size, max_packet, limit)
+        found = cls._layouts.get(key)
+        if found is not None:
+            return found
+        count = -(-limit // max_packet)
+        padding = _padding_length(tx, 8 + max_packet)
+        slot = 14 + max_packet + padding + tx.tag_size
+        # The last packet may be short, with up to a block more padding.
+        size = count * slot + 2 * tx.block_size
         if len(cls.source) < size:
-            cls.source, cls.target = bytearray(size), bytearray(size)
-        return memoryview(cls.source), memoryview(cls.target)
+            cls._layouts = {}
+            cls.source, cls.target = memoryview(bytearray(size)), memoryview(bytearray(size))
+        source = cls.source
+        places = []
+        for start in range(14, count * slot, slot):
+            places.append(source[start : start + min(max_packet, limit)])
+            limit -= max_packet
+        found = (slot, padding, places)
+        if limit == 0 or len(cls._layouts) < 8:  # whole packets; or a few others
+            if len(cls._layouts) >= 16:
+                cls._layouts.clear()
+            cls._layouts[key] = found
+        return found
 
 
 #: What Conch's connection service raises on a message it cannot parse or
@@ -484,22 +517,15 @@ class PacketLayerMixin:
             or self.output.holding
         ):
             return None
-        count = min(-(-limit // max_packet), MAX_PACKETS_PER_READ)
-        limit = min(limit, count * max_packet)
-        full_padding = _padding_length(tx, 8 + max_packet)
-        # A whole packet on the wire: length, padding length, message number,
-        # recipient, data length, data, padding, tag.
-        slot = 14 + max_packet + full_padding + tx.tag_size
-        # The last packet may be short, with up to a block more padding.
-        source, target = _SealBuffers.of_size(count * slot + 2 * tx.block_size)
-        places = []
-        for start in range(14, count * slot, slot):
-            places.append(source[start : start + min(max_packet, limit)])
-            limit -= max_packet
+        # A whole packet on the wire (a slot): length, padding length, message
+        # number, recipient, data length, data, padding, tag.
+        slot, full_padding, places = _SealBuffers.layout(
+            tx, max_packet, min(limit, MAX_PACKETS_PER_READ * max_packet)
+        )
         got = sock.recvmsg_into(places)[0]
-        del places
         if not got:
             return 0
+        source, target = _SealBuffers.source, _SealBuffers.target
         seal_into = tx.seal_into
         seq = self.outgoingPacketSequence
         left = got
