@@ -27,7 +27,7 @@ from nekojump.ssh.auth import TunnelKeyChecker
 from nekojump.ssh.avatar import TunnelAvatar
 from nekojump.ssh.factory import TunnelSSHFactory
 from nekojump.ssh.registry import ActiveForward, TunnelRegistry
-from nekojump.ssh.sending import gather_writes
+from nekojump.ssh.sending import SharedReadServer, gather_writes
 from nekojump.store import DeferredStore, SQLiteStore
 from nekojump.web.app import Dashboard
 from nekojump.web.auth import LoginThrottle
@@ -162,7 +162,7 @@ class NekojumpService(MultiService):
 
     def _listening(self, port: IListeningPort) -> None:
         self.ssh_port = port
-        gather_writes(port)
+        gather_writes(port, SharedReadServer)
         cfg = self.config
         address = port.getHost()
         self.log.info(

@@ -15,6 +15,7 @@ from nekojump.ssh.sending import (
     Burst,
     Cork,
     GatheringServer,
+    SharedReadServer,
     send_all_now,
     send_now,
     unsent_bytes,
@@ -302,3 +303,46 @@ def test_a_mesh_connection_reads_as_usual_when_its_protocol_declines():
     peer.sendall(b"abcdef")
     assert conn.doRead() is None
     assert protocol.received == [b"abcdef"]
+
+
+class Keeps(Protocol):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(bytes(data))
+
+
+def shared_reader() -> tuple[SharedReadServer, socket.socket, Keeps]:
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    protocol = Keeps()
+    conn = SharedReadServer(ours, protocol, ("127.0.0.1", 40000), None, 1, MemoryReactor())
+    return conn, peer, protocol
+
+
+def test_ssh_connections_read_into_one_shared_buffer_in_turn():
+    first, first_peer, got_first = shared_reader()
+    second, second_peer, got_second = shared_reader()
+    first_peer.sendall(b"one")
+    second_peer.sendall(b"two")
+    assert first.doRead() is None and second.doRead() is None
+    assert got_first.received == [b"one"] and got_second.received == [b"two"]
+    first_peer.close()
+    assert first.doRead() == main.CONNECTION_DONE
+
+
+def test_a_read_while_the_shared_buffer_is_in_use_gets_its_own():
+    first, first_peer, _ = shared_reader()
+    second, second_peer, got_second = shared_reader()
+    seen: list[bytes] = []
+
+    def nested(data: bytes) -> None:
+        second.doRead()  # Twisted never does this; if it did, "one" must survive
+        seen.append(bytes(data))
+
+    first.protocol.dataReceived = nested
+    first_peer.sendall(b"one")
+    second_peer.sendall(b"two")
+    first.doRead()
+    assert seen == [b"one"] and got_second.received == [b"two"]
