@@ -664,3 +664,23 @@ def test_a_connection_looping_on_bind_and_cancel_is_ended(world, monkeypatch):
             break
     assert server.transport.disconnecting or server.transport.disconnected
     assert len(world.store.audit_events(1000)) < 50
+
+
+def test_a_session_closed_by_a_client_that_gave_no_window_is_closed_and_freed(world):
+    """A client opens sessions with a window of 0, asks for exec (whose refusal
+    then waits for window) and closes each: every CLOSE is answered and the
+    connection can go on opening sessions (they were stuck until the cap)."""
+    recorder, pump, server = world.logged_in()
+    for channel in range(12):
+        recorder.send(MSG_CHANNEL_OPEN, NS(b"session") + struct.pack(">3L", channel, 0, 32768))
+        pump.flush()
+        confirm = [p for n, p in recorder.got if n == 91][-1]  # OPEN_CONFIRMATION
+        recipient, ours = struct.unpack(">2L", confirm[:8])
+        assert recipient == channel
+        recorder.send(98, struct.pack(">L", ours) + NS(b"exec") + b"\x01" + NS(b"ls"))
+        pump.flush()
+        world.reactor.advance(0)  # the refusal is written, and waits for window
+        recorder.send(97, struct.pack(">L", ours))  # CHANNEL_CLOSE
+        pump.flush()
+        assert [p for n, p in recorder.got if n == 97][-1] == struct.pack(">L", channel)
+    assert server.service.channels == {}

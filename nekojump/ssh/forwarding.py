@@ -375,6 +375,15 @@ class ForwardedChannel(SSHChannel):
         self._stop_producing_for_mesh()
         self.mesh.transport.loseWriteConnection()
 
+    def closeReceived(self) -> None:
+        # The member closed: what still waits for its window can never go
+        # (OpenSSH grants none after its CLOSE), and Conch would answer CLOSE
+        # only once it had, leaving the channel, the mesh socket, the stream
+        # count and the window growth behind for the life of the connection.
+        self.buf = b""
+        self.extBuf = []
+        self.loseConnection()
+
     def closed(self) -> None:
         self.is_open = False
         self._release_window()

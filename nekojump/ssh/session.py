@@ -90,4 +90,8 @@ class TunnelSession(SSHChannel):
         self.avatar.clock.callLater(0, self.finish, 0)
 
     def closeReceived(self) -> None:
+        # What waits for a window the client will never give (it closed) is
+        # dropped: Conch answers CLOSE only once nothing waits.
+        self.buf = b""
+        self.extBuf = []
         self.loseConnection()
