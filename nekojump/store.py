@@ -65,6 +65,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+#: Seconds a request from the CLI to the running server is kept once done.
+DONE_REQUESTS_KEPT = 24 * 3600
+
+
 class UnusableDatabase(Exception):
     """The data directory's database cannot be used: damaged, not SQLite, in a
     place SQLite cannot write, or from a newer release of nekojump."""
@@ -502,14 +506,19 @@ class SQLiteStore:
         return cursor.lastrowid
 
     def take_control_requests(self) -> list[tuple[str, str]]:
-        """Pending requests, oldest first, marked done as they are handed out."""
+        """Pending requests, oldest first, marked done as they are handed out
+        (and forgotten a day after: the audit trail keeps what was done)."""
+        now = self._clock()
         with self.transaction() as db:
             rows = db.execute(
                 "SELECT id, action, target FROM control_requests WHERE done_at IS NULL ORDER BY id"
             ).fetchall()
             db.executemany(
                 "UPDATE control_requests SET done_at = ? WHERE id = ?",
-                [(self._clock(), row["id"]) for row in rows],
+                [(now, row["id"]) for row in rows],
+            )
+            db.execute(
+                "DELETE FROM control_requests WHERE done_at < ?", (now - DONE_REQUESTS_KEPT,)
             )
         return [(row["action"], row["target"]) for row in rows]
 

@@ -10,7 +10,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 
-from nekojump.store import DeferredStore, SQLiteStore
+from nekojump.store import DONE_REQUESTS_KEPT, DeferredStore, SQLiteStore
 
 
 class ThreadedReactor:
@@ -197,3 +197,19 @@ def test_a_transaction_inside_another_takes_back_only_its_own_statements(sqlite)
             sqlite.audit("taken-back", member="alice")
             sqlite.audit(None)  # event may not be NULL
     assert [e["event"] for e in sqlite.audit_events(member="alice")] == ["kept"]
+
+
+def test_requests_from_the_cli_are_forgotten_a_day_after_they_were_done(tmp_path):
+    now = [1_000_000.0]
+    store = SQLiteStore.open(tmp_path, clock=lambda: now[0])
+    try:
+        store.request_kill("kill-port", "10080")
+        assert store.take_control_requests() == [("kill-port", "10080")]
+        assert store.take_control_requests() == []
+        now[0] += DONE_REQUESTS_KEPT + 1
+        store.request_kill("kill-member", "alice")
+        assert store.take_control_requests() == [("kill-member", "alice")]
+        count = store._db.execute("SELECT COUNT(*) FROM control_requests").fetchone()[0]
+        assert count == 1  # the old one is gone, today's is kept
+    finally:
+        store.close()
