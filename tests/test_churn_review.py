@@ -101,3 +101,26 @@ def test_a_channel_closed_by_the_member_with_data_waiting_gives_its_window_growt
         _reactor_reports_closed(mesh, socket)
         held.append(conn)  # the SSH connections stay up
     assert budget.used == 0, f"{budget.used >> 20} MiB of window growth still held"
+
+
+def test_bytes_on_a_connection_that_outlives_its_forward_still_count():
+    """A mesh connection may outlive its forward (cancel-tcpip-forward, or the
+    port handed on): the totals were taken when the forward was released, and
+    what went through it afterwards was never counted."""
+    from twisted.internet.error import ConnectionDone as Done
+
+    from nekojump.ssh.registry import Totals
+    from tests.test_forwarding import data_packet
+
+    conn, mesh, _socket, channel, forward, confirm = setup()
+    registry = forward.avatar.registry
+    registry.add_forward(forward)
+    confirm()
+    mesh.dataReceived(b"a" * 1000)
+    registry.remove_forward(forward)  # the forward goes; its connection stays
+    mesh.dataReceived(b"b" * 500)
+    conn.ssh_CHANNEL_DATA(data_packet(channel, b"c" * 300))
+    assert registry.totals() == Totals(1, 1500, 300)
+    mesh.connectionLost(Failure(Done()))
+    assert registry.totals() == Totals(1, 1500, 300)
+    assert registry.open_streams == 0

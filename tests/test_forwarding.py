@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from nekojump.model import Identity
+from nekojump.policy import Holder
 from nekojump.ssh import forwarding
 from nekojump.ssh.connection import TunnelConnection
 from nekojump.ssh.forwarding import (
@@ -76,6 +77,7 @@ class FakeAvatar:
     registry: TunnelRegistry = field(factory=TunnelRegistry)
     identity: Identity = field(factory=lambda: Identity(1, "alice", 1, "SHA256:x", "laptop"))
     clock: Clock = field(factory=Clock)
+    holder: Holder = field(factory=lambda: Holder(key_id=1, member_id=1, connection_id=1))
 
     def forward_failed(self, forward: ActiveForward, message: str) -> None:
         self.failures.append(message)

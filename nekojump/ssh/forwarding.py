@@ -213,7 +213,7 @@ class MeshConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.forward.open_connections -= 1
-        self.forward.avatar.registry.stream_closed(self.member_id)
+        self.forward.avatar.registry.stream_closed(self.member_id, self.forward)
         if self.channel is not None:
             self.channel.mesh_gone()
 

@@ -88,6 +88,8 @@ class TunnelRegistry:
     _ids: Iterable[int] = field(factory=lambda: itertools.count(1))
     _parked: dict[int, tuple[ActiveForward, IDelayedCall]] = field(factory=dict)
     _closed_totals: Totals = field(factory=lambda: Totals())
+    #: Released forwards whose mesh connections still run: their bytes still count.
+    _lingering: dict[ActiveForward, None] = field(factory=dict)
     _per_member: dict[int, int] = field(factory=dict)
     _connections_per_member: dict[int, int] = field(factory=dict)
     _streams_per_member: dict[int, int] = field(factory=dict)
@@ -184,9 +186,13 @@ class TunnelRegistry:
         self.open_streams += 1
         _count(self._streams_per_member, member_id, +1)
 
-    def stream_closed(self, member_id: int) -> None:
+    def stream_closed(self, member_id: int, forward: ActiveForward | None = None) -> None:
+        """A mesh connection ended (``forward``: the one it came in on)."""
         self.open_streams -= 1
         _count(self._streams_per_member, member_id, -1)
+        if forward is not None and not forward.open_connections and forward in self._lingering:
+            del self._lingering[forward]
+            self._closed_totals = self._closed_totals.plus(forward)
 
     # -- released listeners, closing on the next reactor turn -----------------------
 
@@ -220,7 +226,7 @@ class TunnelRegistry:
     def totals(self) -> Totals:
         """Totals of closed forwards plus the live ones."""
         result = self._closed_totals
-        for forward in self._forwards.values():
+        for forward in (*self._forwards.values(), *self._lingering):
             result = result.plus(forward)
         return result
 
@@ -228,7 +234,10 @@ class TunnelRegistry:
         if self._forwards.get(forward.port) is forward:
             del self._forwards[forward.port]
             _count(self._per_member, forward.holder.member_id, -1)
-            self._closed_totals = self._closed_totals.plus(forward)
+            if forward.open_connections:
+                self._lingering[forward] = None  # counted until its last connection ends
+            else:
+                self._closed_totals = self._closed_totals.plus(forward)
             self._changed(None, forward.port)
 
     def forward_changed(self, forward: ActiveForward) -> None:
