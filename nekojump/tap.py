@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -34,7 +36,7 @@ def makeService(options: Options) -> IService:
     except ConfigError as error:
         raise SystemExit(f"nekojump: {error}") from None
     try:
-        return make_service(config, reactor)
+        service = make_service(config, reactor)
     except OSError as error:
         raise SystemExit(
             f"nekojump: cannot use data directory {config.data_dir}: {error.strerror}"
@@ -43,3 +45,15 @@ def makeService(options: Options) -> IService:
         raise SystemExit(
             f"nekojump: cannot use data directory {config.data_dir}: {error}"
         ) from None
+    reactor.callWhenRunning(freeze_startup_objects)
+    return service
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up made (modules, classes, config, the web app) out of
+    the garbage collector's sight: it lives as long as the process, and every
+    full collection would walk it again.  With thousands of tunnels a full
+    collection pauses every tunnel; this makes it that much shorter (and a
+    small server's a good deal shorter)."""
+    gc.collect()
+    gc.freeze()
