@@ -233,7 +233,9 @@ def parse_public_key(text: str) -> PublicKey | Refused:
             "(e.g. cat ~/.ssh/nekotopia_jump.pub); the private half never "
             "leaves your machine",
         )
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines[0] == RFC4716_BEGIN:
+        return _from_rfc4716(lines)
     if len(lines) > 1:
         return Refused("key-multiple", "paste exactly one public key, on one line")
 
@@ -246,6 +248,39 @@ def parse_public_key(text: str) -> PublicKey | Refused:
         "this does not look like an SSH public key; it should start with "
         "ssh-ed25519, ecdsa-sha2-… or ssh-rsa",
     )
+
+
+RFC4716_BEGIN = "---- BEGIN SSH2 PUBLIC KEY ----"
+RFC4716_END = "---- END SSH2 PUBLIC KEY ----"
+
+
+def _from_rfc4716(lines: list[str]) -> PublicKey | Refused:
+    """A key in the RFC 4716 format PuTTYgen's "Save public key" and
+    ``ssh-keygen -e`` write: header lines ("Comment: ...", continued by a
+    trailing backslash), then the key's base64 over several lines."""
+    if RFC4716_END not in lines:
+        return Refused(
+            "key-malformed",
+            f"this PuTTY/SSH2 public key file is cut short: copy all of it, down to {RFC4716_END}",
+        )
+    end = lines.index(RFC4716_END)
+    if end != len(lines) - 1:
+        return Refused("key-multiple", "paste exactly one public key")
+    body = lines[1:end]
+    comment = ""
+    while body and (":" in body[0] or body[0].endswith("\\")):
+        header = body.pop(0)
+        while header.endswith("\\") and body:
+            header = header[:-1] + body.pop(0)
+        tag, _, value = header.partition(":")
+        if tag.strip().lower() == "comment":
+            comment = value.strip().strip('"')
+    data = "".join(body)
+    try:
+        key_type = read_string(base64.b64decode(data, validate=True))[0].decode("ascii")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return Refused("key-malformed", "the key data is damaged or incomplete")
+    return _vet(key_type, data, comment)
 
 
 def _looks_like_type(field: str) -> bool:

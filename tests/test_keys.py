@@ -233,3 +233,23 @@ def test_a_key_blob_with_bytes_after_the_key_is_refused():
     assert isinstance(result, Refused)
     assert result.code == "key-malformed"
     assert "extra bytes after the key" in result.reason
+
+
+def test_a_putty_or_ssh_keygen_e_public_key_file_is_read_with_its_comment(tmp_path):
+    """RFC 4716, as PuTTYgen's "Save public key" and ``ssh-keygen -e`` write it,
+    with a header continued over two lines."""
+    key_file = tmp_path / "k"
+    subprocess.run(
+        [tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", str(key_file)], check=True
+    )
+    openssh = parse_public_key(key_file.with_suffix(".pub").read_text())
+    exported = subprocess.run(
+        [tool("ssh-keygen"), "-e", "-f", f"{key_file}.pub"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = exported.splitlines()
+    lines[1] = 'Comment: "my \\\n windows pc"'
+    key = parse_public_key("\r\n".join(lines))
+    assert key == openssh.__class__(openssh.key_type, openssh.blob, "my windows pc", 256)
+    assert parse_public_key(exported * 2).code == "key-multiple"
+    assert parse_public_key("\n".join(lines[:-1])).code == "key-malformed"

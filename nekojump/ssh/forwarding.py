@@ -267,6 +267,11 @@ class ForwardedChannel(SSHChannel):
         if self.mesh_closed:
             self.loseConnection()
             return
+        forward = self.forward
+        if forward.last_error is not None:
+            # A connection got through: what went wrong before is over.
+            forward.last_error = None
+            forward.avatar.registry.forward_changed(forward)
         self.mesh.transport.registerProducer(self, True)
         self.update_reading()
 

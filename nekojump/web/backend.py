@@ -235,12 +235,15 @@ class Backend:
         mine = await self.ports(member)
         everyone = await self.ports(None)
         taken = {p.port for p in everyone} | self.registry.held_ports()
+        live = [
+            f.port for f in self.registry.forwards() if f.avatar.identity.member_id == member.id
+        ]
         cfg = self.config
         return ConnectInfo(
             hostname=cfg.web.public_hostname,
             ssh_port=ssh_port_of(cfg.ssh.listen),
             user=cfg.ssh.user,
-            port=suggest_port(mine, taken, cfg.forwarding.rules),
+            port=suggest_port(mine, taken, cfg.forwarding.rules, live),
             mesh_address=cfg.forwarding.bind_address,
             host_key=self.host_key.public().toString("OPENSSH").decode("ascii"),
         )

@@ -40,8 +40,11 @@ class ConnectInfo:
         return f"ssh -N -p {self.ssh_port} -R {self.forward} -i {self.key_path} {self.target}"
 
     def autossh_command(self) -> str:
+        # autossh gives up if ssh fails within its first 30 s (AUTOSSH_GATETIME):
+        # a port still held by the member's old session, or by someone else,
+        # would end it for good instead of being retried.
         return (
-            "autossh -M 0 -N \\\n"
+            "AUTOSSH_GATETIME=0 autossh -M 0 -N \\\n"
             '  -o "ServerAliveInterval 30" \\\n'
             '  -o "ServerAliveCountMax 3" \\\n'
             "  -o ExitOnForwardFailure=yes \\\n"
@@ -113,10 +116,19 @@ class ConnectInfo:
         }
 
 
-def suggest_port(mine: list[RegisteredPort], taken: Container[int], rules: ForwardRules) -> int:
-    """The member's first registered port, else the first free one from port_min + 80."""
+def suggest_port(
+    mine: list[RegisteredPort],
+    taken: Container[int],
+    rules: ForwardRules,
+    live: list[int] = (),
+) -> int:
+    """The member's first registered port, else the port their first live
+    tunnel holds (the commands they come back for must name the port they
+    use), else the first free one from port_min + 80."""
     if mine:
         return mine[0].port
+    if live:
+        return min(live)
     span = rules.port_max - rules.port_min + 1
     start = min(80, span - 1)
     for offset in range(span):
