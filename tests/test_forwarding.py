@@ -659,3 +659,51 @@ def test_a_cipher_that_cannot_seal_in_place_reads_as_usual(tmp_path):
     assert mesh.read_socket(mesh_end) is None
     mesh.dataReceived(mesh_end.recv(100))  # what Twisted then does
     assert member_receives() == [b"hello"]
+
+
+def test_what_a_slow_mesh_client_has_not_taken_survives_the_next_reads(tmp_path):
+    """Packets from the member are decrypted into one buffer reused by every
+    read: what the mesh socket cannot take at once must wait as a copy, not as
+    a view of that buffer (the next read would overwrite it)."""
+    from twisted.internet.testing import MemoryReactor
+
+    from nekojump.ssh.sending import Cork, GatheringServer
+    from tests.test_transport_crypto import Client, _world, connect
+
+    _store, factory = _world(tmp_path)
+    client = Client()
+    client.supportedCiphers = [b"aes128-gcm@openssh.com"]
+    client, server, _pump = connect(factory, client)
+    conn, mesh, _fake, channel, _forward, confirm = setup()
+    confirm()
+    conn.transport = server
+    server.service = conn
+    channel._burst = server.burst
+    ours, peer = pysocket.socketpair()
+    ours.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 16384)
+    ours.setblocking(False)
+    mesh_transport = GatheringServer(ours, mesh, ("127.0.0.9", 40000), None, 1, MemoryReactor())
+    mesh.transport = mesh_transport
+    mesh.output = Cork(mesh_transport)
+    sent: list[bytes] = []
+    client.transport.write = sent.append
+    server.transport.write = lambda data: None  # window adjusts to the member
+
+    expected = b""
+    for read in range(6):  # each read: 8 packets of 32 KiB, far more than the socket takes
+        chunk = bytes([65 + read]) * (256 * 1024)
+        sent.clear()
+        client.send_channel_data(channel.id, chunk, 32 * 1024)
+        server.dataReceived(b"".join(bytes(s) for s in sent))
+        assert not server._closing
+        expected += chunk
+        channel.localWindowLeft = channel.localWindowSize  # the member may go on
+    peer.setblocking(False)
+    got = bytearray()
+    while len(got) < len(expected):
+        mesh_transport.doWrite()
+        try:
+            got += peer.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    assert got == expected

@@ -55,6 +55,8 @@ class Direction:
     length_in_clear = True
     #: True if ``seal_into`` seals into a buffer of the caller's.
     seals_into = False
+    #: True if ``open_into`` opens into a buffer of the caller's.
+    opens_into = False
 
     def length(self, seq: int, head: bytes) -> int:
         """The packet length from the first 4 bytes on the wire."""
@@ -107,6 +109,7 @@ class AesGcm(Direction):
     block_size = 16
     tag_size = 16
     seals_into = hasattr(AESGCM, "encrypt_into")  # in recent cryptography releases
+    opens_into = hasattr(AESGCM, "decrypt_into")
 
     def __init__(self, key: bytes, iv: bytes) -> None:
         self._key = key
@@ -174,6 +177,20 @@ class AesGcm(Direction):
             return context.decrypt(self._fixed + counter.to_bytes(8, "big"), wire[4:], wire[:4])
         except InvalidTag:
             return None
+
+    def open_into(self, seq: int, wire: memoryview, target: memoryview) -> bool:
+        """``open`` into ``target`` (exactly the body's size); False if forged."""
+        context = self._context or self._new_context()
+        self._used = True
+        counter = self._counter
+        self._counter = (counter + 1) & _NONCE_COUNTER_MASK
+        try:
+            context.decrypt_into(
+                self._fixed + counter.to_bytes(8, "big"), wire[4:], wire[:4], target
+            )
+        except InvalidTag:
+            return False
+        return True
 
 
 _ZERO_BLOCK = bytes(64)

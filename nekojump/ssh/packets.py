@@ -45,7 +45,7 @@ from nekojump.ssh.ciphers import (
     PacketCiphers,
     Plain,
 )
-from nekojump.ssh.sending import Burst, Cork, send_or_copy
+from nekojump.ssh.sending import Borrowed, Burst, Cork, send_or_copy
 
 STRICT_KEX_S = b"kex-strict-s-v00@openssh.com"
 STRICT_KEX_C = b"kex-strict-c-v00@openssh.com"
@@ -113,6 +113,49 @@ class _SealBuffers:
                 cls._layouts.clear()
             cls._layouts[key] = found
         return found
+
+
+class Decrypted:
+    """Where the packets of one read of an SSH socket are decrypted, one after
+    another, instead of into a new (zeroed) ``bytes`` each: one buffer for
+    the whole process, as reads are handled one at a time.
+
+    Inside ``with DECRYPTED:`` (the handling of one read) ``take`` hands out
+    the next part of it; the channel data passed on are views of it, so
+    ``Borrowed`` makes the mesh connections copy what they cannot send before
+    the read is done.  Outside, or when a read's packets do not fit, ``take``
+    gives None and the packet is decrypted the usual way."""
+
+    SIZE = 1 << 20
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray())
+        self.used = 0
+        self.depth = 0
+
+    def take(self, size: int) -> memoryview | None:
+        if not self.depth:
+            return None
+        start = self.used
+        if start + size > len(self.view):
+            if start or size > self.SIZE:
+                return None
+            self.view = memoryview(bytearray(self.SIZE))
+        self.used = start + size
+        return self.view[start : start + size]
+
+    def __enter__(self) -> None:
+        if not self.depth:
+            self.used = 0
+        self.depth += 1
+        Borrowed.depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.depth -= 1
+        Borrowed.depth -= 1
+
+
+DECRYPTED = Decrypted()
 
 
 #: What Conch's connection service raises on a message it cannot parse or
@@ -597,7 +640,8 @@ class PacketLayerMixin:
         if not self.gotVersion:
             super().dataReceived(data)
             return
-        with self.output, self.burst:
+        # DECRYPTED outermost: the writes the burst gathered leave while it is held.
+        with DECRYPTED, self.output, self.burst:
             used = self._complete_held(data)
             if used == len(data) or self._closing:
                 return
@@ -647,7 +691,10 @@ class PacketLayerMixin:
             body, end = opened
             number = body[1]
             if number != MSG_CHANNEL_DATA:
-                self.dispatchMessage(number, body[2:end])
+                payload = body[2:end]
+                self.dispatchMessage(
+                    number, payload.tobytes() if type(payload) is memoryview else payload
+                )
                 channel_data = self._channel_data_handler()  # the service may change
             elif channel_data is None:
                 self.dispatchMessage(number, memoryview(body)[2:end])
@@ -675,7 +722,7 @@ class PacketLayerMixin:
         if opened is None:
             return None
         body, end = opened
-        return body[1:end]
+        return bytes(body[1:end])
 
     def _head_total(self) -> int | None:
         """Wire size of the packet at the head of ``buf`` (whose first 4 bytes
@@ -694,7 +741,7 @@ class PacketLayerMixin:
             self._head_length = length
         return 4 + length + rx.tag_size
 
-    def _open_packet(self) -> tuple[bytes, int] | None:
+    def _open_packet(self) -> tuple[bytes | memoryview, int] | None:
         """Decrypt the packet at the head of ``buf``: its body (padding length,
         payload, padding) and where the payload ends; None if there is no
         whole packet yet or it was bad (then the connection is closing)."""
@@ -707,12 +754,20 @@ class PacketLayerMixin:
         if total is None or len(buf) < total:
             return None
         rx, seq = self._rx, self.incomingPacketSequence
+        # Into the read's share of DECRYPTED if the cipher can (None: a new bytes).
+        plain = DECRYPTED.take(total - 4 - rx.tag_size) if rx.opens_into else None
         if isinstance(buf, bytearray):
             with memoryview(buf) as view, view[:total] as wire:
-                body = rx.open(seq, wire)
+                if plain is None:
+                    body = rx.open(seq, wire)
+                else:
+                    body = plain if rx.open_into(seq, wire, plain) else None
             del buf[:total]
         else:
-            body = rx.open(seq, buf[:total])
+            if plain is None:
+                body = rx.open(seq, buf[:total])
+            else:
+                body = plain if rx.open_into(seq, buf[:total], plain) else None
             self.buf = buf[total:]
         self._head_length = None
         if body is None:

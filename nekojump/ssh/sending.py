@@ -119,6 +119,14 @@ def _queue(transport: object, pieces: list[bytes | memoryview]) -> None:
         transport.write(b"".join(pieces))
 
 
+class Borrowed:
+    """While ``depth`` is above zero, the views written to mesh connections
+    look into a buffer that is used again once the current read is handled
+    (``packets.Decrypted``): what has to wait is queued as a copy."""
+
+    depth = 0
+
+
 class GatheringServer(tcp.Server):
     """A TCP server connection whose queued writes go out with ``sendmsg``, never joined.
 
@@ -159,7 +167,8 @@ class GatheringServer(tcp.Server):
     def write_pieces(self, pieces: list[bytes | memoryview]) -> None:
         """Queue ``pieces`` (``bytes`` or views) to be sent in order.
 
-        Large pieces are queued as they are.  Small ones are copied onto the
+        Large pieces are queued as they are (copied while ``Borrowed``: views
+        of a buffer the next read reuses).  Small ones are copied onto the
         end of the queue while its last piece is small too: a queued view keeps
         the whole buffer it looks into alive, and each queued piece costs a
         hundred bytes or more of its own, so a flood of tiny packets (one per
@@ -170,7 +179,7 @@ class GatheringServer(tcp.Server):
         for piece in pieces:
             size = len(piece)
             if size >= JOIN_BELOW:
-                queue.append(piece)
+                queue.append(bytes(piece) if Borrowed.depth and type(piece) is not bytes else piece)
             elif queue and len(queue[-1]) < JOIN_BELOW:
                 # The tail only grows: what of it was sent (_head_sent) stays put.
                 queue[-1] = b"".join((queue[-1], piece))
