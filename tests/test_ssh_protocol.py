@@ -684,3 +684,23 @@ def test_a_session_closed_by_a_client_that_gave_no_window_is_closed_and_freed(wo
         pump.flush()
         assert [p for n, p in recorder.got if n == 97][-1] == struct.pack(">L", channel)
     assert server.service.channels == {}
+
+
+def test_the_exec_refusal_reaches_a_client_short_of_window_before_the_eof(world):
+    """The refusal waits for window; exit-status, EOF and CLOSE come after it
+    (data after EOF would be dropped by the client)."""
+    recorder, pump, _server = world.logged_in()
+    recorder.send(MSG_CHANNEL_OPEN, NS(b"session") + struct.pack(">3L", 5, 0, 32768))
+    pump.flush()
+    confirm = [p for n, p in recorder.got if n == 91][-1]  # OPEN_CONFIRMATION
+    ours = struct.unpack(">2L", confirm[:8])[1]
+    recorder.send(98, struct.pack(">L", ours) + NS(b"exec") + b"\x00" + NS(b"ls"))
+    pump.flush()
+    world.reactor.advance(0)
+    pump.flush()
+    assert not [n for n, _ in recorder.got if n in (95, 96, 97)]  # nothing before window
+    recorder.send(93, struct.pack(">2L", ours, 65536))  # WINDOW_ADJUST
+    pump.flush()
+    order = [n for n, _ in recorder.got if n in (95, 96, 97, 98)]
+    # EXTENDED_DATA (the refusal), REQUEST exit-status, EOF, CLOSE
+    assert order == [95, 98, 96, 97]

@@ -70,13 +70,26 @@ class TunnelSession(SSHChannel):
         self.writeExtended(EXTENDED_DATA_STDERR, EXEC_REFUSAL.encode("utf-8"))
         self.finish(1)
 
+    #: The exit status to send once what was written has gone (None: not finished).
+    _finishing: int | None = None
+
     def finish(self, status: int) -> None:
-        """Send exit status, EOF and close, as a finished command would."""
+        """Send exit status, EOF and close, as a finished command would (after
+        what was written: a client short of window gets it first)."""
         if self.closing or self.localClosed:
+            return
+        if self.buf or self.extBuf:
+            self._finishing = status
             return
         self.conn.sendRequest(self, b"exit-status", struct.pack(">L", status))
         self.conn.sendEOF(self)
         self.loseConnection()
+
+    def addWindowBytes(self, data: int) -> None:
+        super().addWindowBytes(data)
+        if self._finishing is not None and not self.buf and not self.extBuf:
+            status, self._finishing = self._finishing, None
+            self.finish(status)
 
     def dataReceived(self, data: bytes) -> None:
         if any(key in data for key in _CLOSE_KEYS):
