@@ -530,3 +530,18 @@ def test_admin_page_removes_another_members_registered_port(site):  # noqa: F811
     code, headers, _b = fetch(root.treq, "POST", "/ports/remove", root.headers, form)
     assert (code, headers[b"Location"]) == (303, [b"/admin#admin-ports-card"])
     assert [p.port for p in store.list_ports("bob")] == [10556]
+
+
+def test_removing_a_key_says_so_on_the_page(alice_session):
+    store, treq, cookie, csrf = alice_session
+    fetch(treq, "POST", "/keys", cookie, {"csrf": csrf, "public_key": public_key_text()})
+    (key,) = store.list_keys("alice")
+    code, headers, _ = fetch(
+        treq, "POST", "/keys/remove", cookie, {"csrf": csrf, "fingerprint": key.fingerprint}
+    )
+    assert code == 303
+    location = headers[b"Location"][0].decode()
+    code, _headers, body = fetch(treq, "GET", location.split("#")[0], cookie)
+    assert code == 200 and "Key removed. Tunnels that used it were closed." in body
+    _code, _headers, body = fetch(treq, "GET", "/?done=anything-else", cookie)
+    assert 'id="key-notice"' not in body  # only known codes, never the text of the URL

@@ -44,6 +44,13 @@ def form(request: IRequest, name: str) -> str:
     return values[0].decode("utf-8", "replace")
 
 
+#: What the page says after a form did something it shows no other way
+#: (``/?done=CODE``; unknown codes say nothing).
+NOTICES = {
+    b"key-removed": "Key removed. Tunnels that used it were closed.",
+}
+
+
 def see_other(request: IRequest, location: bytes) -> bytes:
     """Answer a form post with 303, so reloading the next page never re-posts."""
     request.setResponseCode(303)
@@ -139,7 +146,8 @@ class Dashboard:
         viewer = await self.viewer(request)
         if viewer is None:
             return see_other(request, b"/login")
-        return await self._page(viewer)
+        notice = NOTICES.get(request.args.get(b"done", [b""])[0])
+        return await self._page(viewer, notice=notice)
 
     async def _page(self, viewer: Viewer, **extra: Any) -> bytes:
         member = viewer.member
@@ -192,7 +200,7 @@ class Dashboard:
             return await self._page(viewer, key_error=result.reason)
         if form(request, "back") == "/admin" and viewer.member.is_admin:
             return see_other(request, b"/admin")
-        return see_other(request, b"/#ssh-key-card")
+        return see_other(request, b"/?done=key-removed#ssh-key-card")
 
     @app.route("/ports", methods=["POST"])
     @form_post
