@@ -179,7 +179,9 @@ class GatheringServer(tcp.Server):
         for piece in pieces:
             size = len(piece)
             if size >= JOIN_BELOW:
-                queue.append(bytes(piece) if Borrowed.depth and type(piece) is not bytes else piece)
+                if Borrowed.depth and type(getattr(piece, "obj", piece)) is not bytes:
+                    piece = bytes(piece)  # a view of a buffer the next read reuses
+                queue.append(piece)
             elif queue and len(queue[-1]) < JOIN_BELOW:
                 # The tail only grows: what of it was sent (_head_sent) stays put.
                 queue[-1] = b"".join((queue[-1], piece))
