@@ -68,8 +68,11 @@ CHANNEL_MAX_PACKET = 255 * 1024
 MIN_MEMBER_PACKET = 512
 
 #: Bytes read from a socket at once, and queued for writing before its
-#: producer is paused (Twisted's default is 64 KiB for both).
-SOCKET_BUFFER = 256 * 1024
+#: producer is paused (Twisted's default is 64 KiB for both).  Reads this big
+#: halve the per-read work of a bulk transfer against 256 KiB ones: 0.85-0.88x
+#: the server CPU per GiB uploaded, 0.88-0.95x downloaded (paired rounds).
+#: The reads themselves go into buffers shared by the process.
+SOCKET_BUFFER = 1024 * 1024
 
 
 def tune_socket(transport: object) -> None:

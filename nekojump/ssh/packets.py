@@ -126,7 +126,8 @@ class Decrypted:
     the read is done.  Outside, or when a read's packets do not fit, ``take``
     gives None and the packet is decrypted the usual way."""
 
-    SIZE = 1 << 20
+    #: Room for one whole read of an SSH socket and the packet it completes.
+    SIZE = 2 << 20
 
     def __init__(self) -> None:
         self.view = memoryview(bytearray())
@@ -500,7 +501,7 @@ class PacketLayerMixin:
         ``max_packet`` bytes each (the last one less).
 
         The packets ``send_packet_parts`` would make, sealed in one loop: a
-        256 KiB read becomes eight 32 KiB packets for OpenSSH, and the chain
+        1 MiB read becomes 32 packets of 32 KiB for OpenSSH, and the chain
         of calls per packet cost more than the cipher."""
         view = memoryview(data)
         size = len(view)

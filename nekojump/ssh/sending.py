@@ -241,7 +241,7 @@ class SharedReadServer(GatheringServer):
     connection in the process and hands its protocol a view of what it read.
 
     Twisted's ``recv(bufferSize)`` makes a new ``bytes`` of ``bufferSize``
-    for each read: at 256 KiB that is above malloc's mmap threshold, so a
+    for each read: at 256 KiB or more that is above malloc's mmap threshold, so a
     small message (an SSH packet of a request) cost an ``mmap``, an
     ``mremap`` to shrink it and a ``munmap``, about 15 us per read here.
 
