@@ -11,80 +11,20 @@ buffer; an exception escaping a read leaves the counters at zero.
 
 from __future__ import annotations
 
-import socket as pysocket
 import struct
 
 import pytest
 from twisted.conch.ssh import connection
-from twisted.internet import tcp
-from twisted.internet.testing import MemoryReactor
 
 from nekojump.ssh.packets import DECRYPTED
-from nekojump.ssh.sending import Borrowed, Cork, GatheringServer
-from tests.test_forwarding import setup
-from tests.test_transport_crypto import Client, _world, connect
-
-
-def _world_with_mesh(tmp_path, kind: str):
-    """A forwarded channel on a server that did a real AES-GCM key exchange,
-    its mesh transport of ``kind`` ("string", "gather" or "plain", the last
-    two over a socket with a small send buffer)."""
-    _store, factory = _world(tmp_path)
-    client = Client()
-    client.supportedCiphers = [b"aes128-gcm@openssh.com"]
-    client, server, _pump = connect(factory, client)
-    conn, mesh, fake, channel, _forward, confirm = setup()
-    confirm()
-    conn.transport = server
-    server.service = conn
-    channel._burst = server.burst
-    peer = mesh_transport = None
-    if kind != "string":
-        ours, peer = pysocket.socketpair()
-        ours.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 16384)
-        ours.setblocking(False)
-        peer.setblocking(False)
-        kind_class = GatheringServer if kind == "gather" else tcp.Server
-        mesh_transport = kind_class(ours, mesh, ("127.0.0.9", 40000), None, 1, MemoryReactor())
-        mesh.transport = mesh_transport
-        mesh.output = Cork(mesh_transport)
-    sent: list[bytes] = []
-    client.transport.write = sent.append
-    server.transport.write = lambda data: None  # window adjusts to the member
-
-    def read(*actions) -> None:
-        """What the client's ``actions`` send, as one read of the server."""
-        sent.clear()
-        for action in actions:
-            action()
-        server.dataReceived(b"".join(bytes(s) for s in sent))
-        channel.localWindowLeft = channel.localWindowSize
-
-    def mesh_receives(size: int) -> bytes:
-        if kind == "string":
-            return fake.value()
-        got = bytearray()
-        for _ in range(100_000):
-            if len(got) >= size:
-                break
-            if mesh_transport.connected:
-                mesh_transport.doWrite()
-            try:
-                piece = peer.recv(1 << 20)
-            except BlockingIOError:
-                continue
-            if not piece:
-                break
-            got += piece
-        return bytes(got)
-
-    return client, channel, read, mesh_receives
+from nekojump.ssh.sending import Borrowed
+from tests.test_forwarding import mesh_world
 
 
 @pytest.mark.parametrize("kind", ["string", "gather", "plain"])
 @pytest.mark.parametrize("packet", [1000, 5000, 32 * 1024])
 def test_views_reach_a_slow_mesh_client_of_any_transport_intact(tmp_path, kind, packet):
-    client, channel, read, mesh_receives = _world_with_mesh(tmp_path, kind)
+    client, channel, read, mesh_receives = mesh_world(tmp_path, kind)
     expected = b""
     for round_ in range(4):
         chunk = bytes([65 + round_]) * (200 * 1024 + 7)
@@ -95,7 +35,7 @@ def test_views_reach_a_slow_mesh_client_of_any_transport_intact(tmp_path, kind, 
 
 @pytest.mark.parametrize("kind", ["gather", "plain"])
 def test_data_then_eof_and_close_in_one_read_survive_another_connections_read(tmp_path, kind):
-    client, channel, read, mesh_receives = _world_with_mesh(tmp_path, kind)
+    client, channel, read, mesh_receives = mesh_world(tmp_path, kind)
     first, second = b"A" * (200 * 1024), b"B" * (200 * 1024)
     read(lambda: client.send_channel_data(channel.id, first, 32768))
     read(
@@ -103,13 +43,13 @@ def test_data_then_eof_and_close_in_one_read_survive_another_connections_read(tm
         lambda: client.sendPacket(connection.MSG_CHANNEL_EOF, struct.pack(">L", channel.id)),
         lambda: client.sendPacket(connection.MSG_CHANNEL_CLOSE, struct.pack(">L", channel.id)),
     )
-    other_client, other_channel, other_read, _ = _world_with_mesh(tmp_path / "other", "gather")
+    other_client, other_channel, other_read, _ = mesh_world(tmp_path / "other", "gather")
     other_read(lambda: other_client.send_channel_data(other_channel.id, b"Z" * 300_000, 32768))
     assert mesh_receives(len(first + second)) == first + second
 
 
 def test_small_and_large_packets_of_each_read_arrive_in_order(tmp_path):
-    client, channel, read, mesh_receives = _world_with_mesh(tmp_path, "gather")
+    client, channel, read, mesh_receives = mesh_world(tmp_path, "gather")
     expected = b""
     for round_ in range(4):
         pieces = [bytes([65 + round_]) * 1000 + bytes([97 + i]) * 40000 for i in range(8)]
@@ -124,7 +64,7 @@ def test_small_and_large_packets_of_each_read_arrive_in_order(tmp_path):
 
 
 def test_a_read_bigger_than_the_buffer_is_decrypted_the_usual_way_past_it(tmp_path):
-    client, channel, read, mesh_receives = _world_with_mesh(tmp_path, "gather")
+    client, channel, read, mesh_receives = mesh_world(tmp_path, "gather")
     expected = b""
     for round_ in range(3):
         chunk = b"".join(bytes([65 + round_ + i]) * (255 * 1024) for i in range(6))
@@ -134,7 +74,7 @@ def test_a_read_bigger_than_the_buffer_is_decrypted_the_usual_way_past_it(tmp_pa
 
 
 def test_an_exception_escaping_a_read_leaves_the_counters_at_zero(tmp_path):
-    client, channel, read, _mesh_receives = _world_with_mesh(tmp_path, "gather")
+    client, channel, read, _mesh_receives = mesh_world(tmp_path, "gather")
 
     def boom(data: memoryview) -> None:
         raise RuntimeError("handler failed")

@@ -661,10 +661,12 @@ def test_a_cipher_that_cannot_seal_in_place_reads_as_usual(tmp_path):
     assert member_receives() == [b"hello"]
 
 
-def test_what_a_slow_mesh_client_has_not_taken_survives_the_next_reads(tmp_path):
-    """Packets from the member are decrypted into one buffer reused by every
-    read: what the mesh socket cannot take at once must wait as a copy, not as
-    a view of that buffer (the next read would overwrite it)."""
+def mesh_world(tmp_path, kind: str):
+    """A forwarded channel on a server that did a real AES-GCM key exchange,
+    its mesh transport of ``kind`` ("string", "gather" or "plain", the last
+    two over a socket with a small send buffer), and ``read`` and
+    ``mesh_receives`` to drive it."""
+    from twisted.internet import tcp
     from twisted.internet.testing import MemoryReactor
 
     from nekojump.ssh.sending import Cork, GatheringServer
@@ -674,36 +676,62 @@ def test_what_a_slow_mesh_client_has_not_taken_survives_the_next_reads(tmp_path)
     client = Client()
     client.supportedCiphers = [b"aes128-gcm@openssh.com"]
     client, server, _pump = connect(factory, client)
-    conn, mesh, _fake, channel, _forward, confirm = setup()
+    conn, mesh, fake, channel, _forward, confirm = setup()
     confirm()
     conn.transport = server
     server.service = conn
     channel._burst = server.burst
-    ours, peer = pysocket.socketpair()
-    ours.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 16384)
-    ours.setblocking(False)
-    mesh_transport = GatheringServer(ours, mesh, ("127.0.0.9", 40000), None, 1, MemoryReactor())
-    mesh.transport = mesh_transport
-    mesh.output = Cork(mesh_transport)
+    peer = mesh_transport = None
+    if kind != "string":
+        ours, peer = pysocket.socketpair()
+        ours.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 16384)
+        ours.setblocking(False)
+        peer.setblocking(False)
+        kind_class = GatheringServer if kind == "gather" else tcp.Server
+        mesh_transport = kind_class(ours, mesh, ("127.0.0.9", 40000), None, 1, MemoryReactor())
+        mesh.transport = mesh_transport
+        mesh.output = Cork(mesh_transport)
     sent: list[bytes] = []
     client.transport.write = sent.append
     server.transport.write = lambda data: None  # window adjusts to the member
 
-    expected = b""
-    for read in range(6):  # each read: 8 packets of 32 KiB, far more than the socket takes
-        chunk = bytes([65 + read]) * (256 * 1024)
+    def read(*actions) -> None:
+        """What the client's ``actions`` send, as one read of the server."""
         sent.clear()
-        client.send_channel_data(channel.id, chunk, 32 * 1024)
+        for action in actions:
+            action()
         server.dataReceived(b"".join(bytes(s) for s in sent))
-        assert not server._closing
+        channel.localWindowLeft = channel.localWindowSize
+
+    def mesh_receives(size: int) -> bytes:
+        if kind == "string":
+            return fake.value()
+        got = bytearray()
+        for _ in range(100_000):
+            if len(got) >= size:
+                break
+            if mesh_transport.connected:
+                mesh_transport.doWrite()
+            try:
+                piece = peer.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not piece:
+                break
+            got += piece
+        return bytes(got)
+
+    return client, channel, read, mesh_receives
+
+
+def test_what_a_slow_mesh_client_has_not_taken_survives_the_next_reads(tmp_path):
+    """Packets from the member are decrypted into one buffer reused by every
+    read: what the mesh socket cannot take at once must wait as a copy, not as
+    a view of that buffer (the next read would overwrite it)."""
+    client, channel, read, mesh_receives = mesh_world(tmp_path, "gather")
+    expected = b""
+    for n in range(6):  # each read: 8 packets of 32 KiB, far more than the socket takes
+        chunk = bytes([65 + n]) * (256 * 1024)
+        read(lambda chunk=chunk: client.send_channel_data(channel.id, chunk, 32 * 1024))
         expected += chunk
-        channel.localWindowLeft = channel.localWindowSize  # the member may go on
-    peer.setblocking(False)
-    got = bytearray()
-    while len(got) < len(expected):
-        mesh_transport.doWrite()
-        try:
-            got += peer.recv(1 << 20)
-        except BlockingIOError:
-            pass
-    assert got == expected
+    assert mesh_receives(len(expected)) == expected

@@ -145,16 +145,22 @@ def test_check_config_refuses_a_listen_port_no_socket_can_have():
 # -- a data directory SQLite cannot use ------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["not-a-database", "database-path-is-a-directory"])
-def test_admin_cli_reports_an_unusable_database_in_one_line(tmp_path, capsys, damage):
-    """sqlite3 errors (a corrupt or foreign file, a directory it cannot create
-    files in) escaped ``main``: a traceback instead of exit status 1 and a message."""
+def damaged_data_dir(tmp_path: Path, damage: str) -> Path:
+    """A data directory whose database is a foreign file, or a directory."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     if damage == "not-a-database":
         (data_dir / DB_NAME).write_bytes(b"this is a backup tarball, not SQLite\n" * 300)
     else:
         (data_dir / DB_NAME).mkdir()
+    return data_dir
+
+
+@pytest.mark.parametrize("damage", ["not-a-database", "database-path-is-a-directory"])
+def test_admin_cli_reports_an_unusable_database_in_one_line(tmp_path, capsys, damage):
+    """sqlite3 errors (a corrupt or foreign file, a directory it cannot create
+    files in) escaped ``main``: a traceback instead of exit status 1 and a message."""
+    data_dir = damaged_data_dir(tmp_path, damage)
     code = main(["--data-dir", str(data_dir), "member", "list"], out=io.StringIO())
     assert code == 1
     assert capsys.readouterr().err.startswith("nekojump-admin: ")
@@ -165,12 +171,7 @@ def test_server_reports_an_unusable_database_in_one_line(tmp_path, damage):
     """tap.makeService turns OSError into "nekojump: cannot use data directory ...",
     but sqlite3's errors (the same situation: a directory the server user cannot
     write, a damaged file) came out as a traceback."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    if damage == "not-a-database":
-        (data_dir / DB_NAME).write_bytes(b"this is a backup tarball, not SQLite\n" * 300)
-    else:
-        (data_dir / DB_NAME).mkdir()
+    data_dir = damaged_data_dir(tmp_path, damage)
     code, output = run_to_the_end(write_config(tmp_path, data_dir), tmp_path)
     assert code != 0
     assert "Traceback" not in output, output
