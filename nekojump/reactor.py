@@ -9,7 +9,8 @@ through a tunnel (two socket events) the bookkeeping cost about a fifth of
 the server's Python time.  ``TunnelReactor`` hands events straight to
 ``_doReadOrWrite``, which still turns an exception in ``doRead``/``doWrite``
 into a logged error and a closed connection; anything that escapes even that
-is logged here, as ``callWithLogger`` would.
+is logged here, as ``callWithLogger`` would.  Its main loop, likewise, only
+runs timed calls and calls from threads when there are some.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from twisted.internet.main import installReactor
 from twisted.logger import Logger
 
 _log = Logger(namespace="nekojump.reactor")
+
+#: The longest wait ``epoll_wait`` takes, in seconds (its timeout is a C int of ms).
+_LONGEST_WAIT = 2147483
 
 
 class TunnelReactor(EPollReactor):
@@ -50,6 +54,40 @@ class TunnelReactor(EPollReactor):
                 _log.failure("unhandled error while handling {selectable!r}", selectable=selectable)
 
     doIteration = doPoll
+
+    def mainLoop(self) -> None:
+        """Twisted's loop: run what is due, wait for events, handle them.
+
+        ``ReactorBase.mainLoop`` makes six Python calls per turn before it
+        waits (``runUntilCurrent``, ``timeout``, each of which inserts new
+        timed calls, and a logging context manager), whether anything is due
+        or not; a small request through a tunnel is two turns.  Here they
+        run only when there is something to do: calls from threads, new or
+        due timed calls, a stop.  An exception is logged and the loop goes
+        on, as Twisted's does."""
+        seconds = self.seconds
+        while self._started:
+            try:
+                pending = self._pendingTimedCalls
+                if (
+                    self.threadCallQueue
+                    or self._newTimedCalls
+                    or self._justStopped
+                    or (pending and pending[0].time <= seconds())
+                ):
+                    self.runUntilCurrent()
+                    self._insertNewDelayedCalls()
+                    pending = self._pendingTimedCalls
+                if not self.running:
+                    timeout: float | None = 0
+                elif pending:
+                    timeout = max(0.0, min(_LONGEST_WAIT, pending[0].time - seconds()))
+                else:
+                    timeout = None
+                self.doPoll(timeout)
+            except BaseException:  # noqa: BLE001 - logged, as Twisted's loop does
+                _log.failure("Unexpected error in main loop")
+        _log.info("Main loop terminated.")
 
 
 def install_unless_chosen() -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from twisted.internet.abstract import FileDescriptor
@@ -84,6 +86,69 @@ def test_an_error_that_escapes_the_handler_is_logged_and_polling_goes_on(reactor
         e.get("log_namespace") == "nekojump.reactor" and "bug in close" in str(e["log_failure"])
         for e in logged
     )
+
+
+def run_briefly(reactor: TunnelReactor, limit: float = 10.0) -> float:
+    """Run ``reactor`` until something stops it (at most ``limit`` seconds); how long it ran.
+
+    The limit is kept by a thread, so a loop that lost track of its timed
+    calls still ends."""
+    guard = threading.Timer(limit, reactor.callFromThread, args=(reactor.stop,))
+    guard.start()
+    start = time.monotonic()
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        guard.cancel()
+    return time.monotonic() - start
+
+
+def test_its_loop_runs_timed_calls_calls_from_threads_and_shutdown_triggers():
+    reactor = TunnelReactor()
+    seen: list[str] = []
+    reactor.callLater(0.05, seen.append, "timed")
+    helper = threading.Thread(target=reactor.callFromThread, args=(seen.append, "thread"))
+    reactor.callWhenRunning(helper.start)
+    reactor.addSystemEventTrigger("before", "shutdown", seen.append, "shutdown")
+    reactor.callLater(0.2, reactor.stop)
+
+    took = run_briefly(reactor)
+    helper.join(5)
+
+    assert sorted(seen[:2]) == ["thread", "timed"] and seen[2:] == ["shutdown"]
+    assert took < 5
+
+
+def test_a_timed_call_made_while_handling_a_read_is_not_waited_past():
+    """A read handler asks for a call in 50 ms while no other timed call is
+    pending: the loop must wait 50 ms, not until the guard's 10 s."""
+    reactor = TunnelReactor()
+    sock, peer = pair()
+    reader = Reader(sock, reactor)
+    reader.doRead = lambda: reactor.callLater(0.05, reactor.stop)  # type: ignore[method-assign]
+    reactor.callWhenRunning(reactor.addReader, reader)
+    reactor.callWhenRunning(peer.send, b"x")
+
+    assert run_briefly(reactor) < 5
+
+
+def test_an_error_in_its_loop_is_logged_and_the_loop_goes_on(logged):
+    reactor = TunnelReactor()
+    polls = []
+    real_poll = reactor.doPoll
+
+    def poll(timeout: float | None) -> None:
+        polls.append(timeout)
+        if len(polls) == 1:
+            raise RuntimeError("bug in the loop")
+        real_poll(timeout)
+
+    reactor.doPoll = poll  # type: ignore[method-assign]
+    reactor.callLater(0.1, reactor.stop)
+
+    assert run_briefly(reactor) < 5
+    assert len(polls) >= 2  # it polled again after the error, until the stop
+    assert any("bug in the loop" in str(e.get("log_failure", "")) for e in logged)
 
 
 def test_nekojump_runs_on_it_unless_another_reactor_was_chosen():
