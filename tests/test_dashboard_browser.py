@@ -9,12 +9,15 @@ when ``NEKOJUMP_SCREENSHOTS`` names a directory, are copied there for a human.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import shutil
 import threading
 import time
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -387,7 +390,9 @@ def test_seed_flow_in_a_real_browser(jumphost, keys, echo, browser, tmp_path):
     assert exited_within(ssh, 0)
     wait_for(lambda: not can_connect(MESH_ADDRESS, port), timeout=2, what="the port to close")
     assert badge(browser) == "NOT CONFIGURED"
-    assert absent(browser, "#connect-card") and absent(browser, "#ports-card")
+    assert absent(browser, "#connect-card")
+    # The registered port is still in the directory, so it stays listed here with its Delete.
+    assert find(browser, f"#ports-table tr[data-port='{port}'] form[action='/ports/remove']")
     wait(browser, 5).until(
         lambda d: not absent(d, "#tunnels-empty"), message="Live tunnels to empty out"
     )
@@ -420,3 +425,34 @@ def test_phone_layout(jumphost, keys, browser, tmp_path):
     assert len(browser.find_elements(By.CSS_SELECTOR, "#connect-card button.copy")) == 5
     squeezed = wrapped_copy_buttons(browser)
     assert squeezed == [], f"Copy buttons squeezed to one letter per line: {squeezed}"
+
+
+def test_a_login_form_posted_from_a_page_on_another_port_logs_nobody_in(
+    jumphost, browser, tmp_path
+):
+    """Login CSRF in Chromium: a page served from another port of the dashboard's
+    own address (where a member's service behind a tunnel lives, the same *site*
+    to a browser) auto-submits the login form with its author's name and
+    password.  The browser must not come back logged in as them."""
+    jumphost.add_member("mallory", password=PASSWORD)
+    jumphost.start()
+    (tmp_path / "page.html").write_text(
+        f'<form id="f" method="post" action="{jumphost.web_url.rstrip("/")}/login">'
+        f'<input name="name" value="mallory"><input name="password" value="{PASSWORD}">'
+        '</form><script>document.getElementById("f").submit()</script>'
+    )
+    host = urlsplit(jumphost.web_url).hostname
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    other = ThreadingHTTPServer((host, 0), handler)
+    serving = threading.Thread(target=other.serve_forever, daemon=True)
+    serving.start()
+    try:
+        browser.get(f"http://{host}:{other.server_address[1]}/page.html")
+        wait(browser).until(expected_conditions.url_contains("/login"))
+        wait(browser).until(lambda d: "another site" in find(d, "p.error").text)
+        browser.get(jumphost.web_url)
+        wait(browser).until(expected_conditions.url_contains("/login"))  # not logged in
+        assert not [c for c in browser.get_cookies() if c["name"] == "nekojump_session"]
+    finally:
+        other.shutdown()
+        other.server_close()

@@ -213,13 +213,19 @@ def test_directory_lists_everyones_ports(site):  # noqa: F811
     assert "bob&#39;s wiki" in body and "10555" in body
 
 
-def test_login_throttle_blocks_per_account_and_per_source():
+def test_login_throttle_blocks_per_source_and_per_account_from_many_sources():
     clock = Clock()
     throttle = LoginThrottle(clock=clock.seconds, limit=3, window=60)
     for _ in range(3):
         throttle.failed("alice", "127.0.0.9")
-    assert throttle.blocked("alice", "127.0.0.1")  # the account, from anywhere
     assert throttle.blocked("bob", "127.0.0.9")  # the source, for any account
+    assert throttle.blocked("alice", "127.0.0.9")
+    # One source guessing does not lock alice out of her own address.
+    assert not throttle.blocked("alice", "127.0.0.1")
+    assert not throttle.blocked("bob", "127.0.0.1")
+    for n in range(27):  # 30 guesses at alice in all, from ten addresses
+        throttle.failed("alice", f"127.0.1.{n % 9}")
+    assert throttle.blocked("alice", "127.0.0.1")  # the account, from anywhere
     assert not throttle.blocked("bob", "127.0.0.1")
     clock.advance(61)
     assert not throttle.blocked("alice", "127.0.0.9")

@@ -32,6 +32,7 @@ STATUS = {
     "no-such-member": 404,
     "key-exists": 409,
     "port-registered": 409,
+    "port-held": 409,
     "not-found": 404,
     "method-not-allowed": 405,
 }
@@ -45,6 +46,21 @@ class ApiError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class NameRepeated(ValueError):
+    """A JSON object names a field twice (``json`` would keep the last silently)."""
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    body = dict(pairs)
+    if len(body) < len(pairs):
+        seen: set[str] = set()
+        for name, _value in pairs:
+            if name in seen:
+                raise NameRepeated(name)
+            seen.add(name)
+    return body
 
 
 def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
@@ -93,7 +109,11 @@ class Api:
     @staticmethod
     def _body(request: IRequest) -> dict[str, Any]:
         try:
-            body = json.loads(request.content.read() or b"{}")
+            body = json.loads(request.content.read() or b"{}", object_pairs_hook=_no_repeats)
+        except NameRepeated as repeated:
+            raise ApiError(
+                "bad-json", f"the request body names {repeated.args[0]!r} more than once"
+            ) from None
         except (ValueError, UnicodeDecodeError):
             raise ApiError("bad-json", "the request body must be a JSON object") from None
         except RecursionError:

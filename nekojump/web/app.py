@@ -77,6 +77,33 @@ def form_post(
     return checked
 
 
+FOREIGN_LOGIN = (
+    "this login form was sent from another site; open the dashboard's own login page "
+    "and log in there"
+)
+
+
+def from_this_site(request: IRequest) -> bool:
+    """False if a browser says the request comes from a page of another origin.
+
+    The login form has no CSRF token (there is no session yet), so another
+    site, even a member's service on this host's own address (the same
+    *site* to a browser: ports do not count), could log the browser in to an
+    account of its choosing.  Browsers say where a form came from in
+    ``Sec-Fetch-Site`` (anything but ``same-origin``, or ``none`` for a
+    typed address, is someone else's page), and older ones in ``Origin``,
+    checked against ``Host``.  Clients that send neither (scripts) are not
+    browsers and pass."""
+    fetch_site = request.getHeader(b"sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site.strip().lower() in (b"same-origin", b"none")
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return True
+    host = request.getHeader(b"host") or b""
+    return origin.partition(b"://")[2].lower() == host.strip().lower()
+
+
 def peer(request: IRequest) -> str:
     return getattr(request.getClientAddress(), "host", "unknown")
 
@@ -124,6 +151,9 @@ class Dashboard:
     @app.route("/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes | None:
         name = form(request, "name").strip()
+        if not from_this_site(request):
+            request.setResponseCode(403)
+            return self.renderer.page("login.html", error=FOREIGN_LOGIN, name="")
         result = await self.backend.login(name, form(request, "password"), peer(request))
         if isinstance(result, Refused):
             request.setResponseCode(429 if result.code == "login-throttled" else 401)
@@ -133,8 +163,12 @@ class Dashboard:
 
     @app.route("/logout", methods=["POST"])
     async def logout(self, request: IRequest) -> bytes:
+        # No CSRF check: the session ended is the one this browser's cookie
+        # names (another site's post carries no SameSite=Strict cookie), and a
+        # Log out button on a page left open from an earlier session must not
+        # clear the cookie yet leave the session running.
         viewer = await self.viewer(request)
-        if viewer is not None and viewer.csrf_ok(form(request, "csrf")) and viewer.token:
+        if viewer is not None and viewer.token:
             await self.backend.logout(viewer.token)
         clear_session_cookie(request)
         return see_other(request, b"/login")

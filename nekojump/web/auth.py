@@ -95,8 +95,14 @@ class Attempt:
 
 @define
 class LoginThrottle:
-    """At most ``limit`` login attempts checked per account and per source in ``window``
-    seconds; an attempt counts from before its password is checked until it succeeds.
+    """At most ``limit`` login attempts checked per source, and ``account_limit``
+    per account from all sources together, in ``window`` seconds; an attempt
+    counts from before its password is checked until it succeeds.
+
+    The account's limit is ten times the source's: someone guessing a member's
+    password from their own address is stopped after ``limit`` guesses and
+    does not lock the member out (the member's own address has its own count),
+    while guesses spread over many addresses still stop.
 
     Counts older than the window are swept out once per window, so names and
     addresses that never come back do not stay in memory."""
@@ -104,14 +110,16 @@ class LoginThrottle:
     clock: Callable[[], float]
     limit: int = 5
     window: float = 300.0
+    #: None: ten times ``limit``.
+    account_limit: int | None = None
     _attempts: dict[str, deque[Attempt]] = field(factory=dict)
     _swept_at: float = 0.0
 
-    @staticmethod
-    def _keys(name: str | None, source: str) -> list[str]:
-        keys = [f"source:{source}"]
+    def _keys(self, name: str | None, source: str) -> list[tuple[str, int]]:
+        """The counts an attempt goes to, each with its limit."""
+        keys = [(f"source:{source}", self.limit)]
         if name is not None:
-            keys.append(f"member:{name}")
+            keys.append((f"member:{name}", self.account_limit or 10 * self.limit))
         return keys
 
     def _recent(self, key: str, now: float) -> int:
@@ -135,12 +143,12 @@ class LoginThrottle:
     def blocked(self, name: str | None, source: str) -> bool:
         now = self.clock()
         self._sweep(now)
-        return any(self._recent(key, now) >= self.limit for key in self._keys(name, source))
+        return any(self._recent(key, now) >= limit for key, limit in self._keys(name, source))
 
     def failed(self, name: str | None, source: str) -> Attempt:
         """Count an attempt against the account and the source; returns it."""
         attempt = Attempt(self.clock())
-        for key in self._keys(name, source):
+        for key, _limit in self._keys(name, source):
             self._attempts.setdefault(key, deque()).append(attempt)
         return attempt
 

@@ -20,7 +20,7 @@ from nekojump.keys import MAX_DESCRIPTION, parse_public_key
 from nekojump.metrics import Metrics
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.passwords import verify_password
-from nekojump.policy import source_allowed
+from nekojump.policy import plain_number, source_allowed
 from nekojump.ssh.registry import TunnelRegistry
 from nekojump.store import DeferredStore
 from nekojump.web.auth import (
@@ -53,6 +53,23 @@ def ssh_port_of(listen: str) -> int:
     """The TCP port an SSH endpoint string listens on (2222 if it cannot tell)."""
     endpoint = serverFromString(None, listen)
     return int(getattr(endpoint, "_port", 2222))
+
+
+def port_number(port: Any) -> int | None:
+    """A port as a member gave it (a JSON number, or the text of a form), or
+    None if it is not a plain whole number ("+10080", "1_0080" and digits of
+    other scripts are not, although ``int`` reads them)."""
+    if isinstance(port, int) and not isinstance(port, bool):
+        return port
+    if not isinstance(port, str):
+        return None
+    text = port.strip()
+    digits = text.removeprefix("-")  # a negative number is one, outside the range
+    try:
+        number = plain_number(digits)
+    except ValueError:  # more digits than int() converts: no port anyway
+        return None
+    return None if number is None else -number if digits != text else number
 
 
 @define
@@ -158,10 +175,19 @@ class Backend:
         return await self._call("list_ports", member.name if member else None)
 
     async def add_port(self, member: Member, port: Any, description: str) -> Any:
-        try:
-            number = int(port)
-        except (TypeError, ValueError):
+        """Register ``port`` in ``member``'s inventory, unless another member's
+        tunnel serves it now: a registration names a service, and that one is
+        someone else's (its member registers it)."""
+        number = port_number(port)
+        if number is None:
             return Refused("port-invalid", "the port must be a number")
+        holder = self.registry.holder_of(number)
+        if holder is not None and holder.member_id != member.id:
+            return Refused(
+                "port-held",
+                f"port {number} is served by another member's tunnel right now; "
+                "only that member can register it",
+            )
         return await self._call(
             "add_port", member.name, number, description, self.config.forwarding.rules
         )
@@ -171,9 +197,8 @@ class Backend:
     ) -> RegisteredPort | Refused:
         """Forget one of the viewer's registrations; admins may name another ``owner``,
         or ``"*"`` for whoever registered the port."""
-        try:
-            number = int(port)
-        except (TypeError, ValueError):
+        number = port_number(port)
+        if number is None:
             return Refused("port-invalid", "the port must be a number")
         if owner is None or owner == viewer.name:
             return await self._call("remove_port", viewer.name, number)

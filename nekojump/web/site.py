@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
@@ -44,6 +45,16 @@ def too_large_response(path: bytes, limit: int = MAX_BODY) -> bytes:
         b"Connection: close\r\n"
         b"\r\n" + body
     )
+
+
+def _readable_address(request: Request) -> bool:
+    """True if the request's path (%-decoded) and Host header are UTF-8."""
+    try:
+        unquote_to_bytes(request.path).decode("utf-8")
+        (request.getHeader(b"host") or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class BoundedRequest(Request):
@@ -86,7 +97,35 @@ class BoundedRequest(Request):
             self.content.close()
             self.channel.transport.loseConnection()
             return
+        if path.startswith(b"/api/"):
+            # The API reads JSON bodies only: Twisted must not parse a form
+            # body first (a multipart body it cannot parse is an empty 400).
+            self._parsePOSTFormSubmission = False
         super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        if not _readable_address(self):
+            self._bad_address()
+            return
+        super().process()
+
+    def _bad_address(self) -> None:
+        """Answer 400 to an address that is not UTF-8 (JSON under ``/api/``).
+
+        Klein would answer ``text/html`` and log a traceback for each."""
+        message = "the address is not valid UTF-8 (after %-decoding)"
+        if self.path.startswith(b"/api/"):
+            content_type = b"application/json"
+            body = json.dumps({"error": "bad-address", "message": message}).encode() + b"\n"
+        else:
+            content_type = b"text/plain; charset=utf-8"
+            body = message.encode() + b"\n"
+        self.setResponseCode(400)
+        self.setHeader(b"content-type", content_type)
+        self.setHeader(b"x-content-type-options", b"nosniff")
+        self.setHeader(b"cache-control", b"no-store")
+        self.write(body)
+        self.finish()
 
     def _refuse(self) -> None:
         """Send the 413 now and stop writing; the rest of the body is read and dropped."""
