@@ -115,7 +115,9 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         **_ok("registered", {"$ref": "#/components/schemas/Port"}, "201"),
                         "400": _error("port outside the range or reserved"),
-                        "409": _error("port registered by someone"),
+                        "409": _error(
+                            "port registered by someone, or served by another member's tunnel"
+                        ),
                         **CHANGE_ERRORS,
                     },
                 },
