@@ -580,3 +580,11 @@ def test_guard_a_port_is_plain_ascii_digits(given, number):
     from nekojump.web.backend import port_number
 
     assert port_number(given) == number
+
+
+def test_the_static_folder_is_not_listed(world):
+    """A minor finding, fixed: ``/static/`` listed the folder's files (the files
+    themselves are served as before: the browser tests load them)."""
+    browser = world.client()
+    code, _headers, body = browser.request("GET", "/static/")
+    assert code == 404 and b"app.css" not in body

@@ -8,6 +8,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.web.iweb import IRequest
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.static import File
 
@@ -102,6 +103,13 @@ def from_this_site(request: IRequest) -> bool:
         return True
     host = request.getHeader(b"host") or b""
     return origin.partition(b"://")[2].lower() == host.strip().lower()
+
+
+class StaticFiles(File):
+    """The stylesheet and script: files only, no directory listings."""
+
+    def directoryListing(self) -> Resource:
+        return notFound()
 
 
 def peer(request: IRequest) -> str:
@@ -324,7 +332,7 @@ class Dashboard:
 
     @app.route("/static/", branch=True)
     def static(self, request: IRequest) -> Resource:
-        return File(str(self.renderer.static_dir))
+        return StaticFiles(str(self.renderer.static_dir))
 
 
 class SecureHeaders(Resource):
