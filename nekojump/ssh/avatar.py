@@ -56,9 +56,6 @@ DISCONNECT_LABELS = {
 #: member at their connection cap (see ``_probe_older_connections``).
 STALE_PROBE_SECONDS = 5.0
 
-#: Give the disconnect message this long to leave before the socket is cut.
-DISCONNECT_GRACE = 0.3
-
 
 class TunnelAvatar(ConchUser):
     """A member authenticated as ``tunnel`` with one key.
@@ -196,9 +193,9 @@ class TunnelAvatar(ConchUser):
         self.metrics.disconnects.labels(DISCONNECT_LABELS.get(reason, "other")).inc()
         self._audit("disconnect", reason=reason)
         self.logout()
+        # The transport cuts the socket if the client has not closed it
+        # within transport.DISCONNECT_GRACE.
         transport.sendDisconnect(DISCONNECT_BY_APPLICATION, reason.encode("utf-8"))
-        tcp = transport.transport
-        self.clock.callLater(DISCONNECT_GRACE, tcp.abortConnection)
 
     # -- channels ------------------------------------------------------------------
 

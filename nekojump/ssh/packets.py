@@ -464,19 +464,36 @@ class PacketLayerMixin:
         return self._burst
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        """Send DISCONNECT, stop handling what comes in, and end the connection
+        (``end_after_disconnect``)."""
         if self._closing:
             return
         self._closing = True
-        # Conch closes the socket right after queueing DISCONNECT: nothing
-        # may stay gathered behind it.
+        # Nothing may stay gathered behind DISCONNECT.
         self.output.release()
-        super().sendDisconnect(reason, desc)
+        self.sendPacket(MSG_DISCONNECT, struct.pack(">L", reason) + NS(desc) + NS(b""))
+        self._disconnect_sent = True  # the last packet: nothing is sent after it
         self.output.release()
+        self._log.info(
+            "Disconnecting with error, code {code}\nreason: {description}",
+            code=reason,
+            description=desc,
+        )
         self.buf = b""
+        self.end_after_disconnect()
+
+    def end_after_disconnect(self) -> None:
+        """Close the connection once DISCONNECT has left (what Conch does)."""
+        self.transport.loseConnection()
 
     # -- packets -----------------------------------------------------------
 
+    #: True once DISCONNECT is written.
+    _disconnect_sent = False
+
     def sendPacket(self, messageType: int, payload: bytes) -> None:
+        if self._disconnect_sent:
+            return
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE and not (
             self._allowedKeyExchangeMessageType(messageType)
         ):
@@ -491,6 +508,8 @@ class PacketLayerMixin:
 
     def send_packet_parts(self, messageType: int, *parts: bytes) -> None:
         """Like ``sendPacket`` with the payload in pieces (saves a copy of large data)."""
+        if self._disconnect_sent:
+            return
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
             self.sendPacket(messageType, b"".join(parts))
             return
@@ -503,6 +522,8 @@ class PacketLayerMixin:
         The packets ``send_packet_parts`` would make, sealed in one loop: a
         1 MiB read becomes 32 packets of 32 KiB for OpenSSH, and the chain
         of calls per packet cost more than the cipher."""
+        if self._disconnect_sent:
+            return
         view = memoryview(data)
         size = len(view)
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE:

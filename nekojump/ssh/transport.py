@@ -10,6 +10,7 @@ from twisted.conch.ssh.transport import (
     MSG_SERVICE_ACCEPT,
     SSHServerTransport,
 )
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -20,6 +21,10 @@ from nekojump.ssh.packets import PacketLayerMixin
 
 #: Key exchanges, best first.  Group exchange, SHA-1 groups and the NIST
 #: curves (ssh-audit fails them) are not offered.
+#: How long a connection ended with DISCONNECT may take to close on its own
+#: (its client reads DISCONNECT and closes) before it is cut.
+DISCONNECT_GRACE = 0.3
+
 KEX_PREFERENCE = (
     b"mlkem768x25519-sha256",
     b"curve25519-sha256",
@@ -104,6 +109,22 @@ class TunnelServerTransport(PacketLayerMixin, SSHServerTransport):
         self._log.info("{peer} did not authenticate in time", peer=self._peer())
         self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"authentication timeout")
         self.transport.abortConnection()
+
+    def end_after_disconnect(self) -> None:
+        """Stop writing once DISCONNECT has left, but go on reading (and
+        dropping) what the client sends until it closes, for at most
+        ``DISCONNECT_GRACE`` seconds.
+
+        Closing with the client's data unread makes the kernel answer with a
+        reset, and the reset can overtake the DISCONNECT: a member whose ssh
+        was busy sending when their key was removed saw "Broken pipe", a
+        network error autossh retries, instead of "key removed"."""
+        transport = self.transport
+        if not isinstance(transport, tcp.Connection):  # a test's transport
+            transport.loseConnection()
+            return
+        transport.loseWriteConnection()
+        self.factory.reactor.callLater(DISCONNECT_GRACE, transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
