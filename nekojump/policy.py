@@ -216,6 +216,20 @@ def decide_bind(
     return Refused("port-in-use", f"port {port} is already forwarded by a tunnel")
 
 
+#: Once a port has passed from one connection to another by takeover, how
+#: long (seconds) a further takeover first has the holder show it is gone:
+#: longer than autossh's slowest retry (10 minutes), so two live clients with
+#: one key (a systemd unit and a hand-started autossh, a key copied to a
+#: second machine) settle instead of taking the port from each other forever.
+CONTEST_SECONDS = 900.0
+
+
+def takeover_contested(last_contest: float | None, now: float) -> bool:
+    """True if a takeover of a port must wait for its holder to prove gone:
+    the port changed hands, or a takeover was refused, within ``CONTEST_SECONDS``."""
+    return last_contest is not None and now - last_contest < CONTEST_SECONDS
+
+
 def _may_take_over(requester: Holder, holder: Holder, mode: TakeoverMode) -> bool:
     if mode == "same-key":
         return holder.key_id == requester.key_id

@@ -111,3 +111,28 @@ def test_a_client_busy_sending_counts_as_there_while_a_probe_waits():
     keepalive.probe(5)  # silent this time
     clock.advance(5)
     assert dead == [1]
+
+
+def test_a_client_busy_sending_is_kept_though_its_answers_wait_behind_its_data():
+    """A slow uplink carrying a download: the answers to the asks are queued
+    behind the client's own data, but data keeps coming, so it is there (as
+    with sshd).  It was ended after count_max unanswered asks."""
+    clock = Clock()
+    asks: list[Deferred] = []
+    dead: list[float] = []
+    received = [0]
+
+    def send() -> Deferred:
+        asks.append(Deferred())
+        return asks[-1]
+
+    keepalive = Keepalive(
+        send, clock, 15, 3, lambda: dead.append(clock.seconds()), lambda: received[0]
+    )
+    keepalive.start()
+    for _ in range(20):  # five minutes of data and no answer
+        received[0] += 32 * 1024
+        clock.advance(15)
+    assert dead == [] and asks == []  # nothing to ask while data arrives
+    clock.pump([15] * 10)  # then silence: asked, and ended as any silent client
+    assert len(asks) == 3 and dead == [60.0 + 300]

@@ -157,3 +157,12 @@ def test_penalties_that_ran_out_are_forgotten_when_the_box_fills():
         now[0] += 1.0
     assert len(box._until) <= 100 + 1
     assert box.refusal("198.51.3.249") is not None  # the latest is still in the box
+
+
+def test_a_takeover_is_contested_for_a_while_after_a_port_changes_hands():
+    from nekojump.policy import CONTEST_SECONDS, takeover_contested
+
+    assert not takeover_contested(None, 1000.0)  # never changed hands: at once
+    assert takeover_contested(1000.0, 1000.0 + CONTEST_SECONDS - 1)
+    assert not takeover_contested(1000.0, 1000.0 + CONTEST_SECONDS)
+    assert CONTEST_SECONDS > 600  # autossh's slowest retry: two live clients settle

@@ -555,6 +555,54 @@ def test_at_the_connection_cap_a_vanished_old_connection_makes_room_within_secon
         world.store.close()
 
 
+@pytest.mark.parametrize("holder", ["alive", "vanished"])
+def test_a_port_that_just_changed_hands_is_not_taken_back_from_a_live_holder(tmp_path, holder):
+    """Two live clients with one key: the second takes the port over at once,
+    as after a blip; the first one's reconnect does not take it back while the
+    holder answers (they would take it from each other forever), and gets it
+    once the holder is gone (a second blip: the holder does not answer)."""
+    from nekojump.ssh.avatar import STALE_PROBE_SECONDS
+
+    world = World(tmp_path)
+    try:
+        first, pump1, _ = world.logged_in()
+        first.send(MSG_GLOBAL_REQUEST, forward_request(20063))
+        pump1.flush()
+        second, pump2, _ = world.logged_in()
+        second.send(MSG_GLOBAL_REQUEST, forward_request(20063))
+        pump2.flush()
+        assert second.count(MSG_REQUEST_SUCCESS) == 1  # taken over at once
+        assert len(world.registry.avatars()) == 1
+        taken_by = world.registry.forward_on(20063).avatar
+        asked_before = second.count(MSG_GLOBAL_REQUEST)
+
+        again, pump3, _ = world.logged_in()  # the first one's autossh, reconnected
+        again.send(MSG_GLOBAL_REQUEST, forward_request(20063))
+        pump3.flush()
+        pump2.flush()
+        assert again.count(MSG_REQUEST_FAILURE) == 1
+        assert second.count(MSG_GLOBAL_REQUEST) == asked_before + 1  # holder asked at once
+        (forward,) = world.registry.forwards()
+        assert "two machines" in forward.last_error
+        if holder == "alive":
+            second.send(MSG_REQUEST_FAILURE, b"")  # how OpenSSH answers a keepalive
+            pump2.flush()
+        world.reactor.advance(STALE_PROBE_SECONDS)
+        pump2.flush()
+        retry, pump4, _ = world.logged_in()
+        retry.send(MSG_GLOBAL_REQUEST, forward_request(20063))
+        pump4.flush()
+        if holder == "alive":
+            assert retry.count(MSG_REQUEST_FAILURE) == 1
+            assert world.registry.forward_on(20063).avatar is taken_by
+        else:
+            assert retry.count(MSG_REQUEST_SUCCESS) == 1
+            assert world.registry.forward_on(20063).avatar is not taken_by
+        assert world.registry.held_ports() == {20063}
+    finally:
+        world.store.close()
+
+
 def test_refused_logins_in_a_row_do_not_ask_the_same_connections_again_and_again(tmp_path):
     """Each refused login probes the member's connections: one that just
     answered is not asked again (a member holding many connections would get

@@ -291,6 +291,9 @@ class TunnelAvatar(ConchUser):
         if isinstance(decision, Refused):
             return decision
         if isinstance(decision, Takeover):
+            contested = self._contested(decision)
+            if contested is not None:
+                return contested
             return self._take_over(requested_host, decision)
         assert isinstance(decision, Bind)
         forward = self._listen(requested_host, port)
@@ -346,6 +349,32 @@ class TunnelAvatar(ConchUser):
             reason=getattr(error, "strerror", None) or error,
         )
 
+    def _contested(self, decision: Takeover) -> Refused | None:
+        """Refuse a takeover of a port that changed hands a short while ago
+        (``policy.takeover_contested``), and ask its holder to answer: one
+        that does not within ``STALE_PROBE_SECONDS`` is ended, so the next try
+        gets the port.  A holder that answers keeps it, and hears why on the
+        dashboard (its Live tunnels row)."""
+        forward = self.registry.forward_on(decision.port)
+        now = self.clock.seconds()
+        if (
+            forward is None
+            or forward.avatar.conn.keepalive is None  # no way to ask: as before
+            or not policy.takeover_contested(forward.contested_at, now)
+        ):
+            return None
+        forward.contested_at = now
+        forward.last_error = (
+            "another connection with this key asked for this port; is the key in use on "
+            "two machines?"
+        )
+        forward.avatar.conn.probe(STALE_PROBE_SECONDS)
+        return Refused(
+            "port-contested",
+            f"port {decision.port} changed hands between connections of this key a short "
+            "while ago and its holder is being asked whether it is still there",
+        )
+
     def _take_over(self, requested_host: str, decision: Takeover) -> ActiveForward | Refused:
         forward = self.registry.forward_on(decision.port)
         if forward is None:  # pragma: no cover - policy saw a holder a moment ago
@@ -354,7 +383,7 @@ class TunnelAvatar(ConchUser):
         previous.forwards.pop(forward.port, None)
         forward.avatar = self
         forward.requested_host = requested_host
-        forward.since = self.clock.seconds()
+        forward.since = forward.contested_at = self.clock.seconds()
         forward.last_error = None
         self.forwards[forward.port] = forward
         self.registry.forward_changed(forward)

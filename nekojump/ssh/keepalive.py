@@ -15,6 +15,11 @@ class Keepalive:
     REQUEST_FAILURE).  When more than ``count_max`` asks in a row go
     unanswered, ``on_dead`` is called once: a vanished laptop frees its ports
     after about ``interval * (count_max + 1)`` seconds, as with sshd.
+
+    Data from the client counts as much as a reply, as with sshd: an interval
+    in which any arrived needs no ask, and clears the count.  On a slow uplink
+    carrying a download the answers wait behind megabytes of the client's own
+    data; counting only answers ended such tunnels mid-transfer.
     """
 
     def __init__(
@@ -40,6 +45,7 @@ class Keepalive:
         self._probed_at: float | None = None
 
     def start(self) -> None:
+        self._received_at_tick = self._received()
         self._call = self._clock.callLater(self.interval, self._tick)
 
     def stop(self) -> None:
@@ -75,13 +81,21 @@ class Keepalive:
         self.stop()
         self._on_dead()
 
+    #: ``received()`` at the last tick.
+    _received_at_tick = 0
+
     def _tick(self) -> None:
         self._call = None
-        if self.unanswered >= self.count_max:
-            self._on_dead()
-            return
-        self.unanswered += 1
-        self._send().addBoth(self._answered)
+        received = self._received()
+        if received != self._received_at_tick:
+            self._received_at_tick = received
+            self.unanswered = 0  # the client is there
+        else:
+            if self.unanswered >= self.count_max:
+                self._on_dead()
+                return
+            self.unanswered += 1
+            self._send().addBoth(self._answered)
         self._call = self._clock.callLater(self.interval, self._tick)
 
     def _answered(self, _reply: object) -> None:

@@ -34,6 +34,9 @@ class ActiveForward:
     bytes_to_member: int = 0
     bytes_from_member: int = 0
     last_error: str | None = None
+    #: When the port last changed hands by takeover, or a takeover of it was
+    #: refused (``policy.takeover_contested``).
+    contested_at: float | None = None
 
     @property
     def holder(self) -> Holder:
