@@ -588,3 +588,32 @@ def test_the_static_folder_is_not_listed(world):
     browser = world.client()
     code, _headers, body = browser.request("GET", "/static/")
     assert code == 404 and b"app.css" not in body
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        ({}, True),  # not a browser
+        ({b"sec-fetch-site": b"same-origin"}, True),
+        ({b"sec-fetch-site": b"none"}, True),  # an address typed in
+        ({b"sec-fetch-site": b"same-site", b"origin": b"http://jump.test"}, False),
+        ({b"sec-fetch-site": b"cross-site"}, False),
+        ({b"origin": b"http://jump.test", b"host": b"jump.test"}, True),
+        ({b"origin": b"http://jump.test", b"host": b"jump.test:80"}, True),
+        ({b"origin": b"https://jump.test", b"host": b"jump.test:443"}, True),
+        ({b"origin": b"http://[::1]:8080", b"host": b"[::1]:8080"}, True),
+        ({b"origin": b"http://jump.test:10080", b"host": b"jump.test"}, False),
+        ({b"origin": b"null", b"host": b"jump.test"}, False),
+    ],
+)
+def test_guard_which_posts_count_as_from_the_dashboard_itself(headers, allowed):
+    """GUARD: browsers name where a form came from in Sec-Fetch-Site, older ones
+    in Origin (compared with Host, default ports left out)."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from nekojump.web.app import from_this_site
+
+    request = DummyRequest([b"login"])
+    for name, value in headers.items():
+        request.requestHeaders.setRawHeaders(name, [value])
+    assert from_this_site(request) is allowed

@@ -368,6 +368,7 @@ class TunnelAvatar(ConchUser):
             "another connection with this key asked for this port; is the key in use on "
             "two machines?"
         )
+        self.registry.forward_changed(forward)  # the last error, for the admin CLI too
         forward.avatar.conn.probe(STALE_PROBE_SECONDS)
         return Refused(
             "port-contested",

@@ -69,7 +69,7 @@ class Keepalive:
         self._send().addBoth(self._probe_answered)
 
     def _probe_answered(self, _reply: object) -> None:
-        self.unanswered = 0
+        self._answered(_reply)
         if self._probe is not None and self._probe.active():
             self._probe.cancel()
         self._probe = None
@@ -100,3 +100,7 @@ class Keepalive:
 
     def _answered(self, _reply: object) -> None:
         self.unanswered = 0
+        # The reply is data from the client too, but only an answer to our
+        # ask: counted as fresh data it would skip the next ask, and a client
+        # gone right after answering would be dropped an interval late.
+        self._received_at_tick = self._received()

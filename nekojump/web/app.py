@@ -84,6 +84,10 @@ FOREIGN_LOGIN = (
 )
 
 
+#: The port an ``Origin`` leaves out, and a ``Host`` header may still name.
+DEFAULT_PORTS = {b"http": b":80", b"https": b":443"}
+
+
 def from_this_site(request: IRequest) -> bool:
     """False if a browser says the request comes from a page of another origin.
 
@@ -101,8 +105,10 @@ def from_this_site(request: IRequest) -> bool:
     origin = request.getHeader(b"origin")
     if origin is None:
         return True
-    host = request.getHeader(b"host") or b""
-    return origin.partition(b"://")[2].lower() == host.strip().lower()
+    scheme, _, origin_host = origin.strip().lower().partition(b"://")
+    default = DEFAULT_PORTS.get(scheme, b"")
+    host = (request.getHeader(b"host") or b"").strip().lower()
+    return origin_host.removesuffix(default) == host.removesuffix(default)
 
 
 class StaticFiles(File):
@@ -171,11 +177,17 @@ class Dashboard:
 
     @app.route("/logout", methods=["POST"])
     async def logout(self, request: IRequest) -> bytes:
-        # No CSRF check: the session ended is the one this browser's cookie
-        # names (another site's post carries no SameSite=Strict cookie), and a
-        # Log out button on a page left open from an earlier session must not
-        # clear the cookie yet leave the session running.
+        # The session ended is the one this browser's cookie names, also from
+        # a page left open since an earlier session (its CSRF token is stale:
+        # the cookie must not be cleared with the session left running).  A
+        # post from another page, even a member's service on another port of
+        # this host, which a browser sends the SameSite cookie with, does nothing.
         viewer = await self.viewer(request)
+        if viewer is not None and not (
+            from_this_site(request) or viewer.csrf_ok(form(request, "csrf"))
+        ):
+            request.setResponseCode(403)
+            return b"forbidden: log out from the dashboard's own page"
         if viewer is not None and viewer.token:
             await self.backend.logout(viewer.token)
         clear_session_cookie(request)
