@@ -6,8 +6,8 @@ answer (``ssh/keepalive.py``), refused takeovers of a contested port
 ``schema/004-key-ids.sql``) and the dashboard/API changes (``web/``).
 
 Each test here failed on the reviewed code because of the defect its docstring
-describes, and passes since the fixes that came with it.  Everything runs in memory (Twisted ``Clock``, iosim, treq's
-StubTreq); no socket is opened.
+describes, and passes since the fixes that came with it.  Everything runs in
+memory (Twisted ``Clock``, iosim, treq's StubTreq); no socket is opened.
 """
 
 from __future__ import annotations

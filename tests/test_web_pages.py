@@ -357,12 +357,15 @@ def test_check_button_explains_a_port_without_a_tunnel(alice_session):
     fetch(treq, "POST", "/ports", cookie, {"csrf": csrf, "port": "10080"})
     _code, _headers, body = fetch(treq, "GET", "/", cookie)
     assert 'action="/check"' in body
-    code, _headers, body = fetch(treq, "POST", "/check", cookie, {"csrf": csrf, "port": "10080"})
+    code, headers, _body = fetch(treq, "POST", "/check", cookie, {"csrf": csrf, "port": "10080"})
+    # The result has an address of its own: Back and reload never re-post.
+    assert code == 303 and headers[b"Location"] == [b"/?check=10080#check-card"]
+    code, _headers, body = fetch(treq, "GET", "/?check=10080", cookie)
     assert code == 200
     assert 'id="check-card"' in body and "NO TUNNEL" in body
     assert "ssh -N -R 10080:localhost:LOCALPORT" in body
     assert "You are browsing from 127.0.0.1" in body
-    code, _headers, _body = fetch(treq, "POST", "/check", cookie, {"csrf": csrf, "port": "10999"})
+    code, _headers, _body = fetch(treq, "GET", "/?check=10999", cookie)
     assert code == 404  # not a port of alice's
 
 
@@ -376,14 +379,9 @@ def test_check_says_when_the_viewer_is_off_the_mesh(tmp_path):
     store.add_port("alice", 10080, "", ForwardRules(10000, 60000))
     # A documentation-range network, never contacted: the viewer is outside it.
     treq = in_memory_site(store, {"ssh": {"allowed_sources": ["192.0.2.0/24"]}})
-    cookie, csrf = store.create_session("alice", 60)
-    _code, _headers, body = fetch(
-        treq,
-        "POST",
-        "/check",
-        {"Cookie": f"nekojump_session={cookie}"},
-        {"csrf": csrf, "port": "10080"},
-    )
+    cookie, _csrf = store.create_session("alice", 60)
+    session = {"Cookie": f"nekojump_session={cookie}"}
+    _code, _headers, body = fetch(treq, "GET", "/?check=10080", session)
     assert "outside the mesh sources" in body
 
 
@@ -500,7 +498,7 @@ def row_texts(page: str, table_id: str) -> dict[str, str]:
 def test_a_form_csrf_token_with_non_ascii_characters_is_a_403(alice_session):
     store, treq, cookie, _csrf = alice_session
     code, _headers, body = fetch(treq, "POST", "/ports", cookie, {"csrf": "é", "port": "10099"})
-    assert code == 403 and "stale" in body
+    assert code == 403 and "older than your session" in body
     assert store.list_ports("alice") == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 from klein import Klein
 from twisted.web.iweb import IRequest
@@ -15,7 +16,7 @@ from twisted.web.static import File
 from nekojump.keys import safe_to_echo
 from nekojump.metrics import Metrics
 from nekojump.model import Member, Refused
-from nekojump.policy import source_allowed
+from nekojump.policy import ForwardRules, port_refusal, source_allowed
 from nekojump.web.api import Api
 from nekojump.web.auth import (
     SESSION_LIFETIME,
@@ -45,6 +46,33 @@ def form(request: IRequest, name: str) -> str:
     return values[0].decode("utf-8", "replace")
 
 
+STALE_FORM = (
+    "This page was older than your session (you logged in again since), so nothing "
+    "was changed: check and send it again."
+)
+SESSION_ENDED = "Your session ended, so nothing was changed. Log in and try again."
+
+#: What Live tunnels suggests when there are none, with and without a key saved.
+TUNNELS_HINT = {
+    True: "Run the ssh -N -R command from How to Connect on the machine with the service",
+    False: "Save a key first, then run ssh -N -R from that machine",
+}
+
+#: The member guide's suggested ports (the seed's table): service, port.
+SUGGESTED_PORTS = (
+    ("Web (HTTP)", 10080),
+    ("Web (alt)", 18080),
+    ("SSH", 10022),
+    ("IRC", 16667),
+)
+
+
+def suggested_ports(rules: ForwardRules) -> list[tuple[str, int, bool]]:
+    """The suggested ports, each with whether this jumphost allows it (its
+    range or reserved ports may leave some out)."""
+    return [(service, port, port_refusal(port, rules) is None) for service, port in SUGGESTED_PORTS]
+
+
 #: What the page says after a form did something it shows no other way
 #: (``/?done=CODE``; unknown codes say nothing).
 NOTICES = {
@@ -69,10 +97,12 @@ def form_post(
     async def checked(self: Dashboard, request: IRequest) -> bytes:
         viewer = await self.viewer(request)
         if viewer is None:
-            return see_other(request, b"/login")
+            # The session ended while the page was open: the login page says
+            # that nothing was changed.
+            return see_other(request, b"/login?expired=1")
         if not viewer.csrf_ok(form(request, "csrf")):
             request.setResponseCode(403)
-            return b"forbidden: this form is stale; reload the page and try again"
+            return await self._stale_form(request, viewer)
         return await handler(self, request, viewer)
 
     return checked
@@ -160,18 +190,21 @@ class Dashboard:
 
     @app.route("/login", methods=["GET"])
     def login_page(self, request: IRequest) -> bytes:
-        return self.renderer.page("login.html", error=None, name="")
+        notice = SESSION_ENDED if request.args.get(b"expired") else None
+        return self.renderer.page("login.html", error=None, name="", notice=notice)
 
     @app.route("/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes | None:
         name = form(request, "name").strip()
         if not from_this_site(request):
             request.setResponseCode(403)
-            return self.renderer.page("login.html", error=FOREIGN_LOGIN, name="")
+            return self.renderer.page("login.html", error=FOREIGN_LOGIN, name="", notice=None)
         result = await self.backend.login(name, form(request, "password"), peer(request))
         if isinstance(result, Refused):
             request.setResponseCode(429 if result.code == "login-throttled" else 401)
-            return self.renderer.page("login.html", error=result.reason, name=name[:64])
+            return self.renderer.page(
+                "login.html", error=result.reason, name=name[:64], notice=None
+            )
         set_session_cookie(request, result, SESSION_LIFETIME)
         return see_other(request, b"/")
 
@@ -201,7 +234,44 @@ class Dashboard:
         if viewer is None:
             return see_other(request, b"/login")
         notice = NOTICES.get(request.args.get(b"done", [b""])[0])
-        return await self._page(viewer, notice=notice)
+        port = request.args.get(b"check")
+        if port is None:
+            return await self._page(viewer, notice=notice)
+        # A Check's result: its own address, so Back and reload show it again
+        # instead of asking to send the form again.
+        text = port[0].decode("utf-8", "replace")
+        result = await self.backend.check(viewer.member, text, peer(request))
+        if isinstance(result, Refused):
+            request.setResponseCode(404)
+            return await self._page(viewer, port_error=result.reason)
+        return await self._page(viewer, check=result)
+
+    async def _has_ports_card(self, viewer: Viewer) -> bool:
+        member = viewer.member
+        return bool(await self.backend.keys(member) or await self.backend.ports(member))
+
+    async def _stale_form(self, request: IRequest, viewer: Viewer) -> bytes:
+        """A form from a page older than the session (a log out and in since,
+        in another tab): nothing is changed, and the page comes back with a
+        fresh token and what was typed, to send again."""
+        if request.path == b"/keys":
+            text, description = form(request, "public_key"), form(request, "description")
+            return await self._page(
+                viewer,
+                key_error=STALE_FORM,
+                key_text=text if safe_to_echo(text) else "",
+                key_description=description if safe_to_echo(description) else "",
+            )
+        if request.path == b"/ports":
+            return await self._page(
+                viewer,
+                port_error=STALE_FORM,
+                # The ports card (where port_error shows) needs a key or a port.
+                notice=None if await self._has_ports_card(viewer) else STALE_FORM,
+                port_value=form(request, "port").strip(),
+                port_description=form(request, "description"),
+            )
+        return await self._page(viewer, notice=STALE_FORM)
 
     async def _page(self, viewer: Viewer, **extra: Any) -> bytes:
         member = viewer.member
@@ -213,6 +283,8 @@ class Dashboard:
             "keys": keys,
             "ports": self.backend.port_states(ports),
             "tunnels": self.backend.tunnels(member),
+            "hint": TUNNELS_HINT[bool(keys)],
+            "suggested_ports": suggested_ports(self.backend.config.forwarding.rules),
             "connect": await self.backend.connect_info(member) if keys else None,
             "host_key_fingerprint": self.backend.host_key_fingerprint,
             "rules": self.backend.config.forwarding.rules,
@@ -283,11 +355,8 @@ class Dashboard:
     @app.route("/check", methods=["POST"])
     @form_post
     async def check(self, request: IRequest, viewer: Viewer) -> bytes:
-        result = await self.backend.check(viewer.member, form(request, "port"), peer(request))
-        if isinstance(result, Refused):
-            request.setResponseCode(404)
-            return await self._page(viewer, port_error=result.reason)
-        return await self._page(viewer, check=result)
+        port = quote(form(request, "port").strip()[:20], safe="").encode("ascii")
+        return see_other(request, b"/?check=" + port + b"#check-card")
 
     @app.route("/tunnels", methods=["GET"])
     async def tunnels_fragment(self, request: IRequest) -> bytes:
@@ -296,8 +365,14 @@ class Dashboard:
         if viewer is None:
             request.setResponseCode(401)
             return b""
+        member = viewer.member
+        keys = await self.backend.keys(member)
         return self.renderer.page(
-            "tunnels.html", tunnels=self.backend.tunnels(viewer.member), csrf=viewer.csrf
+            "tunnels.html",
+            tunnels=self.backend.tunnels(member),
+            csrf=viewer.csrf,
+            hint=TUNNELS_HINT[bool(keys)],
+            ports=self.backend.port_states(await self.backend.ports(member)),
         )
 
     @app.route("/directory", methods=["GET"])

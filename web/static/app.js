@@ -15,7 +15,7 @@ document.addEventListener("DOMContentLoaded", () => {
         const selection = window.getSelection();
         selection.removeAllRanges();
         selection.addRange(range);
-        button.textContent = "Selected — press Ctrl-C";
+        button.textContent = /Mac|iPhone|iPad/.test(navigator.platform) ? "Selected — press ⌘C" : "Selected — press Ctrl-C";
       }
       setTimeout(() => { button.textContent = "Copy"; }, 2000);
     });
@@ -32,30 +32,61 @@ document.addEventListener("DOMContentLoaded", () => {
   const tunnels = document.getElementById("tunnels");
   const updated = document.getElementById("tunnels-updated");
   if (tunnels) {
-    const refresh = async () => {
-      try {
-        const response = await fetch(tunnels.dataset.refresh, {credentials: "same-origin"});
-        if (response.ok) {
-          tunnels.innerHTML = await response.text();
-          updated.textContent = "updated " + new Date().toLocaleTimeString();
-          updatePortStates();
-        }
-      } catch (error) {
-        updated.textContent = "offline";
-      }
+    const BADGES = {
+      "up": '<span class="badge ok">UP</span>',
+      "held-by-other": '<span class="badge bad" title="another member\'s tunnel holds this port; it is not this service">HELD BY ANOTHER MEMBER</span>',
+      "down": '<span class="badge">DOWN</span>',
     };
-    // Registered Ports: UP while one of your own tunnels holds the port. The table
-    // lists only yours, so a port another member holds keeps the server's word.
+    // Registered Ports: each port's state as the server last said (UP while one of
+    // your tunnels holds it, HELD BY ANOTHER MEMBER while someone else's does).
     const updatePortStates = () => {
-      const live = new Set(Array.from(tunnels.querySelectorAll("tr[data-port]"),
-                                      (row) => row.dataset.port));
+      const states = new Map(Array.from(tunnels.querySelectorAll("#port-states [data-port]"),
+                                        (span) => [span.dataset.port, span.dataset.state]));
       for (const cell of document.querySelectorAll("#ports-table tr[data-port] .port-state")) {
-        const up = live.has(cell.parentElement.dataset.port);
-        if (!up && cell.dataset.state === "held-by-other") continue;
-        cell.dataset.state = up ? "up" : "down";
-        cell.innerHTML = up ? '<span class="badge ok">UP</span>' : '<span class="badge">DOWN</span>';
+        const state = states.get(cell.parentElement.dataset.port) || "down";
+        if (cell.dataset.state !== state && BADGES[state]) {
+          cell.dataset.state = state;
+          cell.innerHTML = BADGES[state];
+        }
       }
     };
-    setInterval(refresh, 2000);
+    let shown = null;  // the last answer put in (the first one always is)
+    const refresh = async () => {
+      let response;
+      try {
+        response = await fetch(tunnels.dataset.refresh, {credentials: "same-origin"});
+      } catch (error) {
+        updated.textContent = "offline — retrying";
+        setTimeout(refresh, 2000);
+        return;
+      }
+      if (response.status === 401) {
+        // Logged out (another tab) or the session expired: stop, and say so.
+        updated.innerHTML = 'session ended — <a href="/login">log in again</a>';
+        return;
+      }
+      if (!response.ok) {
+        updated.textContent = "refresh failed (" + response.status + ") — retrying";
+        setTimeout(refresh, 2000);
+        return;
+      }
+      const html = await response.text();
+      if (html !== shown) {
+        // Keep keyboard focus on the same row's button across the swap.
+        const focused = tunnels.contains(document.activeElement)
+          ? document.activeElement.closest("tr[data-port]") : null;
+        tunnels.innerHTML = html;
+        shown = html;
+        if (focused) {
+          const again = tunnels.querySelector(
+            'tr[data-port="' + focused.dataset.port + '"] button');
+          if (again) again.focus();
+        }
+        updatePortStates();
+      }
+      updated.textContent = "updated " + new Date().toLocaleTimeString();
+      setTimeout(refresh, 2000);  // one at a time: never an older answer after a newer
+    };
+    setTimeout(refresh, 2000);
   }
 });
