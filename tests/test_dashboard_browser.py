@@ -62,6 +62,11 @@ PHONE = (390, 844)
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
     """Headless Chromium with a fresh profile; always quits, even when the test fails."""
+    yield from chromium(tmp_path)
+
+
+def chromium(tmp_path: Path, *flags: str) -> Iterator[WebDriver]:
+    """Headless Chromium with a fresh profile and ``flags``, quit when done."""
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (
@@ -75,6 +80,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         "--no-first-run",
         f"--window-size={DESKTOP[0]},{DESKTOP[1]}",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        *flags,
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -456,3 +462,30 @@ def test_a_login_form_posted_from_a_page_on_another_port_logs_nobody_in(
     finally:
         other.shutdown()
         other.server_close()
+
+
+def test_logging_in_and_out_over_plain_http_at_a_mesh_name(jumphost, tmp_path):
+    """Over plain HTTP at a name that is not localhost (the dashboard on the mesh),
+    Chromium sends no Sec-Fetch-Site, so only Origin says where a form came from;
+    with the old Referrer-Policy no-referrer it said "null", and the dashboard's
+    own login form was refused as foreign.  ``jump.test`` is mapped to the
+    loopback address the dashboard listens on."""
+    jumphost.add_member("alice", password=PASSWORD)
+    jumphost.start()
+    parts = urlsplit(jumphost.web_url)
+    url = f"http://jump.test:{parts.port}/"
+    mapped = f"--host-resolver-rules=MAP jump.test {parts.hostname}"
+    driver = next(browser_gen := chromium(tmp_path, mapped))
+    try:
+        driver.get(url)
+        wait(driver).until(expected_conditions.url_contains("/login"))
+        find(driver, "#name").send_keys("alice")
+        find(driver, "#password").send_keys(PASSWORD)
+        submit(driver, "form[action='/login']")
+        assert driver.current_url == url, find(driver, "body").text[:300]
+        submit(driver, "form[action='/logout']")
+        wait(driver).until(expected_conditions.url_contains("/login"))
+        driver.get(url)
+        wait(driver).until(expected_conditions.url_contains("/login"))  # logged out
+    finally:
+        browser_gen.close()

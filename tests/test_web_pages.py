@@ -357,16 +357,26 @@ def test_check_button_explains_a_port_without_a_tunnel(alice_session):
     fetch(treq, "POST", "/ports", cookie, {"csrf": csrf, "port": "10080"})
     _code, _headers, body = fetch(treq, "GET", "/", cookie)
     assert 'action="/check"' in body
-    code, headers, _body = fetch(treq, "POST", "/check", cookie, {"csrf": csrf, "port": "10080"})
     # The result has an address of its own: Back and reload never re-post.
-    assert code == 303 and headers[b"Location"] == [b"/?check=10080#check-card"]
-    code, _headers, body = fetch(treq, "GET", "/?check=10080", cookie)
+    code, body = checked(treq, cookie, csrf, "10080")
     assert code == 200
     assert 'id="check-card"' in body and "NO TUNNEL" in body
     assert "ssh -N -R 10080:localhost:LOCALPORT" in body
     assert "You are browsing from 127.0.0.1" in body
-    code, _headers, _body = fetch(treq, "GET", "/?check=10999", cookie)
+    code, _body = checked(treq, cookie, csrf, "10999")
     assert code == 404  # not a port of alice's
+    # Only the page's own Check button leads to a result: a bare link runs none.
+    code, _headers, body = fetch(treq, "GET", "/?check=10080", cookie)
+    assert code == 200 and 'id="check-card"' not in body
+
+
+def checked(treq, cookie, csrf: str, port: str) -> tuple[int, str]:
+    """Press Check for ``port``: the form's redirect, then the result page."""
+    code, headers, _body = fetch(treq, "POST", "/check", cookie, {"csrf": csrf, "port": port})
+    (location,) = headers[b"Location"]
+    assert code == 303 and location.startswith(f"/?check={port}&token=".encode())
+    code, _headers, body = fetch(treq, "GET", location.decode().split("#")[0], cookie)
+    return code, body
 
 
 def test_check_says_when_the_viewer_is_off_the_mesh(tmp_path):
@@ -379,9 +389,8 @@ def test_check_says_when_the_viewer_is_off_the_mesh(tmp_path):
     store.add_port("alice", 10080, "", ForwardRules(10000, 60000))
     # A documentation-range network, never contacted: the viewer is outside it.
     treq = in_memory_site(store, {"ssh": {"allowed_sources": ["192.0.2.0/24"]}})
-    cookie, _csrf = store.create_session("alice", 60)
-    session = {"Cookie": f"nekojump_session={cookie}"}
-    _code, _headers, body = fetch(treq, "GET", "/?check=10080", session)
+    cookie, csrf = store.create_session("alice", 60)
+    _code, body = checked(treq, {"Cookie": f"nekojump_session={cookie}"}, csrf, "10080")
     assert "outside the mesh sources" in body
 
 

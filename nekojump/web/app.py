@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -36,7 +38,10 @@ SECURITY_HEADERS = {
     ),
     b"x-content-type-options": b"nosniff",
     b"x-frame-options": b"DENY",
-    b"referrer-policy": b"no-referrer",
+    # Same-origin requests carry the page's origin: over plain HTTP at a name
+    # that is not localhost, browsers send no Sec-Fetch-Site, and with
+    # no-referrer the dashboard's own forms said "Origin: null" (``from_this_site``).
+    b"referrer-policy": b"same-origin",
     b"cache-control": b"no-store",
 }
 
@@ -116,6 +121,20 @@ FOREIGN_LOGIN = (
 
 #: The port an ``Origin`` leaves out, and a ``Host`` header may still name.
 DEFAULT_PORTS = {b"http": b":80", b"https": b":443"}
+
+
+def echoable(text: str) -> str:
+    """``text`` to show back in a form, or nothing if it holds private key material."""
+    return text if safe_to_echo(text) else ""
+
+
+def check_token(viewer: Viewer, port: str) -> str:
+    """What a Check's result address carries: made from the session's CSRF
+    token, so only the page's own Check button leads there (another page
+    could otherwise have the browser run Checks with a link or an image)."""
+    secret = (viewer.csrf or "").encode("utf-8")
+    digest = hmac.new(secret, b"check\0" + port.encode("utf-8"), hashlib.sha256)
+    return digest.hexdigest()[:32]
 
 
 def from_this_site(request: IRequest) -> bool:
@@ -235,15 +254,21 @@ class Dashboard:
             return see_other(request, b"/login")
         notice = NOTICES.get(request.args.get(b"done", [b""])[0])
         port = request.args.get(b"check")
-        if port is None:
+        token = request.args.get(b"token", [b""])[0].decode("ascii", "replace")
+        text = port[0].decode("utf-8", "replace")[:20] if port else ""
+        if port is None or not hmac.compare_digest(token, check_token(viewer, text)):
+            # No Check, or one this page's own Check button did not ask for (a
+            # link or an <img> elsewhere): the page without it.
             return await self._page(viewer, notice=notice)
         # A Check's result: its own address, so Back and reload show it again
         # instead of asking to send the form again.
-        text = port[0].decode("utf-8", "replace")
         result = await self.backend.check(viewer.member, text, peer(request))
         if isinstance(result, Refused):
             request.setResponseCode(404)
-            return await self._page(viewer, port_error=result.reason)
+            shown = await self._has_ports_card(viewer)
+            return await self._page(
+                viewer, port_error=result.reason, notice=None if shown else result.reason
+            )
         return await self._page(viewer, check=result)
 
     async def _has_ports_card(self, viewer: Viewer) -> bool:
@@ -254,6 +279,8 @@ class Dashboard:
         """A form from a page older than the session (a log out and in since,
         in another tab): nothing is changed, and the page comes back with a
         fresh token and what was typed, to send again."""
+        if form(request, "back") == "/admin" and viewer.member.is_admin:
+            return await self._admin_page(viewer, notice=STALE_FORM)
         if request.path == b"/keys":
             text, description = form(request, "public_key"), form(request, "description")
             return await self._page(
@@ -269,7 +296,7 @@ class Dashboard:
                 # The ports card (where port_error shows) needs a key or a port.
                 notice=None if await self._has_ports_card(viewer) else STALE_FORM,
                 port_value=form(request, "port").strip(),
-                port_description=form(request, "description"),
+                port_description=echoable(form(request, "description")),
             )
         return await self._page(viewer, notice=STALE_FORM)
 
@@ -336,7 +363,10 @@ class Dashboard:
         if isinstance(result, Refused):
             request.setResponseCode(400)
             return await self._page(
-                viewer, port_error=result.reason, port_value=port, port_description=description
+                viewer,
+                port_error=result.reason,
+                port_value=port,
+                port_description=echoable(description),
             )
         return see_other(request, b"/#ports-card")
 
@@ -355,8 +385,10 @@ class Dashboard:
     @app.route("/check", methods=["POST"])
     @form_post
     async def check(self, request: IRequest, viewer: Viewer) -> bytes:
-        port = quote(form(request, "port").strip()[:20], safe="").encode("ascii")
-        return see_other(request, b"/?check=" + port + b"#check-card")
+        port = form(request, "port").strip()[:20]
+        token = check_token(viewer, port)
+        location = f"/?check={quote(port, safe='')}&token={token}#check-card"
+        return see_other(request, location.encode("ascii"))
 
     @app.route("/tunnels", methods=["GET"])
     async def tunnels_fragment(self, request: IRequest) -> bytes:
@@ -398,6 +430,9 @@ class Dashboard:
         if not viewer.member.is_admin:
             request.setResponseCode(403)
             return b"admins only"
+        return await self._admin_page(viewer)
+
+    async def _admin_page(self, viewer: Viewer, notice: str | None = None) -> bytes:
         keys = await self.backend.store.call(self.backend.store.store.list_keys)
         events = await self.backend.store.call(self.backend.store.store.audit_events, 100)
         ports = self.backend.port_states(await self.backend.ports(None))
@@ -409,6 +444,7 @@ class Dashboard:
             ports=ports,
             tunnels=self.backend.tunnels(None),
             events=events,
+            notice=notice,
         )
 
     # -- API and static files ----------------------------------------------------------------

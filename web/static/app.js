@@ -52,13 +52,21 @@ document.addEventListener("DOMContentLoaded", () => {
     };
     let shown = null;  // the last answer put in (the first one always is)
     const refresh = async () => {
-      let response;
+      // An answer that never comes (a laptop woken on another network) must not
+      // stop the refresh: give up on it after 10 s and try again.
+      const abort = new AbortController();
+      const timer = setTimeout(() => abort.abort(), 10000);
+      let response, html;
       try {
-        response = await fetch(tunnels.dataset.refresh, {credentials: "same-origin"});
-      } catch (error) {
+        response = await fetch(tunnels.dataset.refresh,
+                               {credentials: "same-origin", signal: abort.signal});
+        html = response.ok ? await response.text() : "";
+      } catch (error) {  // refused, cut off mid-answer, or given up on
         updated.textContent = "offline — retrying";
         setTimeout(refresh, 2000);
         return;
+      } finally {
+        clearTimeout(timer);
       }
       if (response.status === 401) {
         // Logged out (another tab) or the session expired: stop, and say so.
@@ -70,7 +78,6 @@ document.addEventListener("DOMContentLoaded", () => {
         setTimeout(refresh, 2000);
         return;
       }
-      const html = await response.text();
       if (html !== shown) {
         // Keep keyboard focus on the same row's button across the swap.
         const focused = tunnels.contains(document.activeElement)
@@ -78,9 +85,10 @@ document.addEventListener("DOMContentLoaded", () => {
         tunnels.innerHTML = html;
         shown = html;
         if (focused) {
+          // The same row's button, or the card itself if that tunnel ended.
           const again = tunnels.querySelector(
             'tr[data-port="' + focused.dataset.port + '"] button');
-          if (again) again.focus();
+          (again || tunnels).focus();
         }
         updatePortStates();
       }
