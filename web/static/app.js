@@ -53,9 +53,9 @@ document.addEventListener("DOMContentLoaded", () => {
     let shown = null;  // the last answer put in (the first one always is)
     const refresh = async () => {
       // An answer that never comes (a laptop woken on another network) must not
-      // stop the refresh: give up on it after 10 s and try again.
+      // stop the refresh: give up on it after 5 s and try again.
       const abort = new AbortController();
-      const timer = setTimeout(() => abort.abort(), 10000);
+      const timer = setTimeout(() => abort.abort(), 5000);
       let response, html;
       try {
         response = await fetch(tunnels.dataset.refresh,
