@@ -365,9 +365,11 @@ def test_check_button_explains_a_port_without_a_tunnel(alice_session):
     assert "You are browsing from 127.0.0.1" in body
     code, _body = checked(treq, cookie, csrf, "10999")
     assert code == 404  # not a port of alice's
-    # Only the page's own Check button leads to a result: a bare link runs none.
-    code, _headers, body = fetch(treq, "GET", "/?check=10080", cookie)
-    assert code == 200 and 'id="check-card"' not in body
+    # Only the page's own Check button leads to a result: a bare link runs none,
+    # nor one with a made-up token.
+    for address in ("/?check=10080", "/?check=10080&token=abc", "/?check=10080&token=%C3%A9"):
+        code, _headers, body = fetch(treq, "GET", address, cookie)
+        assert code == 200 and 'id="check-card"' not in body, address
 
 
 def checked(treq, cookie, csrf: str, port: str) -> tuple[int, str]:

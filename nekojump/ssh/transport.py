@@ -19,12 +19,12 @@ from nekojump.logs import conch_logger
 from nekojump.ssh.forwarding import tune_socket
 from nekojump.ssh.packets import PacketLayerMixin
 
-#: Key exchanges, best first.  Group exchange, SHA-1 groups and the NIST
-#: curves (ssh-audit fails them) are not offered.
 #: How long a connection ended with DISCONNECT may take to close on its own
 #: (its client reads DISCONNECT and closes) before it is cut.
 DISCONNECT_GRACE = 0.3
 
+#: Key exchanges, best first.  Group exchange, SHA-1 groups and the NIST
+#: curves (ssh-audit fails them) are not offered.
 KEX_PREFERENCE = (
     b"mlkem768x25519-sha256",
     b"curve25519-sha256",

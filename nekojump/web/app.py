@@ -254,9 +254,9 @@ class Dashboard:
             return see_other(request, b"/login")
         notice = NOTICES.get(request.args.get(b"done", [b""])[0])
         port = request.args.get(b"check")
-        token = request.args.get(b"token", [b""])[0].decode("ascii", "replace")
+        token = request.args.get(b"token", [b""])[0]
         text = port[0].decode("utf-8", "replace")[:20] if port else ""
-        if port is None or not hmac.compare_digest(token, check_token(viewer, text)):
+        if port is None or not hmac.compare_digest(token, check_token(viewer, text).encode()):
             # No Check, or one this page's own Check button did not ask for (a
             # link or an <img> elsewhere): the page without it.
             return await self._page(viewer, notice=notice)
@@ -286,8 +286,8 @@ class Dashboard:
             return await self._page(
                 viewer,
                 key_error=STALE_FORM,
-                key_text=text if safe_to_echo(text) else "",
-                key_description=description if safe_to_echo(description) else "",
+                key_text=echoable(text),
+                key_description=echoable(description),
             )
         if request.path == b"/ports":
             return await self._page(
