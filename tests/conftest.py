@@ -167,6 +167,20 @@ class Jumphost:
         self.port_max = self.port_min + 99
         self.reserved = self.port_min + 22
         self.config = directory / "nekojump.toml"
+        self.write_config(ssh_extra, forwarding_extra)
+        self.log = directory / "twistd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.clients: list[subprocess.Popen[bytes]] = []
+
+    def write_config(
+        self,
+        ssh_extra: str = "",
+        forwarding_extra: str = "",
+        mesh_address: str = MESH_ADDRESS,
+        web_port: int = 0,
+        metrics_port: int = 0,
+    ) -> None:
+        """The server's config file: loopback only, forwards in this host's port range."""
         self.config.write_text(
             f"""
 [storage]
@@ -176,21 +190,18 @@ listen = "tcp:{self.ssh_port}:interface={SSH_HOST}"
 allowed_sources = ["127.0.0.0/8"]
 {ssh_extra or "login_grace_time = 5"}
 [forwarding]
-bind_address = "{MESH_ADDRESS}"
+bind_address = "{mesh_address}"
 port_min = {self.port_min}
 port_max = {self.port_max}
 reserved_ports = [{self.reserved}]
 {forwarding_extra}
 [web]
-listen = "tcp:0:interface=127.0.0.1"
+listen = "tcp:{web_port}:interface=127.0.0.1"
 public_hostname = "jump.test"
 [metrics]
-listen = "tcp:0:interface=127.0.0.1"
+listen = "tcp:{metrics_port}:interface=127.0.0.1"
 """
         )
-        self.log = directory / "twistd.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.clients: list[subprocess.Popen[bytes]] = []
 
     def start(self, *twistd_options: str) -> Jumphost:
         self.log.write_text("")

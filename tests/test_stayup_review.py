@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SSH_HOST, Jumphost, _Echo, exited_within, fingerprint, wait_for
+from tests.conftest import Jumphost, _Echo, exited_within, fingerprint, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -158,26 +158,12 @@ class Host(Jumphost):
         self.echo_port = base + 4
         self.port_min, self.port_max = base + 10, base + 48
         self.reserved = base + 49
-        self.config.write_text(
-            f"""
-[storage]
-data_dir = "{self.data_dir}"
-[ssh]
-listen = "tcp:{self.ssh_port}:interface={SSH_HOST}"
-allowed_sources = ["127.0.0.0/8"]
-{ssh_extra or "login_grace_time = 5"}
-[forwarding]
-bind_address = "{MESH}"
-port_min = {self.port_min}
-port_max = {self.port_max}
-reserved_ports = [{self.reserved}]
-{forwarding_extra}
-[web]
-listen = "tcp:{self.web_port}:interface=127.0.0.1"
-public_hostname = "jump.test"
-[metrics]
-listen = "tcp:{self.metrics_port}:interface=127.0.0.1"
-"""
+        self.write_config(
+            ssh_extra,
+            forwarding_extra,
+            mesh_address=MESH,
+            web_port=self.web_port,
+            metrics_port=self.metrics_port,
         )
 
     def gauges(self) -> dict[str, float]:
