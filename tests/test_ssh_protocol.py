@@ -207,6 +207,13 @@ class World:
         assert recorder.count(MSG_USERAUTH_SUCCESS) == 1
         return recorder, pump, server
 
+    def holding(self, port: int) -> tuple[Recorder, Any, Any]:
+        """A client logged in that has asked for a forward of ``port``."""
+        recorder, pump, server = self.logged_in()
+        recorder.send(MSG_GLOBAL_REQUEST, forward_request(port))
+        pump.flush()
+        return recorder, pump, server
+
     def listens(self, port: int) -> int:
         return sum(1 for p, *_ in self.reactor.tcpServers if p == port)
 
@@ -565,12 +572,8 @@ def test_a_port_that_just_changed_hands_is_not_taken_back_from_a_live_holder(tmp
 
     world = World(tmp_path)
     try:
-        first, pump1, _ = world.logged_in()
-        first.send(MSG_GLOBAL_REQUEST, forward_request(20063))
-        pump1.flush()
-        second, pump2, _ = world.logged_in()
-        second.send(MSG_GLOBAL_REQUEST, forward_request(20063))
-        pump2.flush()
+        world.holding(20063)
+        second, pump2, _ = world.holding(20063)
         assert second.count(MSG_REQUEST_SUCCESS) == 1  # taken over at once
         assert len(world.registry.avatars()) == 1
         taken_by = world.registry.forward_on(20063).avatar

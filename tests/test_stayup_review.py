@@ -30,7 +30,6 @@ import socketserver
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,17 +164,6 @@ class Host(Jumphost):
             web_port=self.web_port,
             metrics_port=self.metrics_port,
         )
-
-    def gauges(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
 
     def count(self, text: str) -> int:
         return self.log_text().count(text)
@@ -442,8 +430,8 @@ def test_thirty_quick_reconnects_leave_nothing_behind(make_host, keys):
         client.send_signal(signal.SIGKILL if i % 2 else signal.SIGTERM)
         client.wait(timeout=5)
         used.close()
-    wait_for(lambda: host.gauges()["nekojump_forwards"] == 0, what="no forwards")
-    gauges = host.gauges()
+    wait_for(lambda: host.metrics()["nekojump_forwards"] == 0, what="no forwards")
+    gauges = host.metrics()
     assert gauges['nekojump_ssh_connections{state="authenticated"}'] == 0
     assert gauges["nekojump_forwarded_connections_open"] == 0
     assert gauges["nekojump_forwarded_connections_total"] == 30
