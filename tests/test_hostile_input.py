@@ -83,7 +83,13 @@ class _Conn:
 
     def __init__(self):
         self.transport = type(
-            "T", (), {"sendDisconnect": lambda *a: None, "transport": StringTransport()}
+            "T",
+            (),
+            {
+                "sendDisconnect": lambda *a: None,
+                "sendDebug": lambda *a, **k: None,
+                "transport": StringTransport(),
+            },
         )()
 
 

@@ -67,10 +67,45 @@ def test_refused_binds_make_exit_on_forward_failure_exit(running, keys, which):
         "privileged": 80,
     }[which]
     result = running.ssh(
-        keys["alice"], "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:9"
+        keys["alice"], "-v", "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:9"
     )
     assert result.returncode == 255
     assert f"remote port forwarding failed for listen port {port}".encode() in result.stderr
+    # ssh -v shows why (the SSH reply to a forward request has no room for a reason).
+    why = (
+        "reserved by the operator"
+        if which == "reserved"
+        else f"outside the allowed range {running.port_min}-{running.port_max}"
+    )
+    assert f"debug1: Remote: Forward refused: port {port} is {why}".encode() in result.stderr
+
+
+def test_the_banner_lists_the_forwards_refused_on_its_connection(running, keys):
+    """Without -N the session's banner says what was refused and why."""
+    process = subprocess.Popen(
+        running.ssh_argv(
+            keys["alice"],
+            "-T",
+            "-R",
+            f"{running.port_min + 87}:127.0.0.1:9",
+            "-R",
+            f"{running.port_max + 1}:127.0.0.1:9",
+        ),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    running.clients.append(process)
+    lines = [wait_for(process.stdout.readline, what="banner line") for _ in range(5)]
+    banner = b"".join(lines).decode()
+    assert f"port {running.port_min + 87}: mesh members reach it" in banner
+    assert (
+        f"Forward refused: port {running.port_max + 1} is outside the allowed range "
+        f"{running.port_min}-{running.port_max}\r\n"
+    ) in banner
+    assert "There is no shell here" in banner
+    process.stdin.close()
+    assert exited_within(process, 5)
 
 
 def test_port_held_by_another_member_is_refused(running, keys, echo):

@@ -35,6 +35,7 @@ MSG_USERAUTH_REQUEST = 50
 MSG_USERAUTH_SUCCESS = 52
 MSG_USERAUTH_PK_OK = 60
 MSG_IGNORE = 2
+MSG_DEBUG = 4
 MSG_GLOBAL_REQUEST = 80
 MSG_REQUEST_SUCCESS = 81
 MSG_REQUEST_FAILURE = 82
@@ -92,6 +93,9 @@ class Client(PacketLayerMixin, transport.SSHClientTransport):
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: str) -> Any:
         return succeed(True)
+
+    def receiveDebug(self, alwaysDisplay: bool, message: bytes, lang: bytes) -> None:
+        self.factory.recorder.got.append((MSG_DEBUG, message))
 
     def connectionSecure(self) -> None:
         # Conch calls this after every key exchange; OpenSSH asks for its
@@ -347,6 +351,19 @@ def test_a_client_looping_on_refused_binds_is_disconnected(world):
     assert recorder.count(MSG_REQUEST_FAILURE) == MAX_REFUSALS  # then the disconnect
     assert server.transport.disconnecting or server.transport.disconnected
     assert len(world.store.audit_events(1000)) < MAX_REFUSALS + 10
+
+
+def test_a_refused_forward_says_why_before_the_bare_failure(world):
+    """The failure reply carries no reason; an SSH_MSG_DEBUG just before it
+    does (``ssh -v`` prints it), and only for the refused request."""
+    recorder, pump, _server = world.holding(20084)
+    recorder.send(MSG_GLOBAL_REQUEST, forward_request(80))
+    pump.flush()
+    numbers = [number for number, _ in recorder.got]
+    said = [payload for number, payload in recorder.got if number == MSG_DEBUG]
+    assert len(said) == 1
+    assert said[0].startswith(b"Forward refused: port 80 is outside the allowed range")
+    assert numbers.index(MSG_DEBUG) == numbers.index(MSG_REQUEST_FAILURE) - 1
 
 
 def test_overlong_bind_address_is_refused(world):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import random
 import struct
+from collections import deque
 from typing import TYPE_CHECKING
 
 from attrs import evolve
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
 #: Refused forward requests one connection may make before it is dropped.
 MAX_REFUSALS = 20
+#: Refusals a session's banner lists (the newest).
+MAX_REFUSALS_SHOWN = 5
 #: Forwards one connection may open and cancel in all (each is audited): far
 #: more than any client needs, far less than a loop would write.
 MAX_FORWARD_CHANGES = 1000
@@ -98,6 +101,8 @@ class TunnelAvatar(ConchUser):
         #: When the connection service started (None until it does).
         self.connected_at: float | None = None
         self.refusals = 0
+        #: Why forwards were refused on this connection, newest last (for the banner).
+        self.refused: deque[str] = deque(maxlen=MAX_REFUSALS_SHOWN)
         self.forward_changes = 0
         self.channelLookup[b"session"] = TunnelSession
 
@@ -230,6 +235,7 @@ class TunnelAvatar(ConchUser):
             requested_host, port = unpackGlobal_tcpip_forward(data)
         except (struct.error, UnicodeDecodeError, ValueError):
             self.log.warn("malformed tcpip-forward from {member}", member=self.identity.member_name)
+            self._tell_refusal("the tcpip-forward request is malformed")
             self._count_refusal()
             return 0
         result = self._bind(requested_host, port)
@@ -241,6 +247,7 @@ class TunnelAvatar(ConchUser):
                 code=result.code,
             )
             self.metrics.refused_binds.labels(result.code).inc()
+            self._tell_refusal(result.reason)
             if self._count_refusal():
                 self._audit("bind-refused", port=port, code=result.code)
             return 0
@@ -249,6 +256,15 @@ class TunnelAvatar(ConchUser):
         if port == 0:
             return (1, struct.pack(">L", result.port))
         return 1
+
+    def _tell_refusal(self, reason: str) -> None:
+        """Say why a forward was refused, before the bare failure reply: the
+        SSH answer to ``tcpip-forward`` has no room for a reason.  ``ssh -v``
+        prints an SSH_MSG_DEBUG as ``debug1: Remote: ...`` (sshd tells of its
+        own refusals the same way); the banner of a session lists them."""
+        message = f"Forward refused: {reason}"
+        self.refused.append(message)
+        self.conn.transport.sendDebug(message.encode("utf-8"), alwaysDisplay=True)
 
     def _count_refusal(self) -> bool:
         """Count a refused or malformed request; False once there were too many
@@ -461,6 +477,7 @@ class TunnelAvatar(ConchUser):
                 f"{cfg.forwarding.port_max}), e.g. ssh -N -R "
                 f"{cfg.forwarding.port_min + 80}:localhost:8000 ..."
             )
+        lines.extend(self.refused)
         lines.append("There is no shell here. Close with Ctrl-C or Ctrl-D; the tunnel closes too.")
         return "\n".join(lines) + "\n"
 
