@@ -433,6 +433,21 @@ def test_phone_layout(jumphost, keys, browser, tmp_path):
     assert squeezed == [], f"Copy buttons squeezed to one letter per line: {squeezed}"
 
 
+def test_an_admin_sent_to_log_in_from_the_admin_page_lands_back_on_it(jumphost, browser):
+    added = jumphost.admin(
+        "member", "add", "root", "--admin", "--password-stdin", stdin=PASSWORD + "\n"
+    )
+    assert added.returncode == 0, added.stderr
+    jumphost.start()
+    browser.get(jumphost.web_url + "admin")
+    wait(browser).until(expected_conditions.url_contains("/login"))
+    find(browser, "#name").send_keys("root")
+    find(browser, "#password").send_keys(PASSWORD)
+    submit(browser, "form[action='/login']")
+    assert browser.current_url == jumphost.web_url + "admin"
+    assert find(browser, "h1").text == "All tunnels and keys"
+
+
 def test_a_login_form_posted_from_a_page_on_another_port_logs_nobody_in(
     jumphost, browser, tmp_path
 ):

@@ -560,3 +560,70 @@ def test_removing_a_key_says_so_on_the_page(alice_session):
     assert code == 200 and "Key removed. Tunnels that used it were closed." in body
     _code, _headers, body = fetch(treq, "GET", "/?done=anything-else", cookie)
     assert 'id="key-notice"' not in body  # only known codes, never the text of the URL
+
+
+@pytest.mark.parametrize("page", ["/admin", "/directory"])
+def test_logging_in_from_a_page_returns_to_it(site, held_password_checks, page):  # noqa: F811
+    """An admin (or a member) who opens /admin (or /directory) with no session logs
+    in and lands back there, not on the dashboard."""
+    _store, client = site
+    treq = client(None).treq
+    code, headers, _ = fetch(treq, "GET", page, {})
+    assert code == 303
+    assert headers[b"Location"] == [f"/login?next={page}".encode()]
+    code, _headers, body = fetch(treq, "GET", f"/login?next={page}", {})
+    assert f'<input type="hidden" name="next" value="{page}">' in body
+    answered: list[Any] = []
+    treq.request(
+        "POST",
+        URL + "/login",
+        data=urlencode({"name": "root", "password": "right", "next": page}).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        allow_redirects=False,
+    ).addBoth(answered.append)
+    treq.flush()
+    held_password_checks[-1].callback(True)
+    treq.flush()
+    assert answered[0].code == 303
+    assert answered[0].headers.getRawHeaders(b"location") == [page.encode()]
+
+
+@pytest.mark.parametrize(
+    "elsewhere", ["https://evil.example/", "//evil.example", "/\\evil.example", "/api/v1/keys"]
+)
+def test_a_login_never_returns_to_an_address_it_was_not_built_for(
+    site,  # noqa: F811
+    held_password_checks,
+    elsewhere,
+):
+    """``next`` names one of the dashboard's own pages or is ignored: a link to the
+    login page cannot send a member elsewhere once they logged in."""
+    _store, client = site
+    treq = client(None).treq
+    _code, _headers, body = fetch(treq, "GET", "/login?" + urlencode({"next": elsewhere}), {})
+    assert 'name="next"' not in body
+    answered = post_login_without_waiting(treq, "alice", "right")
+    treq.request(
+        "POST",
+        URL + "/login",
+        data=urlencode({"name": "alice", "password": "right", "next": elsewhere}).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        allow_redirects=False,
+    ).addBoth(answered.append)
+    treq.flush()
+    for check in held_password_checks:
+        check.callback(True)
+    treq.flush()
+    assert [a.code for a in answered] == [303, 303]
+    assert [a.headers.getRawHeaders(b"location") for a in answered] == [[b"/"], [b"/"]]
+
+
+def test_an_admin_form_sent_after_the_session_ended_logs_in_back_to_admin(site):  # noqa: F811
+    _store, client = site
+    treq = client(None).treq
+    form = {"csrf": "stale", "port": "10080", "member": "alice", "back": "/admin"}
+    code, headers, _ = fetch(treq, "POST", "/ports/remove", {}, form)
+    assert code == 303
+    assert headers[b"Location"] == [b"/login?expired=1&next=/admin"]
+    code, headers, _ = fetch(treq, "POST", "/ports/remove", {}, {**form, "back": "/elsewhere"})
+    assert headers[b"Location"] == [b"/login?expired=1"]

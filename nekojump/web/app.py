@@ -85,6 +85,19 @@ NOTICES = {
 }
 
 
+#: Pages besides the dashboard a login may return to (``/login?next=...``):
+#: any other ``next`` is ignored, so a link cannot send a member elsewhere.
+AFTER_LOGIN = {"/admin": b"/admin", "/directory": b"/directory"}
+
+
+def login_url(after: str, expired: bool = False) -> bytes:
+    """The login page, saying the session ended if ``expired``, that returns to ``after``."""
+    query = [b"expired=1"] if expired else []
+    if after in AFTER_LOGIN:
+        query.append(b"next=" + AFTER_LOGIN[after])
+    return b"/login" + (b"?" + b"&".join(query) if query else b"")
+
+
 def see_other(request: IRequest, location: bytes) -> bytes:
     """Answer a form post with 303, so reloading the next page never re-posts."""
     request.setResponseCode(303)
@@ -103,8 +116,8 @@ def form_post(
         viewer = await self.viewer(request)
         if viewer is None:
             # The session ended while the page was open: the login page says
-            # that nothing was changed.
-            return see_other(request, b"/login?expired=1")
+            # that nothing was changed, and returns to the page the form was on.
+            return see_other(request, login_url(form(request, "back"), expired=True))
         if not viewer.csrf_ok(form(request, "csrf")):
             request.setResponseCode(403)
             return await self._stale_form(request, viewer)
@@ -121,6 +134,11 @@ FOREIGN_LOGIN = (
 
 #: The port an ``Origin`` leaves out, and a ``Host`` header may still name.
 DEFAULT_PORTS = {b"http": b":80", b"https": b":443"}
+
+
+def _after_login(page: str) -> str:
+    """``page`` if a login may return to it, else "" (the dashboard)."""
+    return page if page in AFTER_LOGIN else ""
 
 
 def echoable(text: str) -> str:
@@ -210,22 +228,28 @@ class Dashboard:
     @app.route("/login", methods=["GET"])
     def login_page(self, request: IRequest) -> bytes:
         notice = SESSION_ENDED if request.args.get(b"expired") else None
-        return self.renderer.page("login.html", error=None, name="", notice=notice)
+        after = request.args.get(b"next", [b""])[0].decode("utf-8", "replace")
+        return self.renderer.page(
+            "login.html", error=None, name="", notice=notice, after=_after_login(after)
+        )
 
     @app.route("/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes | None:
         name = form(request, "name").strip()
+        after = _after_login(form(request, "next"))
         if not from_this_site(request):
             request.setResponseCode(403)
-            return self.renderer.page("login.html", error=FOREIGN_LOGIN, name="", notice=None)
+            return self.renderer.page(
+                "login.html", error=FOREIGN_LOGIN, name="", notice=None, after=after
+            )
         result = await self.backend.login(name, form(request, "password"), peer(request))
         if isinstance(result, Refused):
             request.setResponseCode(429 if result.code == "login-throttled" else 401)
             return self.renderer.page(
-                "login.html", error=result.reason, name=name[:64], notice=None
+                "login.html", error=result.reason, name=name[:64], notice=None, after=after
             )
         set_session_cookie(request, result, SESSION_LIFETIME)
-        return see_other(request, b"/")
+        return see_other(request, AFTER_LOGIN.get(after, b"/"))
 
     @app.route("/logout", methods=["POST"])
     async def logout(self, request: IRequest) -> bytes:
@@ -411,7 +435,7 @@ class Dashboard:
     async def directory(self, request: IRequest) -> bytes:
         viewer = await self.viewer(request)
         if viewer is None:
-            return see_other(request, b"/login")
+            return see_other(request, login_url("/directory"))
         ports = await self.backend.ports(None)
         return self.renderer.page(
             "directory.html",
@@ -426,7 +450,7 @@ class Dashboard:
     async def admin(self, request: IRequest) -> bytes:
         viewer = await self.viewer(request)
         if viewer is None:
-            return see_other(request, b"/login")
+            return see_other(request, login_url("/admin"))
         if not viewer.member.is_admin:
             request.setResponseCode(403)
             return b"admins only"
