@@ -349,19 +349,29 @@ class SQLiteStore:
             return Refused("port-registered", f"port {port} is already registered")
         return RegisteredPort(port, member_name, description, self._clock())
 
-    def list_ports(self, member_name: str | None = None) -> list[RegisteredPort]:
-        """Registered ports of one member, or of everyone, by port."""
+    def list_ports(
+        self, member_name: str | None = None, *, active_only: bool = False
+    ) -> list[RegisteredPort]:
+        """Registered ports of one member, or of everyone (or every active
+        member), by port."""
         query = (
             "SELECT p.*, m.name AS member_name FROM ports p JOIN members m ON m.id = p.member_id"
         )
         if member_name is None:
-            rows = self._db.execute(query + " ORDER BY p.port")
+            where = " WHERE m.active" if active_only else ""
+            rows = self._db.execute(query + where + " ORDER BY p.port")
         else:
             rows = self._db.execute(query + " WHERE m.name = ? ORDER BY p.port", (member_name,))
         return [
             RegisteredPort(r["port"], r["member_name"], r["description"], r["created_at"])
             for r in rows
         ]
+
+    def directory(self) -> list[RegisteredPort]:
+        """Registered ports of active members, by port: what members find in the
+        Service Directory (a disabled member's services cannot be up, and their
+        registrations come back when the member is enabled again)."""
+        return self.list_ports(active_only=True)
 
     def remove_port(
         self, member_name: str, port: int, actor: str | None = None

@@ -213,6 +213,29 @@ def test_directory_lists_everyones_ports(site):  # noqa: F811
     assert "bob&#39;s wiki" in body and "10555" in body
 
 
+def test_a_disabled_members_services_leave_the_directory_until_enabled_again(site):  # noqa: F811
+    """A disabled member's tunnels cannot be up: other members no longer find their
+    services (page or API); the admin page still lists the registration."""
+    store, client = site
+    from nekojump.policy import ForwardRules
+
+    store.add_port("bob", 10555, "bob's wiki", ForwardRules(10000, 10999))
+    store.add_port("alice", 10556, "alice's radio", ForwardRules(10000, 10999))
+    store.set_member_active("bob", False)
+    session, _csrf = client("alice", via="session")
+    _code, _headers, body = fetch(session.treq, "GET", "/directory", session.headers)
+    assert "10555" not in body and "bob&#39;s wiki" not in body
+    assert "10556" in body
+    _code, listed = client("alice").get("/directory")
+    assert [p["port"] for p in listed["ports"]] == [10556]
+    admin, _csrf = client("root", via="session")
+    _code, _headers, body = fetch(admin.treq, "GET", "/admin", admin.headers)
+    assert "bob&#39;s wiki" in body
+    store.set_member_active("bob", True)
+    _code, listed = client("alice").get("/directory")
+    assert [p["port"] for p in listed["ports"]] == [10555, 10556]
+
+
 def test_login_throttle_blocks_per_source_and_per_account_from_many_sources():
     clock = Clock()
     throttle = LoginThrottle(clock=clock.seconds, limit=3, window=60)

@@ -219,7 +219,7 @@ class Api:
     @app.route("/directory", methods=["GET"])
     async def directory(self, request: IRequest) -> bytes:
         await self._who(request)
-        ports = self.backend.port_states(await self.backend.ports(None))
+        ports = self.backend.port_states(await self.backend.directory())
         return _json(request, {"ports": [port_row(p, state) for p, state in ports]})
 
     @app.route("/check/<int:port>", methods=["GET"])

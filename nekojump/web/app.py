@@ -436,7 +436,7 @@ class Dashboard:
         viewer = await self.viewer(request)
         if viewer is None:
             return see_other(request, login_url("/directory"))
-        ports = await self.backend.ports(None)
+        ports = await self.backend.directory()
         return self.renderer.page(
             "directory.html",
             member=viewer.member,

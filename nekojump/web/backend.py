@@ -174,6 +174,10 @@ class Backend:
     async def ports(self, member: Member | None) -> list[RegisteredPort]:
         return await self._call("list_ports", member.name if member else None)
 
+    async def directory(self) -> list[RegisteredPort]:
+        """The Service Directory: registered ports of active members."""
+        return await self._call("directory")
+
     async def add_port(self, member: Member, port: Any, description: str) -> Any:
         """Register ``port`` in ``member``'s inventory, unless another member's
         tunnel serves it now: a registration names a service, and that one is
