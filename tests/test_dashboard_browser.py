@@ -448,6 +448,34 @@ def test_an_admin_sent_to_log_in_from_the_admin_page_lands_back_on_it(jumphost, 
     assert find(browser, "h1").text == "All tunnels and keys"
 
 
+def test_the_admin_page_shows_a_tunnel_coming_up_without_a_reload(jumphost, keys, echo, browser):
+    """An admin watching /admin sees alice's tunnel appear in Live tunnels and her
+    registered port turn UP, as a member's dashboard does, with no reload."""
+    from tests.test_member_review import api, token_for
+
+    added = jumphost.admin(
+        "member", "add", "root", "--admin", "--password-stdin", stdin=PASSWORD + "\n"
+    )
+    assert added.returncode == 0, added.stderr
+    jumphost.add_member("alice", keys["alice"])
+    jumphost.start()
+    port = jumphost.port_min + 88
+    api(jumphost, token_for(jumphost, "alice"), "/ports", {"port": port, "description": "wiki"})
+    log_in(browser, jumphost, "root")
+    browser.get(jumphost.web_url + "admin")
+    state = f"#admin-ports-table tr[data-port='{port}'] .port-state"
+    assert find(browser, state).text == "DOWN"
+    mark_page(browser)
+    jumphost.forward(keys["alice"], port, echo.port)
+    wait(browser, 10).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, f"#admin-tunnels-table tr[data-port='{port}']")
+    )
+    row = find(browser, f"#admin-tunnels-table tr[data-port='{port}']").text
+    assert "alice" in row
+    wait(browser, 10).until(lambda d: find(d, state).text == "UP")
+    assert browser.execute_script("return window.nekojumpOldPage === true")  # not reloaded
+
+
 def test_a_login_form_posted_from_a_page_on_another_port_logs_nobody_in(
     jumphost, browser, tmp_path
 ):

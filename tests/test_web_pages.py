@@ -650,3 +650,24 @@ def test_an_admin_form_sent_after_the_session_ended_logs_in_back_to_admin(site):
     assert headers[b"Location"] == [b"/login?expired=1&next=/admin"]
     code, headers, _ = fetch(treq, "POST", "/ports/remove", {}, {**form, "back": "/elsewhere"})
     assert headers[b"Location"] == [b"/login?expired=1"]
+
+
+def test_the_admin_pages_live_tunnels_come_alone_for_its_refresh(site, registry):  # noqa: F811
+    """/admin/tunnels: every member's live tunnels and the registered ports' states,
+    for admins only (no session: 401, which the page's script tells as "session ended")."""
+    from nekojump.policy import ForwardRules
+
+    store, client = site
+    store.add_port("alice", 10193, "alice wiki", ForwardRules(10000, 10999))
+    hold_port(registry, store, "bob", 10193)
+    code, _headers, _body = fetch(client(None).treq, "GET", "/admin/tunnels", {})
+    assert code == 401
+    member, _csrf = client("alice", via="session")
+    code, _headers, body = fetch(member.treq, "GET", "/admin/tunnels", member.headers)
+    assert code == 403 and "bob" not in body
+    admin, _csrf = client("root", via="session")
+    code, _headers, body = fetch(admin.treq, "GET", "/admin/tunnels", admin.headers)
+    assert code == 200 and "<html" not in body
+    rows = row_texts(body, "admin-tunnels-table")
+    assert list(rows) == ["10193"] and "bob" in rows["10193"]
+    assert '<span data-port="10193" data-state="held-by-other"></span>' in body

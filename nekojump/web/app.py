@@ -456,6 +456,22 @@ class Dashboard:
             return b"admins only"
         return await self._admin_page(viewer)
 
+    @app.route("/admin/tunnels", methods=["GET"])
+    async def admin_tunnels_fragment(self, request: IRequest) -> bytes:
+        """The admin page's Live tunnels table alone, for its refresh without a reload."""
+        viewer = await self.viewer(request)
+        if viewer is None:
+            request.setResponseCode(401)
+            return b""
+        if not viewer.member.is_admin:
+            request.setResponseCode(403)
+            return b"admins only"
+        return self.renderer.page(
+            "admin_tunnels.html",
+            tunnels=self.backend.tunnels(None),
+            ports=self.backend.port_states(await self.backend.ports(None)),
+        )
+
     async def _admin_page(self, viewer: Viewer, notice: str | None = None) -> bytes:
         keys = await self.backend.store.call(self.backend.store.store.list_keys)
         events = await self.backend.store.call(self.backend.store.store.audit_events, 100)

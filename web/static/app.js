@@ -42,7 +42,8 @@ document.addEventListener("DOMContentLoaded", () => {
     const updatePortStates = () => {
       const states = new Map(Array.from(tunnels.querySelectorAll("#port-states [data-port]"),
                                         (span) => [span.dataset.port, span.dataset.state]));
-      for (const cell of document.querySelectorAll("#ports-table tr[data-port] .port-state")) {
+      for (const cell of document.querySelectorAll(
+        "#ports-table tr[data-port] .port-state, #admin-ports-table tr[data-port] .port-state")) {
         const state = states.get(cell.parentElement.dataset.port) || "down";
         if (cell.dataset.state !== state && BADGES[state]) {
           cell.dataset.state = state;
@@ -70,7 +71,11 @@ document.addEventListener("DOMContentLoaded", () => {
       }
       if (response.status === 401) {
         // Logged out (another tab) or the session expired: stop, and say so.
-        updated.innerHTML = 'session ended — <a href="/login">log in again</a>';
+        // The link logs in back to this page (the server ignores pages it does not know).
+        const again = document.createElement("a");
+        again.href = "/login?next=" + encodeURIComponent(window.location.pathname);
+        again.textContent = "log in again";
+        updated.replaceChildren("session ended — ", again);
         return;
       }
       if (!response.ok) {
