@@ -87,6 +87,10 @@ class LimitsConfig:
     tiers: Mapping[str, TierLimits]
     max_connections_per_member: int
     max_streams_per_member: int
+    #: Keys and registered ports one member may keep (the dashboard and API
+    #: refuse more; ``nekojump-admin`` may exceed them).
+    max_keys_per_member: int = 100
+    max_registered_ports_per_member: int = 100
 
     def for_tier(self, tier: str) -> TierLimits:
         return self.tiers.get(tier, TierLimits())
@@ -303,6 +307,10 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "pro": (_tier_limits, {}),
         "max_connections_per_member": (_integer(1, 1_000_000), 1000),
         "max_streams_per_member": (_integer(1, 10_000_000), 10000),
+        # Keys and registered ports one member may keep: one key per machine, and a
+        # registration per service; far more would only crowd the directory.
+        "max_keys_per_member": (_integer(1, 100_000), 100),
+        "max_registered_ports_per_member": (_integer(1, 100_000), 100),
     },
     "audit": {
         # Audit events older than this are deleted (checked at start and daily).
@@ -358,6 +366,8 @@ def parse_config(document: Mapping[str, Any], source: str = "built-in defaults")
             tiers={tier: values["limits"][tier] for tier in ("basic", "plus", "pro")},
             max_connections_per_member=values["limits"]["max_connections_per_member"],
             max_streams_per_member=values["limits"]["max_streams_per_member"],
+            max_keys_per_member=values["limits"]["max_keys_per_member"],
+            max_registered_ports_per_member=values["limits"]["max_registered_ports_per_member"],
         ),
         source=source,
     )

@@ -89,6 +89,26 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
 
 
+#: What ``_over_limit`` counts, and how a refusal names it.
+_COUNTED = {"keys": "keys", "ports": "registered ports"}
+
+
+def _over_limit(
+    db: sqlite3.Connection, table: str, member_id: int, limit: int | None
+) -> Refused | None:
+    """Why a member holding ``limit`` rows of ``table`` may not add one (None if they may)."""
+    if limit is None:
+        return None
+    held = db.execute(f"SELECT COUNT(*) FROM {table} WHERE member_id = ?", (member_id,))
+    count = held.fetchone()[0]
+    if count < limit:
+        return None
+    return Refused(
+        f"too-many-{table}",
+        f"you have {count} {_COUNTED[table]} (the limit is {limit}); remove one first",
+    )
+
+
 class SQLiteStore:
     """All persistent state, in one SQLite file in the data directory."""
 
@@ -235,15 +255,19 @@ class SQLiteStore:
     # -- keys ------------------------------------------------------------------
 
     def add_key(
-        self, member_name: str, key: PublicKey, description: str = ""
+        self, member_name: str, key: PublicKey, description: str = "", limit: int | None = None
     ) -> KeyRecord | Refused:
-        """Store ``key`` for a member; refused if the member or key is unknown/taken."""
+        """Store ``key`` for a member; refused if the member or key is unknown/taken,
+        or the member holds ``limit`` keys already."""
         member = self.get_member(member_name)
         if member is None:
             return Refused("no-such-member", f"there is no member named {member_name!r}")
         description = key_description(description, key.comment)
         try:
             with self.transaction() as db:
+                full = _over_limit(db, "keys", member.id, limit)
+                if full is not None:
+                    return full
                 db.execute(
                     "INSERT INTO keys (member_id, fingerprint, key_type, public_key,"
                     " description, created_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -325,9 +349,15 @@ class SQLiteStore:
     # -- registered ports (inventory only) -------------------------------------
 
     def add_port(
-        self, member_name: str, port: int, description: str, rules: ForwardRules
+        self,
+        member_name: str,
+        port: int,
+        description: str,
+        rules: ForwardRules,
+        limit: int | None = None,
     ) -> RegisteredPort | Refused:
-        """Record that a member runs a service on ``port``; refused if unusable or taken."""
+        """Record that a member runs a service on ``port``; refused if unusable or
+        taken, or the member has registered ``limit`` ports already."""
         member = self.get_member(member_name)
         if member is None:
             return Refused("no-such-member", f"there is no member named {member_name!r}")
@@ -339,6 +369,9 @@ class SQLiteStore:
             return Refused("description-too-long", "keep the description under 200 characters")
         try:
             with self.transaction() as db:
+                full = _over_limit(db, "ports", member.id, limit)
+                if full is not None:
+                    return full
                 db.execute(
                     "INSERT INTO ports (port, member_id, description, created_at)"
                     " VALUES (?, ?, ?, ?)",

@@ -33,6 +33,8 @@ STATUS = {
     "key-exists": 409,
     "port-registered": 409,
     "port-held": 409,
+    "too-many-keys": 409,
+    "too-many-ports": 409,
     "not-found": 404,
     "method-not-allowed": 405,
 }

@@ -155,7 +155,9 @@ class Backend:
                 "description-too-long",
                 f"keep the description under {MAX_DESCRIPTION} characters",
             )
-        return await self._call("add_key", member.name, key, description)
+        return await self._call(
+            "add_key", member.name, key, description, self.config.limits.max_keys_per_member
+        )
 
     async def remove_key(self, viewer: Member, fingerprint: str) -> KeyRecord | Refused:
         """Remove one of the viewer's keys (any key for admins); its sessions end now."""
@@ -193,7 +195,12 @@ class Backend:
                 "only that member can register it",
             )
         return await self._call(
-            "add_port", member.name, number, description, self.config.forwarding.rules
+            "add_port",
+            member.name,
+            number,
+            description,
+            self.config.forwarding.rules,
+            self.config.limits.max_registered_ports_per_member,
         )
 
     async def remove_port(
