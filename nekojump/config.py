@@ -78,6 +78,8 @@ class WebConfig:
     public_hostname: str
     sso_header: str
     trusted_proxies: tuple[IPNetwork, ...]
+    max_connections_per_source: int = 32
+    request_timeout: float = 30.0
 
 
 @frozen
@@ -294,6 +296,12 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         # member in this header; the header is ignored from anyone else.
         "sso_header": (_optional_header_name, ""),
         "trusted_proxies": (_optional_networks, []),
+        # Open dashboard connections one address may hold (trusted proxies, e.g. a
+        # reverse proxy that carries everyone's: any),
+        # and the seconds a client has to send a whole request: a client that
+        # trickles bytes cannot hold sockets the SSH side needs.
+        "max_connections_per_source": (_integer(1, 100_000), 32),
+        "request_timeout": (_seconds, 30.0),
     },
     "metrics": {
         # Prometheus exposition at /metrics; "" turns it off.

@@ -50,7 +50,11 @@ class NekojumpService(MultiService):
         self.metrics = Metrics()
         self.budget = DescriptorBudget(
             raise_descriptor_limit(),
-            lambda: self.registry.descriptors_in_use() + sum(self.factory.startups.values()),
+            lambda: (
+                self.registry.descriptors_in_use()
+                + sum(self.factory.startups.values())
+                + self.site.open_connections
+            ),
         )
         self.rng = random.Random()
         checker = TunnelKeyChecker(
@@ -73,7 +77,14 @@ class NekojumpService(MultiService):
             metrics=self.metrics,
             clock=reactor,
         )
-        self.site = BoundedSite(Dashboard(backend).resource())
+        self.site = BoundedSite(
+            Dashboard(backend).resource(),
+            clock=reactor,
+            max_per_source=config.web.max_connections_per_source,
+            request_timeout=config.web.request_timeout,
+            trusted=config.web.trusted_proxies,
+            budget=self.budget.refusal,
+        )
         self.site.noisy = False
 
     def _make_avatar(self, identity: Identity) -> TunnelAvatar:

@@ -4,13 +4,23 @@ jumphost for every other member or for the operator.
 Each test here failed on the reviewed code (0b692a7) because of the problem its
 docstring describes, with numbers measured against a real ``twistd nekojump`` on
 loopback, and passes since the fix; the tests use the defaults of the limits
-(``[limits] max_keys_per_member``, ``max_registered_ports_per_member``).
+(``[limits] max_keys_per_member``, ``max_registered_ports_per_member``, ``[web]
+max_connections_per_source``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import resource
+import socket
+import subprocess
+import time
+from urllib.parse import urlsplit
 
+import pytest
+
+from tests.conftest import Jumphost, wait_for
 from tests.test_web_api import public_key_text
 from tests.test_web_review import World, world  # noqa: F401 - a fixture
 
@@ -101,3 +111,78 @@ def test_one_member_cannot_store_unlimited_keys(world):  # noqa: F811
     assert refused, f"alice stored {len(answers)} keys; nothing bounds it"
     assert all(json_error(code, body) for code, body in refused), refused[:1]
     assert len(world.store.list_keys("alice")) <= KEYS_PER_MEMBER
+
+
+# -- slow web clients ----------------------------------------------------------------------
+
+
+def _limited_descriptors(limit: int):
+    """``subprocess.Popen`` whose children run with RLIMIT_NOFILE = ``limit``."""
+    real = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        return real(
+            *args,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
+            **kwargs,
+        )
+
+    return functools.wraps(real)(popen)
+
+
+@pytest.mark.e2e
+def test_slow_web_clients_cannot_lock_members_out_of_ssh(tmp_path, keys, echo, monkeypatch):
+    """The dashboard's port accepts any number of connections from one client
+    and keeps each one as long as a byte arrives every 60 s (Twisted's
+    HTTPChannel idle timeout, reset by every byte; headers may be 16 KiB, so a
+    trickle holds a socket for days). Web connections are not counted in the
+    descriptor budget (service.py:51-54 counts SSH connections, listeners and
+    mesh streams only), so the SSH side believes it has room while the process
+    has none left, and no login is needed to do this.
+
+    Measured with the server at 256 descriptors: 300 idle connections from one
+    mesh address took it from 15 to 256 open descriptors; member bob's
+    ``ssh -R`` then failed ("kex_exchange_identification: read: Connection
+    reset by peer") and the dashboard reset every other client, until the
+    client let go. In production (LimitNOFILE=65536) one address can open
+    ~28,000 connections to one port: 43% of the budget the SSH side counts on.
+
+    Fixed: a per-source cap on concurrent web connections (``[web]
+    max_connections_per_source``, 32: beyond it new ones are closed at once), a
+    deadline for a whole request (``[web] request_timeout``, 30 s), and web
+    connections counted in the descriptor budget."""
+    host = Jumphost(tmp_path)
+    host.add_member("bob", keys["bob"])
+    with monkeypatch.context() as patch:
+        patch.setattr(subprocess, "Popen", _limited_descriptors(256))
+        host.start()
+    held: list[socket.socket] = []
+    try:
+        web = urlsplit(host.web_url)
+        for _ in range(300):
+            try:
+                s = socket.create_connection(
+                    (web.hostname, web.port), timeout=5, source_address=("127.0.0.71", 0)
+                )
+                s.sendall(b"GET / HTTP/1.1\r\n")  # and never the rest
+            except OSError:
+                break
+            held.append(s)
+        time.sleep(0.5)  # the server accepts what it can
+        port = host.port_min + 5
+        client = host.ssh_background(
+            keys["bob"], "-o", "ConnectTimeout=5", "-R", f"{port}:127.0.0.1:{echo.port}"
+        )
+        wait_for(
+            lambda: client.poll() is not None or host.holder_of(port) is not None,
+            timeout=15,
+            what="bob's forward or his ssh giving up",
+        )
+        stderr = client.stderr.read().decode() if client.poll() is not None else ""
+        assert client.poll() is None, f"bob was locked out of SSH by one web client: {stderr}"
+        assert host.holder_of(port) is not None
+    finally:
+        for s in held:
+            s.close()
+        host.close_clients()
+        host.stop()

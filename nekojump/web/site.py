@@ -1,20 +1,37 @@
-"""The dashboard's ``Site``: request bodies are refused past a small limit.
+"""The dashboard's ``Site``: request bodies are refused past a small limit, and
+connections are bounded per address and in time.
 
 The web server runs in the process that holds every tunnel, and Twisted would
 otherwise buffer and parse any body a client sends (a 64 MiB form grew the
 server by a gigabyte).  The largest legitimate body is a pasted RSA 16384-bit
 public key, about 2.8 KiB of base64 (under 9 KiB url-encoded), so 64 KiB
 leaves plenty of room.
+
+Its sockets come out of the descriptors the tunnels need, too: one address
+may hold ``[web] max_connections_per_source`` at once (trusted proxies, which
+carry everyone's requests, any number), no connection is accepted once the
+descriptor budget is spent, and a client has ``[web] request_timeout``
+seconds to send each whole request (Twisted's own timeout restarts with
+every byte, so a client trickling a header held a socket for days).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
+
+from nekojump.model import Refused
+from nekojump.policy import IPNetwork, source_allowed
+
+_log = Logger(namespace="nekojump.web")
 
 #: The largest request body the dashboard and API read.
 MAX_BODY = 64 * 1024
@@ -145,7 +162,99 @@ class BoundedRequest(Request):
             channel.loseConnection()
 
 
+class DeadlineChannel(HTTPChannel):
+    """An ``HTTPChannel`` that closes a connection whose next request does not
+    arrive whole (head and body) within the site's ``request_timeout``."""
+
+    site: BoundedSite
+    #: The address the connection came from (counted in ``site.open_from``).
+    source_host = ""
+    _deadline: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        if self.persistent:
+            # Kept alive: the next request has as long.  Armed first, since a
+            # request already buffered is handled (and disarms) in there.
+            self._arm()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        self.site.closed(self)
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.site.clock.callLater(self.site.request_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.transport.abortConnection()
+
+
 class BoundedSite(Site):
-    """A ``Site`` whose requests refuse bodies over ``MAX_BODY`` with ``413``."""
+    """A ``Site`` whose requests refuse bodies over ``MAX_BODY`` with ``413``,
+    and whose connections are bounded per address, by the descriptor budget
+    and in time (see the module's docstring)."""
 
     requestFactory = BoundedRequest
+    protocol = DeadlineChannel
+
+    def __init__(
+        self,
+        resource: Any,
+        *,
+        clock: IReactorTime,
+        max_per_source: int = 32,
+        request_timeout: float = 30.0,
+        trusted: Iterable[IPNetwork] = (),
+        budget: Callable[[], Refused | None] = lambda: None,
+    ):
+        super().__init__(resource)
+        self.clock = clock
+        self.max_per_source = max_per_source
+        self.request_timeout = request_timeout
+        self.trusted = tuple(trusted)
+        self.budget = budget
+        #: Open connections by source address.
+        self.open_from: Counter[str] = Counter()
+
+    @property
+    def open_connections(self) -> int:
+        return self.open_from.total()
+
+    def buildProtocol(self, addr: IAddress) -> DeadlineChannel | None:
+        """A channel, or None (the socket is closed at once) if ``addr`` holds its
+        share of connections already or the process has no descriptors to spare."""
+        host = getattr(addr, "host", "")
+        if self.open_from[host] >= self.max_per_source and not source_allowed(host, self.trusted):
+            _log.info("dashboard connection from {host} refused: it holds too many", host=host)
+            return None
+        full = self.budget()
+        if full is not None:
+            _log.warn("dashboard connection from {host} refused: {why}", host=host, why=full.reason)
+            return None
+        channel = super().buildProtocol(addr)
+        channel.source_host = host
+        self.open_from[host] += 1
+        return channel
+
+    def closed(self, channel: DeadlineChannel) -> None:
+        """``channel``'s connection is gone: its address may open another."""
+        host = channel.source_host
+        self.open_from[host] -= 1
+        if self.open_from[host] <= 0:
+            del self.open_from[host]
