@@ -93,6 +93,8 @@ class LimitsConfig:
     #: refuse more; ``nekojump-admin`` may exceed them).
     max_keys_per_member: int = 100
     max_registered_ports_per_member: int = 100
+    #: Keys and ports one member may add or remove in an hour (each is audited).
+    max_changes_per_member_per_hour: int = 300
 
     def for_tier(self, tier: str) -> TierLimits:
         return self.tiers.get(tier, TierLimits())
@@ -319,6 +321,9 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         # registration per service; far more would only crowd the directory.
         "max_keys_per_member": (_integer(1, 100_000), 100),
         "max_registered_ports_per_member": (_integer(1, 100_000), 100),
+        # Keys and ports one member may add or remove in an hour on the dashboard
+        # and API (each is an audit event; admins are not counted).
+        "max_changes_per_member_per_hour": (_integer(1, 1_000_000), 300),
     },
     "audit": {
         # Audit events older than this are deleted (checked at start and daily).
@@ -376,6 +381,7 @@ def parse_config(document: Mapping[str, Any], source: str = "built-in defaults")
             max_streams_per_member=values["limits"]["max_streams_per_member"],
             max_keys_per_member=values["limits"]["max_keys_per_member"],
             max_registered_ports_per_member=values["limits"]["max_registered_ports_per_member"],
+            max_changes_per_member_per_hour=values["limits"]["max_changes_per_member_per_hour"],
         ),
         source=source,
     )

@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import ipaddress
 import random
+from collections import deque
 from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Literal
 
-from attrs import frozen
+from attrs import define, field, frozen
 
 from nekojump.model import Refused
 
@@ -99,6 +100,43 @@ class TierLimits:
                 f"you already hold {held} {what} (the limit is {limit})",
             )
         return None
+
+
+@define
+class ChangeBudget:
+    """How many changes each member made in the last ``window`` seconds, so that
+    a cap holds per member across requests and connections: every change (a key
+    or port registered or removed, a forward opened or cancelled) is an audit
+    event, and a loop would otherwise grow the audit trail without bound."""
+
+    window: float = 3600.0
+    _times: dict[int, deque[float]] = field(factory=dict)
+
+    def used(self, member_id: int, now: float) -> int:
+        """Changes ``member_id`` made in the window ending ``now``."""
+        times = self._times.get(member_id)
+        if times is None:
+            return 0
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._times[member_id]
+        return len(times)
+
+    def refusal(self, member_id: int, now: float, limit: int) -> Refused | None:
+        """None if one more change fits under ``limit``; otherwise why not."""
+        used = self.used(member_id, now)
+        if used < limit:
+            return None
+        minutes = round(self.window / 60)
+        return Refused(
+            "too-many-changes",
+            f"you made {used} changes in the last {minutes} minutes (the limit is {limit}); "
+            "try again later",
+        )
+
+    def spend(self, member_id: int, now: float) -> None:
+        self._times.setdefault(member_id, deque()).append(now)
 
 
 # -- channels and requests -----------------------------------------------------

@@ -89,6 +89,10 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
 
 
+#: Dashboard sessions one member keeps: a new login past it ends the oldest
+#: (each browser that logs in is one; a loop of logins would keep thousands).
+MAX_SESSIONS_PER_MEMBER = 20
+
 #: What ``_over_limit`` counts, and how a refusal names it.
 _COUNTED = {"keys": "keys", "ports": "registered ports"}
 
@@ -454,6 +458,13 @@ class SQLiteStore:
             db.execute(
                 "INSERT INTO web_sessions VALUES (?, ?, ?, ?, ?)",
                 (_digest(token), member.id, csrf, now, now + lifetime),
+            )
+            # The member's oldest sessions past MAX_SESSIONS_PER_MEMBER end.
+            db.execute(
+                "DELETE FROM web_sessions WHERE member_id = ? AND token_hash NOT IN"
+                " (SELECT token_hash FROM web_sessions WHERE member_id = ?"
+                "  ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+                (member.id, member.id, MAX_SESSIONS_PER_MEMBER),
             )
             self._audit(db, "login", member=member_name)
         return token, csrf

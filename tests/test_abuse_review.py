@@ -20,9 +20,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from nekojump.store import MAX_SESSIONS_PER_MEMBER as SESSIONS_PER_MEMBER
 from tests.conftest import Jumphost, wait_for
+from tests.test_ssh_protocol import MSG_GLOBAL_REQUEST, forward_request
+from tests.test_ssh_protocol import World as SSHWorld
 from tests.test_web_api import public_key_text
-from tests.test_web_review import World, world  # noqa: F401 - a fixture
+from tests.test_web_review import PASSWORDS, World, world  # noqa: F401 - a fixture
 
 #: The default of ``[limits] max_registered_ports_per_member``.
 PORTS_PER_MEMBER = 100
@@ -111,6 +114,101 @@ def test_one_member_cannot_store_unlimited_keys(world):  # noqa: F811
     assert refused, f"alice stored {len(answers)} keys; nothing bounds it"
     assert all(json_error(code, body) for code, body in refused), refused[:1]
     assert len(world.store.list_keys("alice")) <= KEYS_PER_MEMBER
+
+
+# -- the audit trail -----------------------------------------------------------------------
+
+
+def test_register_unregister_churn_does_not_grow_the_audit_trail_without_bound(world):  # noqa: F811
+    """Each ``POST /api/v1/ports`` and ``DELETE /api/v1/ports/N`` writes an audit
+    row (store.py add_port/remove_port ``_audit``); nothing limits how often a
+    member may change things, and retention is 400 days. Measured: 113 changes/s
+    from one client with one keep-alive connection (4,003 audit rows from 1,000
+    requests plus 3,000 registrations), ~75 bytes each: ~9.8 M rows, ~0.7 GB a
+    day, kept for 400 days. The admin page shows the newest 100 events, so 100
+    requests push every other member's key removals, takeovers and kills out of
+    the operator's view. (Keys add/remove churns the same way.)
+
+    Fixed: a per-member budget of changes (``[limits]
+    max_changes_per_member_per_hour``, 300) past which the API answers 429 with a
+    JSON error, so a loop writes a bounded number of audit rows."""
+    alice = api(world, "alice")
+    before = len(world.store.audit_events(100_000, member="alice"))
+    codes = []
+    for _ in range(400):
+        codes.append(alice("POST", "/ports", {"port": 10080, "description": "x"}))
+        codes.append(alice("DELETE", "/ports/10080"))
+    written = len(world.store.audit_events(100_000, member="alice")) - before
+    throttled = [(code, body) for code, body in codes if code == 429]
+    assert throttled, f"800 changes in a burst, none refused; {written} audit rows written"
+    assert all(json_error(code, body) for code, body in throttled)
+    assert written <= 400
+
+
+# -- SSH forwards ----------------------------------------------------------------------------
+
+
+def test_reconnecting_does_not_reset_the_cap_on_bind_and_cancel_loops(tmp_path, monkeypatch):
+    """``MAX_FORWARD_CHANGES`` (avatar.py:44, checked in ``_count_change``,
+    avatar.py:433) is counted per connection: a loop that reconnects gets a
+    fresh 1,000 bind/unbind audit rows every time, and nothing limits how often
+    a member reconnects (the penalty box counts failed logins only). So the cap
+    bounds one connection, not the member: each SSH handshake buys ~1,000 audit
+    rows and 1,000 listen()/close() calls on the mesh address. Measured on a real
+    server with paramiko: 3 connections, 3,000 bind/cancel requests in 1.3 s,
+    3,003 bind/unbind audit rows (~2,300 rows/s from one client, ~200 M a day,
+    kept 400 days), each connection ended at the cap and the next one let in.
+
+    Fixed: the count belongs to the member (``TunnelRegistry.forward_changes``,
+    over an hour), so reconnecting does not start it again."""
+    monkeypatch.setattr("nekojump.ssh.avatar.MAX_FORWARD_CHANGES", 40)
+    ssh = SSHWorld(tmp_path)
+    try:
+        for _connection in range(4):
+            recorder, pump, server = ssh.logged_in()
+            for _ in range(30):
+                recorder.send(MSG_GLOBAL_REQUEST, forward_request(20086))
+                recorder.send(MSG_GLOBAL_REQUEST, forward_request(20086, b"cancel-tcpip-forward"))
+                pump.flush()
+                if server.transport.disconnecting or server.transport.disconnected:
+                    break
+            server.transport.loseConnection()
+            pump.flush()
+        binds = [e for e in ssh.store.audit_events(10_000) if e["event"] in ("bind", "unbind")]
+        assert len(binds) <= 45, f"{len(binds)} bind/unbind rows over 4 connections (cap 40)"
+    finally:
+        ssh.store.close()
+
+
+# -- dashboard logins ----------------------------------------------------------------------
+
+
+def test_logins_with_the_right_password_are_bounded_too(world):  # noqa: F811
+    """``LoginThrottle`` counts only failures (``succeeded`` takes the attempt
+    back, backend.py login): a member may log in with their own password as
+    often as they like. Each login is a 32 MiB scrypt on the server
+    (passwords.py) and a web_sessions row kept 14 days (store.py
+    create_session), plus a ``login`` audit row. Measured on a real server: one
+    client with 12 threads made 45 logins in 5 s (45 sessions stored; ~780,000
+    a day, all live for 14 days); bob's login from another address took
+    0.76-1.18 s instead of 0.14-0.17 s meanwhile, with both cores busy.
+
+    Fixed: a member holds at most ``MAX_SESSIONS_PER_MEMBER`` (20) sessions (a
+    new login ends the oldest), and an account makes at most 20 successful
+    logins in five minutes (then 429, as for failures)."""
+    browser = world.client()
+    codes = []
+    for _ in range(30):
+        code, _headers, _body = browser.request(
+            "POST", "/login", form={"name": "alice", "password": PASSWORDS["alice"]}
+        )
+        codes.append(code)
+    sessions = world.store._db.execute(
+        "SELECT count(*) FROM web_sessions s JOIN members m ON m.id = s.member_id"
+        " WHERE m.name = 'alice'"
+    ).fetchone()[0]
+    assert sessions <= SESSIONS_PER_MEMBER, f"30 logins, {sessions} sessions live for 14 days"
+    assert 429 in codes, "30 logins in a burst, each one a 32 MiB scrypt, none throttled"
 
 
 # -- slow web clients ----------------------------------------------------------------------

@@ -166,3 +166,18 @@ def test_a_takeover_is_contested_for_a_while_after_a_port_changes_hands():
     assert takeover_contested(1000.0, 1000.0 + CONTEST_SECONDS - 1)
     assert not takeover_contested(1000.0, 1000.0 + CONTEST_SECONDS)
     assert CONTEST_SECONDS > 600  # autossh's slowest retry: two live clients settle
+
+
+def test_a_change_budget_counts_per_member_over_a_sliding_window():
+    from nekojump.policy import ChangeBudget
+
+    budget = ChangeBudget(window=3600)
+    for minute in range(3):
+        assert budget.refusal(1, minute * 60, limit=3) is None
+        budget.spend(1, minute * 60)
+    refused = budget.refusal(1, 180, limit=3)
+    assert refused is not None and refused.code == "too-many-changes"
+    assert "3 changes in the last 60 minutes (the limit is 3)" in refused.reason
+    assert budget.refusal(2, 180, limit=3) is None  # another member is not held up
+    assert budget.refusal(1, 3600, limit=3) is None  # the first change left the window
+    assert budget.used(1, 3600 + 120) == 0  # and then all three

@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 MAX_REFUSALS = 20
 #: Refusals a session's banner lists (the newest).
 MAX_REFUSALS_SHOWN = 5
-#: Forwards one connection may open and cancel in all (each is audited): far
-#: more than any client needs, far less than a loop would write.
+#: Forwards one member may open and cancel in an hour, over all their
+#: connections (each is audited): far more than any client needs, reconnecting
+#: autossh included, far less than a loop would write.
 MAX_FORWARD_CHANGES = 1000
 #: Longest bind address a client may send in tcpip-forward.
 MAX_HOST_LENGTH = 255
@@ -103,7 +104,6 @@ class TunnelAvatar(ConchUser):
         self.refusals = 0
         #: Why forwards were refused on this connection, newest last (for the banner).
         self.refused: deque[str] = deque(maxlen=MAX_REFUSALS_SHOWN)
-        self.forward_changes = 0
         self.channelLookup[b"session"] = TunnelSession
 
     def change_tier(self, tier: str) -> None:
@@ -237,6 +237,8 @@ class TunnelAvatar(ConchUser):
             self.log.warn("malformed tcpip-forward from {member}", member=self.identity.member_name)
             self._tell_refusal("the tcpip-forward request is malformed")
             self._count_refusal()
+            return 0
+        if self._out_of_changes():
             return 0
         result = self._bind(requested_host, port)
         if isinstance(result, Refused):
@@ -423,17 +425,25 @@ class TunnelAvatar(ConchUser):
         except (struct.error, UnicodeDecodeError, ValueError):
             return 0
         forward = self.forwards.get(port)
-        if forward is None:
+        if forward is None or self._out_of_changes():
             return 0
         self._release(forward)
         self._audit("unbind", port=port)
         self._count_change()
         return 1
 
+    def _out_of_changes(self) -> bool:
+        """True (and the connection ends) if the member opened and cancelled
+        MAX_FORWARD_CHANGES forwards in the last hour: reconnecting does not
+        start the count again."""
+        changes = self.registry.forward_changes
+        if changes.used(self.identity.member_id, self.clock.seconds()) < MAX_FORWARD_CHANGES:
+            return False
+        self.disconnect("too many forward requests")
+        return True
+
     def _count_change(self) -> None:
-        self.forward_changes += 1
-        if self.forward_changes > MAX_FORWARD_CHANGES:
-            self.disconnect("too many forward requests")
+        self.registry.forward_changes.spend(self.identity.member_id, self.clock.seconds())
 
     def _release(self, forward: ActiveForward) -> None:
         self.forwards.pop(forward.port, None)

@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTi
 from twisted.logger import Logger
 
 from nekojump.model import Identity, LiveForward
-from nekojump.policy import Holder, plain_number
+from nekojump.policy import ChangeBudget, Holder, plain_number
 
 if TYPE_CHECKING:
     from nekojump.ssh.avatar import TunnelAvatar
@@ -96,6 +96,8 @@ class TunnelRegistry:
     _per_member: dict[int, int] = field(factory=dict)
     _connections_per_member: dict[int, int] = field(factory=dict)
     _streams_per_member: dict[int, int] = field(factory=dict)
+    #: Forwards each member opened and cancelled lately (``avatar.MAX_FORWARD_CHANGES``).
+    forward_changes: ChangeBudget = field(factory=ChangeBudget)
     #: Mesh connections open through any forward, removed or not.
     open_streams: int = 0
     on_change: Callable[[ActiveForward | None, int], None] | None = None

@@ -35,6 +35,7 @@ STATUS = {
     "port-held": 409,
     "too-many-keys": 409,
     "too-many-ports": 409,
+    "too-many-changes": 429,
     "not-found": 404,
     "method-not-allowed": 405,
 }

@@ -112,6 +112,9 @@ class LoginThrottle:
     window: float = 300.0
     #: None: ten times ``limit``.
     account_limit: int | None = None
+    #: Successful logins one account may make in ``window``: each costs a
+    #: password hash (32 MiB of scrypt) and a session to keep.
+    logins_limit: int = 20
     _attempts: dict[str, deque[Attempt]] = field(factory=dict)
     _swept_at: float = 0.0
 
@@ -143,7 +146,9 @@ class LoginThrottle:
     def blocked(self, name: str | None, source: str) -> bool:
         now = self.clock()
         self._sweep(now)
-        return any(self._recent(key, now) >= limit for key, limit in self._keys(name, source))
+        if any(self._recent(key, now) >= limit for key, limit in self._keys(name, source)):
+            return True
+        return name is not None and self._recent(f"logins:{name}", now) >= self.logins_limit
 
     def failed(self, name: str | None, source: str) -> Attempt:
         """Count an attempt against the account and the source; returns it."""
@@ -164,8 +169,10 @@ class LoginThrottle:
     def succeeded(
         self, name: str, source: str | None = None, attempt: Attempt | None = None
     ) -> None:
-        """Forget the account's failures, and the source's count of this attempt."""
+        """Forget the account's failures, and the source's count of this attempt;
+        count the login against the account's ``logins_limit``."""
         self._attempts.pop(f"member:{name}", None)
+        self._attempts.setdefault(f"logins:{name}", deque()).append(Attempt(self.clock()))
         key = f"source:{source}"
         attempts = self._attempts.get(key)
         if attempts is not None and attempt is not None:

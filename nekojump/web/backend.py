@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, TypeVar
 
 from attrs import define, field
 from twisted.conch.ssh.keys import Key
@@ -20,7 +20,7 @@ from nekojump.keys import MAX_DESCRIPTION, parse_public_key
 from nekojump.metrics import Metrics
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.passwords import verify_password
-from nekojump.policy import plain_number, source_allowed
+from nekojump.policy import ChangeBudget, plain_number, source_allowed
 from nekojump.ssh.registry import TunnelRegistry
 from nekojump.store import DeferredStore
 from nekojump.web.auth import (
@@ -36,6 +36,8 @@ from nekojump.web.views import ConnectInfo, port_state, suggest_port, tunnel_row
 SSO_AUDIT_INTERVAL = 3600.0
 
 LOGIN_FAILED = Refused("login-failed", "wrong member name or password")
+
+T = TypeVar("T")
 
 
 def shortened(text: str, limit: int = 64) -> str:
@@ -87,9 +89,25 @@ class Backend:
     sso_secret: bytes = field(factory=lambda: secrets.token_bytes(32))
     #: When each member's last SSO login was audited (one entry per member).
     _sso_logins: dict[str, float] = field(factory=dict)
+    #: Keys and ports each member added or removed lately (each is audited).
+    changes: ChangeBudget = field(factory=ChangeBudget)
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
         return self.store.call(getattr(self.store.store, name), *args, **kwargs)
+
+    def _changes_left(self, member: Member) -> Refused | None:
+        """Why ``member`` may not add or remove a key or port now (None: they may).
+        Admins are not counted: they clean up after others."""
+        if member.is_admin:
+            return None
+        limit = self.config.limits.max_changes_per_member_per_hour
+        return self.changes.refusal(member.id, self.clock.seconds(), limit)
+
+    def _changed(self, member: Member, result: T) -> T:
+        """Count a change ``member`` made (unless ``result`` refused it); returns it."""
+        if not isinstance(result, Refused) and not member.is_admin:
+            self.changes.spend(member.id, self.clock.seconds())
+        return result
 
     # -- who is asking ---------------------------------------------------------------
 
@@ -102,7 +120,7 @@ class Backend:
         known_form = is_member_name(name)
         attempt = self.throttle.reserve(name if known_form else None, source)
         if attempt is None:
-            return Refused("login-throttled", "too many failed logins; wait a few minutes")
+            return Refused("login-throttled", "too many logins; wait a few minutes")
         if not known_form:
             detail = {"name": shortened(name)}
             await self._call("audit", "login-failed", source=source, detail=detail)
@@ -155,16 +173,23 @@ class Backend:
                 "description-too-long",
                 f"keep the description under {MAX_DESCRIPTION} characters",
             )
-        return await self._call(
+        if (busy := self._changes_left(member)) is not None:
+            return busy
+        added = await self._call(
             "add_key", member.name, key, description, self.config.limits.max_keys_per_member
         )
+        return self._changed(member, added)
 
     async def remove_key(self, viewer: Member, fingerprint: str) -> KeyRecord | Refused:
         """Remove one of the viewer's keys (any key for admins); its sessions end now."""
         record = await self._call("find_key", fingerprint)
         if record is None or (record.member_id != viewer.id and not viewer.is_admin):
             return Refused("no-such-key", f"you have no key {fingerprint}")
-        removed = await self._call("remove_key", fingerprint, actor=viewer.name)
+        if (busy := self._changes_left(viewer)) is not None:
+            return busy
+        removed = self._changed(
+            viewer, await self._call("remove_key", fingerprint, actor=viewer.name)
+        )
         if not isinstance(removed, Refused):
             self.metrics.key_removals.inc()
             for avatar in self.registry.avatars_of_key(removed.id):
@@ -194,7 +219,9 @@ class Backend:
                 f"port {number} is served by another member's tunnel right now; "
                 "only that member can register it",
             )
-        return await self._call(
+        if (busy := self._changes_left(member)) is not None:
+            return busy
+        added = await self._call(
             "add_port",
             member.name,
             number,
@@ -202,6 +229,7 @@ class Backend:
             self.config.forwarding.rules,
             self.config.limits.max_registered_ports_per_member,
         )
+        return self._changed(member, added)
 
     async def remove_port(
         self, viewer: Member, port: Any, owner: str | None = None
@@ -212,7 +240,9 @@ class Backend:
         if number is None:
             return Refused("port-invalid", "the port must be a number")
         if owner is None or owner == viewer.name:
-            return await self._call("remove_port", viewer.name, number)
+            if (busy := self._changes_left(viewer)) is not None:
+                return busy
+            return self._changed(viewer, await self._call("remove_port", viewer.name, number))
         if not viewer.is_admin:
             return Refused("no-such-port", f"you have not registered port {number}")
         if owner == "*":
