@@ -3,6 +3,14 @@
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
+  // Screen readers read what is put here (a polite live region in every page).
+  const announcer = document.getElementById("announcer");
+  const announce = (text) => {
+    if (announcer) {
+      announcer.textContent = text;
+    }
+  };
+
   for (const button of document.querySelectorAll("button.copy")) {
     button.addEventListener("click", async () => {
       const text = document.getElementById(button.dataset.copy).innerText;
@@ -17,6 +25,7 @@ document.addEventListener("DOMContentLoaded", () => {
         selection.addRange(range);
         button.textContent = /Mac|iPhone|iPad/.test(navigator.platform) ? "Selected — press ⌘C" : "Selected — press Ctrl-C";
       }
+      announce(button.textContent);
       setTimeout(() => { button.textContent = "Copy"; }, 2000);
     });
   }
@@ -51,6 +60,53 @@ document.addEventListener("DOMContentLoaded", () => {
         }
       }
     };
+    // Say a state of the refresh ("offline — retrying", "session ended") once,
+    // not every two seconds; the "updated" time is only shown.
+    let said = "";
+    const status = (text, link) => {
+      updated.replaceChildren(text, ...(link ? [link] : []));
+      const whole = updated.textContent;
+      if (whole !== said) {
+        announce(whole);
+        said = whole;
+      }
+    };
+    const livePorts = (root) => new Set(
+      Array.from(root.querySelectorAll("tr[data-port]"), (row) => row.dataset.port));
+    // Tunnels that came up or ended since the last answer, said in words.
+    const announceChanges = (before, after) => {
+      const news = [];
+      for (const port of after) {
+        if (!before.has(port)) news.push("Tunnel on port " + port + " is up.");
+      }
+      for (const port of before) {
+        if (!after.has(port)) news.push("Tunnel on port " + port + " ended.");
+      }
+      if (news.length) announce(news.join(" "));
+    };
+    // Put a new answer in by changing only the cells that changed, when it has the
+    // same rows: a focused button (and a screen reader's place) then survives a
+    // refresh that only moved the counters.  False if the rows differ.
+    const updateInPlace = (fresh) => {
+      const rows = Array.from(tunnels.querySelectorAll("tr[data-port]"));
+      const freshRows = Array.from(fresh.querySelectorAll("tr[data-port]"));
+      if (!rows.length || rows.length !== freshRows.length
+          || rows.some((row, i) => row.dataset.port !== freshRows[i].dataset.port)) {
+        return false;
+      }
+      rows.forEach((row, i) => {
+        Array.from(row.children).forEach((cell, j) => {
+          const fromAnswer = freshRows[i].children[j];
+          if (fromAnswer && cell.innerHTML !== fromAnswer.innerHTML) {
+            cell.innerHTML = fromAnswer.innerHTML;
+          }
+        });
+      });
+      const states = tunnels.querySelector("#port-states");
+      const freshStates = fresh.querySelector("#port-states");
+      if (states && freshStates) states.replaceWith(freshStates);
+      return true;
+    };
     let shown = null;  // the last answer put in (the first one always is)
     const refresh = async () => {
       // An answer that never comes (a laptop woken on another network) must not
@@ -63,7 +119,7 @@ document.addEventListener("DOMContentLoaded", () => {
                                {credentials: "same-origin", signal: abort.signal});
         html = response.ok ? await response.text() : "";
       } catch (error) {  // refused, cut off mid-answer, or given up on
-        updated.textContent = "offline — retrying";
+        status("offline — retrying");
         setTimeout(refresh, 2000);
         return;
       } finally {
@@ -75,28 +131,36 @@ document.addEventListener("DOMContentLoaded", () => {
         const again = document.createElement("a");
         again.href = "/login?next=" + encodeURIComponent(window.location.pathname);
         again.textContent = "log in again";
-        updated.replaceChildren("session ended — ", again);
+        status("session ended — ", again);
         return;
       }
       if (!response.ok) {
-        updated.textContent = "refresh failed (" + response.status + ") — retrying";
+        status("refresh failed (" + response.status + ") — retrying");
         setTimeout(refresh, 2000);
         return;
       }
       if (html !== shown) {
-        // Keep keyboard focus on the same row's button across the swap.
-        const focused = tunnels.contains(document.activeElement)
-          ? document.activeElement.closest("tr[data-port]") : null;
-        tunnels.innerHTML = html;
-        shown = html;
-        if (focused) {
-          // The same row's button, or the card itself if that tunnel ended.
-          const again = tunnels.querySelector(
-            'tr[data-port="' + focused.dataset.port + '"] button');
-          (again || tunnels).focus();
+        const answer = document.createElement("template");
+        answer.innerHTML = html;
+        const before = livePorts(tunnels);
+        const after = livePorts(answer.content);
+        if (!updateInPlace(answer.content)) {
+          // Rows came or went: swap the table, keeping keyboard focus on the same
+          // row's button (or the card itself if that tunnel ended).
+          const focused = tunnels.contains(document.activeElement)
+            ? document.activeElement.closest("tr[data-port]") : null;
+          tunnels.replaceChildren(answer.content);
+          if (focused) {
+            const again = tunnels.querySelector(
+              'tr[data-port="' + focused.dataset.port + '"] button');
+            (again || tunnels).focus();
+          }
         }
+        shown = html;
+        announceChanges(before, after);
         updatePortStates();
       }
+      said = "";
       updated.textContent = "updated " + new Date().toLocaleTimeString();
       setTimeout(refresh, 2000);  // one at a time: never an older answer after a newer
     };
