@@ -734,6 +734,18 @@ def test_a_connection_looping_on_bind_and_cancel_is_ended(world, monkeypatch):
     assert len(world.store.audit_events(1000)) < 50
 
 
+def test_many_connections_of_one_member_each_opening_its_tunnel_are_not_held_up(world, monkeypatch):
+    """The member's hourly count of forward changes leaves out each connection's
+    first forward: thousands of machines (or autossh reconnecting all day) with
+    one member's keys each get their tunnel, however many there are."""
+    monkeypatch.setattr("nekojump.ssh.avatar.MAX_FORWARD_CHANGES", 5)
+    for port in range(20040, 20052):
+        recorder, _pump, server = world.holding(port)
+        assert recorder.count(MSG_REQUEST_SUCCESS) == 1
+        assert not server.transport.disconnecting
+    assert world.registry.held_ports() == set(range(20040, 20052))
+
+
 def test_a_session_closed_by_a_client_that_gave_no_window_is_closed_and_freed(world):
     """A client opens sessions with a window of 0, asks for exec (whose refusal
     then waits for window) and closes each: every CLOSE is answered and the

@@ -40,8 +40,10 @@ MAX_REFUSALS = 20
 #: Refusals a session's banner lists (the newest).
 MAX_REFUSALS_SHOWN = 5
 #: Forwards one member may open and cancel in an hour, over all their
-#: connections (each is audited): far more than any client needs, reconnecting
-#: autossh included, far less than a loop would write.
+#: connections (each is audited), besides the first forward of each connection,
+#: which is free: a connection that opens its tunnel (an autossh reconnecting,
+#: thousands of members' machines) is never held up, a loop that opens and
+#: cancels is, and reconnecting does not start its count again.
 MAX_FORWARD_CHANGES = 1000
 #: Longest bind address a client may send in tcpip-forward.
 MAX_HOST_LENGTH = 255
@@ -102,6 +104,9 @@ class TunnelAvatar(ConchUser):
         #: When the connection service started (None until it does).
         self.connected_at: float | None = None
         self.refusals = 0
+        #: Whether this connection has opened a forward (its first one is free
+        #: of the member's MAX_FORWARD_CHANGES).
+        self.opened_forward = False
         #: Why forwards were refused on this connection, newest last (for the banner).
         self.refused: deque[str] = deque(maxlen=MAX_REFUSALS_SHOWN)
         self.channelLookup[b"session"] = TunnelSession
@@ -238,7 +243,8 @@ class TunnelAvatar(ConchUser):
             self._tell_refusal("the tcpip-forward request is malformed")
             self._count_refusal()
             return 0
-        if self._out_of_changes():
+        first = not self.opened_forward
+        if not first and self._out_of_changes():
             return 0
         result = self._bind(requested_host, port)
         if isinstance(result, Refused):
@@ -254,7 +260,9 @@ class TunnelAvatar(ConchUser):
                 self._audit("bind-refused", port=port, code=result.code)
             return 0
         self._audit("bind", port=result.port, requested_host=requested_host)
-        self._count_change()
+        self.opened_forward = True
+        if not first:
+            self._count_change()
         if port == 0:
             return (1, struct.pack(">L", result.port))
         return 1
@@ -434,8 +442,7 @@ class TunnelAvatar(ConchUser):
 
     def _out_of_changes(self) -> bool:
         """True (and the connection ends) if the member opened and cancelled
-        MAX_FORWARD_CHANGES forwards in the last hour: reconnecting does not
-        start the count again."""
+        MAX_FORWARD_CHANGES forwards in the last hour."""
         changes = self.registry.forward_changes
         if changes.used(self.identity.member_id, self.clock.seconds()) < MAX_FORWARD_CHANGES:
             return False
