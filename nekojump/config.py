@@ -322,7 +322,8 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]] = {
         "max_keys_per_member": (_integer(1, 100_000), 100),
         "max_registered_ports_per_member": (_integer(1, 100_000), 100),
         # Keys and ports one member may add or remove in an hour on the dashboard
-        # and API (each is an audit event; admins are not counted).
+        # and API (each is an audit event; past it adding is refused, removing
+        # never is; admins are not counted).
         "max_changes_per_member_per_hour": (_integer(1, 1_000_000), 300),
     },
     "audit": {

@@ -96,8 +96,9 @@ class Backend:
         return self.store.call(getattr(self.store.store, name), *args, **kwargs)
 
     def _changes_left(self, member: Member) -> Refused | None:
-        """Why ``member`` may not add or remove a key or port now (None: they may).
-        Admins are not counted: they clean up after others."""
+        """Why ``member`` may not add a key or port now (None: they may); removals
+        count but are never refused.  Admins are not counted: they clean up after
+        others."""
         if member.is_admin:
             return None
         limit = self.config.limits.max_changes_per_member_per_hour
@@ -185,8 +186,8 @@ class Backend:
         record = await self._call("find_key", fingerprint)
         if record is None or (record.member_id != viewer.id and not viewer.is_admin):
             return Refused("no-such-key", f"you have no key {fingerprint}")
-        if (busy := self._changes_left(viewer)) is not None:
-            return busy
+        # Never refused for the change budget: a key must go at once (a leaked
+        # token that spent the budget must not keep its own key alive).
         removed = self._changed(
             viewer, await self._call("remove_key", fingerprint, actor=viewer.name)
         )
@@ -240,8 +241,7 @@ class Backend:
         if number is None:
             return Refused("port-invalid", "the port must be a number")
         if owner is None or owner == viewer.name:
-            if (busy := self._changes_left(viewer)) is not None:
-                return busy
+            # Counted, never refused: removing undoes an add, which is limited.
             return self._changed(viewer, await self._call("remove_port", viewer.name, number))
         if not viewer.is_admin:
             return Refused("no-such-port", f"you have not registered port {number}")

@@ -11,8 +11,9 @@ Its sockets come out of the descriptors the tunnels need, too: one address
 may hold ``[web] max_connections_per_source`` at once (trusted proxies, which
 carry everyone's requests, any number), no connection is accepted once the
 descriptor budget is spent, and a client has ``[web] request_timeout``
-seconds to send each whole request (Twisted's own timeout restarts with
-every byte, so a client trickling a header held a socket for days).
+seconds to send each whole request, counted from when the connection opened
+or the previous response was sent (Twisted's own timeout restarts with every
+byte, so a client trickling a header held a socket for days).
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ class DeadlineChannel(HTTPChannel):
     #: The address the connection came from (counted in ``site.open_from``).
     source_host = ""
     _deadline: IDelayedCall | None = None
+    #: The deadline starts once the response being sent is out.
+    _arm_when_sent = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -181,10 +184,20 @@ class DeadlineChannel(HTTPChannel):
 
     def requestDone(self, request: Request) -> None:
         if self.persistent:
-            # Kept alive: the next request has as long.  Armed first, since a
-            # request already buffered is handled (and disarms) in there.
-            self._arm()
+            # Kept alive: the next request has as long, from when this response
+            # is out (a slow link may still be reading a large page).  Armed
+            # first, since a request already buffered is handled (and disarms)
+            # in there.
+            if self._waitingForTransport:
+                self._arm_when_sent = True
+            else:
+                self._arm()
         super().requestDone(request)
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self._arm_when_sent and not self._handlingRequest:
+            self._arm()
 
     def connectionLost(self, reason: Any) -> None:
         self._disarm()
@@ -196,6 +209,7 @@ class DeadlineChannel(HTTPChannel):
         self._deadline = self.site.clock.callLater(self.site.request_timeout, self._too_slow)
 
     def _disarm(self) -> None:
+        self._arm_when_sent = False
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
