@@ -90,3 +90,20 @@ def test_no_connection_is_accepted_once_the_descriptor_budget_is_spent():
     full.append(Refused("server-full", "the jumphost is at its connection limit"))
     assert connect(bounded, "127.0.0.6") == (None, None)
     assert bounded.open_connections == 1
+
+
+def test_a_client_retrying_past_its_share_is_logged_once_until_it_lets_go(logged):
+    """Every refused connection wrote a log line: a client retrying in a loop
+    could fill the operator's disk.  Now one line, until the address is under
+    its share again."""
+    bounded, _clock = site(max_per_source=1)
+    held, _transport = connect(bounded)
+    for _ in range(50):
+        assert connect(bounded) == (None, None)
+    refused = [e for e in logged if "refused" in e.get("log_format", "")]
+    assert len(refused) == 1
+    lose(held)
+    connect(bounded)
+    connect(bounded)
+    refused = [e for e in logged if "refused" in e.get("log_format", "")]
+    assert len(refused) == 2

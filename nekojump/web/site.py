@@ -245,6 +245,8 @@ class BoundedSite(Site):
         self.budget = budget
         #: Open connections by source address.
         self.open_from: Counter[str] = Counter()
+        #: Addresses told of in the log as refused ("" for the descriptor budget).
+        self._told: set[str] = set()
 
     @property
     def open_connections(self) -> int:
@@ -254,13 +256,24 @@ class BoundedSite(Site):
         """A channel, or None (the socket is closed at once) if ``addr`` holds its
         share of connections already or the process has no descriptors to spare."""
         host = getattr(addr, "host", "")
+        # Each refusal is logged once until it stops (a client retrying in a
+        # loop would otherwise write a line per attempt).
         if self.open_from[host] >= self.max_per_source and not source_allowed(host, self.trusted):
-            _log.info("dashboard connection from {host} refused: it holds too many", host=host)
+            if host not in self._told:
+                self._told.add(host)
+                _log.info(
+                    "dashboard connections from {host} refused: it holds {held}",
+                    host=host,
+                    held=self.open_from[host],
+                )
             return None
         full = self.budget()
         if full is not None:
-            _log.warn("dashboard connection from {host} refused: {why}", host=host, why=full.reason)
+            if "" not in self._told:
+                self._told.add("")
+                _log.warn("dashboard connections refused: {why}", why=full.reason)
             return None
+        self._told.discard("")
         channel = super().buildProtocol(addr)
         channel.source_host = host
         self.open_from[host] += 1
@@ -270,5 +283,6 @@ class BoundedSite(Site):
         """``channel``'s connection is gone: its address may open another."""
         host = channel.source_host
         self.open_from[host] -= 1
+        self._told.discard(host)
         if self.open_from[host] <= 0:
             del self.open_from[host]
