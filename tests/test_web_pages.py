@@ -671,3 +671,24 @@ def test_the_admin_pages_live_tunnels_come_alone_for_its_refresh(site, registry)
     rows = row_texts(body, "admin-tunnels-table")
     assert list(rows) == ["10193"] and "bob" in rows["10193"]
     assert '<span data-port="10193" data-state="held-by-other"></span>' in body
+
+
+def test_saving_a_key_and_registering_or_removing_a_port_say_they_worked(alice_session):
+    """The page after each change says it was done, in the card it was done in
+    (before, only removing a key did: the others came back without a word)."""
+    store, treq, cookie, csrf = alice_session
+
+    def after(path: str, form: dict[str, str]) -> str:
+        code, headers, _ = fetch(treq, "POST", path, cookie, {"csrf": csrf, **form})
+        assert code == 303
+        location = headers[b"Location"][0].decode()
+        _code, _headers, body = fetch(treq, "GET", location.split("#")[0], cookie)
+        return body
+
+    body = after("/keys", {"public_key": public_key_text(), "description": "pi"})
+    assert 'id="key-notice">Key saved.' in body
+    body = after("/ports", {"port": "10080", "description": "wiki"})
+    assert 'id="ports-notice">Port registered' in body and 'id="key-notice"' not in body
+    body = after("/ports/remove", {"port": "10080"})
+    assert 'id="ports-notice">Registration removed.' in body
+    assert store.list_ports("alice") == []

@@ -79,9 +79,16 @@ def suggested_ports(rules: ForwardRules) -> list[tuple[str, int, bool]]:
 
 
 #: What the page says after a form did something it shows no other way
-#: (``/?done=CODE``; unknown codes say nothing).
+#: (``/?done=CODE``; unknown codes say nothing), and the card it shows in
+#: (``notice``: the SSH Public Key card; ``port_notice``: Registered Ports).
 NOTICES = {
-    b"key-removed": "Key removed. Tunnels that used it were closed.",
+    b"key-added": ("notice", "Key saved. How to Connect below has your commands."),
+    b"key-removed": ("notice", "Key removed. Tunnels that used it were closed."),
+    b"port-registered": (
+        "port_notice",
+        "Port registered: other members find it in the Service Directory.",
+    ),
+    b"port-removed": ("port_notice", "Registration removed."),
 }
 
 
@@ -276,14 +283,15 @@ class Dashboard:
         viewer = await self.viewer(request)
         if viewer is None:
             return see_other(request, b"/login")
-        notice = NOTICES.get(request.args.get(b"done", [b""])[0])
+        done = NOTICES.get(request.args.get(b"done", [b""])[0])
+        notice = {done[0]: done[1]} if done else {}
         port = request.args.get(b"check")
         token = request.args.get(b"token", [b""])[0]
         text = port[0].decode("utf-8", "replace")[:20] if port else ""
         if port is None or not hmac.compare_digest(token, check_token(viewer, text).encode()):
             # No Check, or one this page's own Check button did not ask for (a
             # link or an <img> elsewhere): the page without it.
-            return await self._page(viewer, notice=notice)
+            return await self._page(viewer, **notice)
         # A Check's result: its own address, so Back and reload show it again
         # instead of asking to send the form again.
         result = await self.backend.check(viewer.member, text, peer(request))
@@ -347,6 +355,7 @@ class Dashboard:
             "port_value": "",
             "port_description": "",
             "notice": None,
+            "port_notice": None,
             "check": None,
         }
         context.update(extra)
@@ -366,7 +375,7 @@ class Dashboard:
                 key_text=text if safe_to_echo(text) else "",
                 key_description=description if safe_to_echo(description) else "",
             )
-        return see_other(request, b"/#ssh-key-card")
+        return see_other(request, b"/?done=key-added#ssh-key-card")
 
     @app.route("/keys/remove", methods=["POST"])
     @form_post
@@ -392,7 +401,7 @@ class Dashboard:
                 port_value=port,
                 port_description=echoable(description),
             )
-        return see_other(request, b"/#ports-card")
+        return see_other(request, b"/?done=port-registered#ports-card")
 
     @app.route("/ports/remove", methods=["POST"])
     @form_post
@@ -404,7 +413,7 @@ class Dashboard:
             return await self._page(viewer, port_error=result.reason)
         if form(request, "back") == "/admin" and viewer.member.is_admin:
             return see_other(request, b"/admin#admin-ports-card")
-        return see_other(request, b"/#ports-card")
+        return see_other(request, b"/?done=port-removed#ports-card")
 
     @app.route("/check", methods=["POST"])
     @form_post
