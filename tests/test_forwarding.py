@@ -735,3 +735,40 @@ def test_what_a_slow_mesh_client_has_not_taken_survives_the_next_reads(tmp_path)
         read(lambda chunk=chunk: client.send_channel_data(channel.id, chunk, 32 * 1024))
         expected += chunk
     assert mesh_receives(len(expected)) == expected
+
+
+def test_a_released_port_is_free_to_bind_again_as_soon_as_its_listener_closes():
+    """A member cancels a forward and asks for the port again: the released
+    listener is parked for a turn, then closed.  Twisted's ``stopListening``
+    closed the socket one more turn later, and a request arriving in between
+    was refused ("port N is in use on the jumphost")."""
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactorClock
+
+    clock = MemoryReactorClock()
+    listener = tcp.Port(0, Factory(), interface="127.0.0.73", reactor=clock)
+    listener.startListening()
+    number = listener.getHost().port
+    parked = ActiveForward(
+        port=number,
+        requested_host="localhost",
+        bind_address="127.0.0.73",
+        avatar=None,  # type: ignore[arg-type]
+        since=0.0,
+        listener=listener,
+        factory=forwarding.ForwardListenerFactory.__new__(forwarding.ForwardListenerFactory),
+    )
+    registry = TunnelRegistry()
+    registry.park(parked, clock)
+    # One reactor pass runs the parked listener's close (nobody claimed it); what
+    # that schedules runs in the next pass only (``Clock.advance`` would run it
+    # at once, unlike the reactor).
+    (close,) = clock.getDelayedCalls()
+    run, args = close.func, close.args
+    close.cancel()
+    run(*args)
+    with pysocket.socket() as again:
+        again.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.73", number))  # refused while the old socket lingered
+        again.listen()

@@ -47,6 +47,8 @@ from nekojump.ssh.ciphers import (
 )
 from nekojump.ssh.sending import Borrowed, Burst, Cork, send_or_copy
 
+#: The cipher clients without AES-GCM (dropbear's dbclient) have.
+CHACHA20 = b"chacha20-poly1305@openssh.com"
 STRICT_KEX_S = b"kex-strict-s-v00@openssh.com"
 STRICT_KEX_C = b"kex-strict-c-v00@openssh.com"
 
@@ -331,13 +333,20 @@ class PacketLayerMixin:
             self.outgoingCompressionType,
         )
         if None in agreed:
+            self._no_common_algorithm(agreed, (kex, keys, enc_cs, enc_sc, mac_cs, mac_sc))
             self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")
             return
         self.nextEncryptions = PacketCiphers(cipher_out, cipher_in, mac_out, mac_in)
         if self.sessionID is None:
             self._peerSupportsExtensions = self._EXT_INFO_C in kex
-        # A wrong guess of the client's first kex packet is ignored (RFC 4253 7).
-        if follows and (kex[0] != self.kexAlg or keys[0] != self.keyAlg):
+        # A guessed first kex packet is ignored if the guess was wrong (RFC 4253
+        # 7): the two sides' *first* choices of kex or host key differ, as the
+        # client judges it too (dropbear guesses curve25519 while ours is first
+        # another; comparing with what was agreed took its resent packet for a
+        # second one).
+        if follows and (
+            kex[0] != self.supportedKeyExchanges[0] or keys[0] != self.supportedPublicKeys[0]
+        ):
             self.ignoreNextPacket = True
         self._log.debug(
             "kex {kex!r} host key {key!r} in {cin!r}/{min!r} out {cout!r}/{mout!r}",
@@ -350,6 +359,26 @@ class PacketLayerMixin:
         )
         if self._keyExchangeState == self._KEY_EXCHANGE_NONE:
             self.sendKexInit()
+
+    def _no_common_algorithm(
+        self, agreed: tuple[bytes | None, ...], offered: tuple[list[bytes], ...]
+    ) -> None:
+        """Tell the operator which part of a key exchange found nothing in common,
+        what the client offered, and the setting that serves it if there is one."""
+        index = agreed.index(None)
+        what = ("key exchange", "host key", "cipher", "cipher", "MAC", "MAC")[min(index, 5)]
+        client = self.otherVersionString.decode("ascii", "replace")[:100]
+        theirs = offered[index] if index < len(offered) else []
+        hint = ""
+        if what == "cipher" and CHACHA20 in theirs and CHACHA20 not in self.supportedCiphers:
+            hint = " ([ssh] chacha20_poly1305 = true serves it)"
+        self._log.warn(
+            "no {what} in common with {client}: it offers {offered}{hint}",
+            what=what,
+            client=client,
+            offered=b", ".join(theirs[:12]).decode("ascii", "replace"),
+            hint=hint,
+        )
 
     def ssh_NEWKEYS(self, packet: bytes) -> None:
         if packet != b"":
@@ -393,6 +422,11 @@ class PacketLayerMixin:
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if 30 <= messageNum <= 49:
+            if getattr(self, "ignoreNextPacket", False) and self._peer_kexinit_this_round:
+                # The client's wrong guess (see _server_negotiate): dropped
+                # unread and uncounted; its real first message follows.
+                self.ignoreNextPacket = False
+                return
             # Our key exchanges take exactly one method message from the peer per
             # round, after its KEXINIT; more would buy signatures for free.
             if not self._peer_kexinit_this_round or self._kex_method_messages >= 1:

@@ -7,8 +7,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from attrs import define, field, frozen
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from nekojump.model import Identity, LiveForward
 from nekojump.policy import ChangeBudget, Holder, plain_number
@@ -16,6 +19,21 @@ from nekojump.policy import ChangeBudget, Holder, plain_number
 if TYPE_CHECKING:
     from nekojump.ssh.avatar import TunnelAvatar
     from nekojump.ssh.forwarding import ForwardListenerFactory
+
+
+def close_now(listener: IListeningPort) -> None:
+    """Stop listening and free the port before returning.
+
+    A TCP port's ``stopListening`` closes its socket a reactor turn later: a
+    forward asked for in between (a client that cancels and asks again) was
+    refused with the port "in use".  Closing here is safe because it is never
+    called from the port's own ``doRead``, which is what Twisted's delay is for."""
+    if isinstance(listener, tcp.Port) and listener.connected:
+        listener.disconnecting = True
+        listener.stopReading()
+        listener.connectionLost(Failure(CONNECTION_DONE))
+    else:
+        listener.stopListening()
 
 
 @define(eq=False)
@@ -221,7 +239,7 @@ class TunnelRegistry:
     def _close_parked(self, port: int) -> None:
         forward, _call = self._parked.pop(port)
         assert forward.listener is not None
-        forward.listener.stopListening()
+        close_now(forward.listener)
 
     def add_forward(self, forward: ActiveForward) -> None:
         self._forwards[forward.port] = forward
