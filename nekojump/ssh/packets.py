@@ -47,6 +47,17 @@ from nekojump.ssh.ciphers import (
 )
 from nekojump.ssh.sending import Borrowed, Burst, Cork, send_or_copy
 
+#: The parts of a key exchange, in the order of a KEXINIT's name-lists.
+_KEX_PARTS = (
+    "key exchange",
+    "host key",
+    "cipher",
+    "cipher",
+    "MAC",
+    "MAC",
+    "compression",
+    "compression",
+)
 #: The cipher clients without AES-GCM (dropbear's dbclient) have.
 CHACHA20 = b"chacha20-poly1305@openssh.com"
 STRICT_KEX_S = b"kex-strict-s-v00@openssh.com"
@@ -333,7 +344,9 @@ class PacketLayerMixin:
             self.outgoingCompressionType,
         )
         if None in agreed:
-            self._no_common_algorithm(agreed, (kex, keys, enc_cs, enc_sc, mac_cs, mac_sc))
+            self._no_common_algorithm(
+                agreed, (kex, keys, enc_cs, enc_sc, mac_cs, mac_sc, comp_cs, comp_sc)
+            )
             self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")
             return
         self.nextEncryptions = PacketCiphers(cipher_out, cipher_in, mac_out, mac_in)
@@ -366,11 +379,18 @@ class PacketLayerMixin:
         """Tell the operator which part of a key exchange found nothing in common,
         what the client offered, and the setting that serves it if there is one."""
         index = agreed.index(None)
-        what = ("key exchange", "host key", "cipher", "cipher", "MAC", "MAC")[min(index, 5)]
+        what = _KEX_PARTS[index]
         client = self.otherVersionString.decode("ascii", "replace")[:100]
-        theirs = offered[index] if index < len(offered) else []
+        theirs = offered[index]
         hint = ""
-        if what == "cipher" and CHACHA20 in theirs and CHACHA20 not in self.supportedCiphers:
+        # A client with chacha20 but no AES-GCM (dropbear) fails on the cipher,
+        # or, when CTR is offered too, on the MAC (it has no ETM MAC).
+        ciphers = offered[2] + offered[3]
+        if (
+            what in ("cipher", "MAC")
+            and CHACHA20 in ciphers
+            and CHACHA20 not in self.supportedCiphers
+        ):
             hint = " ([ssh] chacha20_poly1305 = true serves it)"
         self._log.warn(
             "no {what} in common with {client}: it offers {offered}{hint}",

@@ -285,6 +285,9 @@ class Dashboard:
             return see_other(request, b"/login")
         done = NOTICES.get(request.args.get(b"done", [b""])[0])
         notice = {done[0]: done[1]} if done else {}
+        if "port_notice" in notice and not await self._has_ports_card(viewer):
+            # The last port went with no key left: no Registered Ports card to say it in.
+            notice = {"notice": notice["port_notice"]}
         port = request.args.get(b"check")
         token = request.args.get(b"token", [b""])[0]
         text = port[0].decode("utf-8", "replace")[:20] if port else ""
