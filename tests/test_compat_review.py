@@ -87,7 +87,11 @@ def dropbear_key(key: Path, directory: Path) -> Path:
 def dbclient(host: Jumphost, key: Path, home: Path, *args: str) -> subprocess.Popen[bytes]:
     """``dbclient -N`` as a router would run it, without host key checks (``-y -y``)."""
     argv = [tool("dbclient"), "-y", "-y", "-i", str(key), "-p", str(host.ssh_port), "-N"]
-    argv += [*args, f"tunnel@{SSH_HOST}"]
+    return started_client(host, [*argv, *args, f"tunnel@{SSH_HOST}"], home)
+
+
+def started_client(host: Jumphost, argv: list[str], home: Path) -> subprocess.Popen[bytes]:
+    """``argv`` running with ``home`` as its home, stopped after the test."""
     process = subprocess.Popen(
         argv,
         env=hermetic_env(home),
@@ -188,15 +192,7 @@ def plink(host: Jumphost, key: Path, home: Path, *args: str) -> subprocess.Popen
     (sessions / "tunnel").write_text("PingIntervalSecs\\1\\\nPingInterval\\0\\\n")
     argv = [tool("plink"), "-load", "tunnel", "-batch", "-v", "-N", "-noagent"]
     argv += ["-hostkey", host_key_fingerprint(host), "-i", str(key), "-P", str(host.ssh_port)]
-    process = subprocess.Popen(
-        [*argv, *args, f"tunnel@{SSH_HOST}"],
-        env=hermetic_env(home),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    host.clients.append(process)
-    return process
+    return started_client(host, [*argv, *args, f"tunnel@{SSH_HOST}"], home)
 
 
 @pytest.fixture

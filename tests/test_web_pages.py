@@ -419,13 +419,14 @@ def test_check_says_when_the_viewer_is_off_the_mesh(tmp_path):
     assert "outside the mesh sources" in body
 
 
-def post_login_without_waiting(treq, name: str, password: str) -> list[Any]:
-    """Send a login form; the list gets the response once the server answers."""
+def post_login_without_waiting(treq, name: str, password: str, **fields: str) -> list[Any]:
+    """Send a login form (with any other ``fields``); the list gets the response
+    once the server answers."""
     answered: list[Any] = []
     treq.request(
         "POST",
         URL + "/login",
-        data=urlencode({"name": name, "password": password}).encode(),
+        data=urlencode({"name": name, "password": password, **fields}).encode(),
         headers={"Content-Type": "application/x-www-form-urlencoded"},
         allow_redirects=False,
     ).addBoth(answered.append)
@@ -596,15 +597,7 @@ def test_logging_in_from_a_page_returns_to_it(site, held_password_checks, page):
     assert headers[b"Location"] == [f"/login?next={page}".encode()]
     code, _headers, body = fetch(treq, "GET", f"/login?next={page}", {})
     assert f'<input type="hidden" name="next" value="{page}">' in body
-    answered: list[Any] = []
-    treq.request(
-        "POST",
-        URL + "/login",
-        data=urlencode({"name": "root", "password": "right", "next": page}).encode(),
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
-        allow_redirects=False,
-    ).addBoth(answered.append)
-    treq.flush()
+    answered = post_login_without_waiting(treq, "root", "right", next=page)
     held_password_checks[-1].callback(True)
     treq.flush()
     assert answered[0].code == 303
@@ -625,18 +618,12 @@ def test_a_login_never_returns_to_an_address_it_was_not_built_for(
     treq = client(None).treq
     _code, _headers, body = fetch(treq, "GET", "/login?" + urlencode({"next": elsewhere}), {})
     assert 'name="next"' not in body
-    answered = post_login_without_waiting(treq, "alice", "right")
-    treq.request(
-        "POST",
-        URL + "/login",
-        data=urlencode({"name": "alice", "password": "right", "next": elsewhere}).encode(),
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
-        allow_redirects=False,
-    ).addBoth(answered.append)
-    treq.flush()
+    plain = post_login_without_waiting(treq, "alice", "right")
+    pointed = post_login_without_waiting(treq, "alice", "right", next=elsewhere)
     for check in held_password_checks:
         check.callback(True)
     treq.flush()
+    answered = plain + pointed
     assert [a.code for a in answered] == [303, 303]
     assert [a.headers.getRawHeaders(b"location") for a in answered] == [[b"/"], [b"/"]]
 
