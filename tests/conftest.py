@@ -232,6 +232,10 @@ listen = "tcp:{metrics_port}:interface=127.0.0.1"
             wait_for(lambda: self._logged_url("metrics on"), what="the metrics endpoint to listen")
             + "metrics"
         )
+        # The lines above are logged before the reactor runs; an answer comes only
+        # once it does, after its own start-up (the SIGCHLD pipe), so descriptors
+        # counted from here on are the running server's.
+        self.metrics()
         return self
 
     def _logged_url(self, what: str) -> str | None:
