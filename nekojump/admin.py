@@ -8,7 +8,9 @@ ends its sessions at once).
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -82,7 +84,12 @@ def member_password(store: SQLiteStore, args: argparse.Namespace, out: TextIO) -
 
 
 def _read_password() -> str:
-    password = sys.stdin.readline().rstrip("\r\n")
+    """The password from standard input: one line, or asked for without echo at
+    a terminal."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Dashboard password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         raise CommandError("no password on standard input")
     return password
@@ -457,6 +464,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         args.run(store, args, out)
     except CommandError as error:
         sys.stderr.write(f"nekojump-admin: {error}\n")
+        return 1
+    except sqlite3.Error as error:
+        # A database that opened but fails now (read-only, damaged, a full disk):
+        # its transaction is rolled back, so the command changed nothing.
+        sys.stderr.write(
+            f"nekojump-admin: the database in {config.data_dir} failed ({error}); "
+            "the command did not complete\n"
+        )
         return 1
     finally:
         store.close()

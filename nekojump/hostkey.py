@@ -13,11 +13,27 @@ from nekojump.keys import fingerprint_of_blob
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 
 
+class UnusableHostKey(Exception):
+    """The host key file is there but cannot be read as a private key."""
+
+
 def load_or_create_host_key(data_dir: Path) -> Key:
-    """The ed25519 host key in ``data_dir``, generated (mode 0600) if missing."""
+    """The ed25519 host key in ``data_dir``, generated (mode 0600) if missing.
+
+    A key file that is there but unusable is never replaced: members'
+    ``known_hosts`` pin the key, so a new one would warn every one of them of an
+    impostor.  It raises ``UnusableHostKey``, naming the file, instead."""
     path = data_dir / HOST_KEY_NAME
     if path.exists():
-        return Key.fromFile(str(path))
+        try:
+            return Key.fromFile(str(path))
+        except Exception as error:  # noqa: BLE001 - whatever is wrong with it, say which file
+            reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+            raise UnusableHostKey(
+                f"cannot use the SSH host key {path}: {reason}. Restore it from a backup: "
+                "members' known_hosts pin it (remove it only to make a new one, and tell "
+                "every member to accept the new fingerprint)"
+            ) from None
     data_dir.mkdir(parents=True, exist_ok=True)
     key = Key(ed25519.Ed25519PrivateKey.generate())
     scratch = path.with_suffix(".new")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import sqlite3
 
 from prometheus_client.twisted import MetricsResource
 from twisted.application.service import MultiService
 from twisted.conch.ssh.keys import Key
+from twisted.internet.address import UNIXAddress
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -19,6 +22,7 @@ from twisted.web.server import Site
 from nekojump import __version__
 from nekojump.capacity import DescriptorBudget, raise_descriptor_limit
 from nekojump.config import Config
+from nekojump.datalock import lock_data_dir
 from nekojump.hostkey import host_key_fingerprint, load_or_create_host_key
 from nekojump.metrics import Metrics
 from nekojump.model import Identity
@@ -68,6 +72,7 @@ class NekojumpService(MultiService):
         self.ssh_port: IListeningPort | None = None
         self.web_port: IListeningPort | None = None
         self.listening: list[IListeningPort] = []
+        self._stopping_for_listen_failure = False
         backend = Backend(
             config=config,
             store=self.store,
@@ -126,11 +131,29 @@ class NekojumpService(MultiService):
                 self.config.metrics.listen, metrics_site, "metrics", self._metrics_listening
             )
         self.store.store.start_server(os.getpid())
+        self._survive_sighup()
         self.store.start()
         self.watcher.start()
         self.pruner = LoopingCall(self._prune_audit)
         self.pruner.clock = self.reactor
         self.pruner.start(24 * 3600, now=True)
+
+    def _survive_sighup(self) -> None:
+        """``kill -HUP`` (a reload elsewhere; a closed terminal) killed the server
+        without a word when it logs to standard output, as under systemd: twistd
+        then sets no handler.  Now it is logged, and the server runs on.  A
+        handler twistd set (reopening its log file) is left alone."""
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
+            return
+
+        def hangup(_signal: int, _frame: object) -> None:
+            self.reactor.callFromThread(
+                self.log.warn,
+                "SIGHUP received: nekojump reads its config only when it starts, so it "
+                "runs on unchanged; restart it to apply config changes",
+            )
+
+        signal.signal(signal.SIGHUP, hangup)
 
     def _prune_audit(self) -> None:
         cutoff = self.reactor.seconds() - self.config.audit.retention_days * 86400
@@ -157,11 +180,16 @@ class NekojumpService(MultiService):
             listen=description,
             error=failure.getErrorMessage(),
         )
-        self.reactor.callWhenRunning(self.reactor.stop)
+        if not self._stopping_for_listen_failure:  # metrics can fail as well as the web
+            self._stopping_for_listen_failure = True
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def _metrics_listening(self, port: IListeningPort) -> None:
         self.listening.append(port)
         address = port.getHost()
+        if isinstance(address, UNIXAddress):
+            self.log.info("metrics on unix:{path} (/metrics)", path=_path_of(address))
+            return
         self.log.info(
             "metrics on http://{host}:{port}/metrics", host=address.host, port=address.port
         )
@@ -169,6 +197,9 @@ class NekojumpService(MultiService):
     def _web_listening(self, port: IListeningPort) -> None:
         self.web_port = port
         address = port.getHost()
+        if isinstance(address, UNIXAddress):  # behind a proxy on this machine
+            self.log.info("dashboard on unix:{path}", path=_path_of(address))
+            return
         self.log.info("dashboard on http://{host}:{port}/", host=address.host, port=address.port)
 
     def _listening(self, port: IListeningPort) -> None:
@@ -190,7 +221,9 @@ class NekojumpService(MultiService):
             source=cfg.source,
         )
         self.log.info(
-            "host key {fingerprint} (ED25519)", fingerprint=host_key_fingerprint(self.host_key)
+            "host key {fingerprint} ({kind})",
+            fingerprint=host_key_fingerprint(self.host_key),
+            kind=self.host_key.type().upper(),  # an operator's restored RSA key says RSA
         )
         self.log.info(
             "file descriptor limit {limit}: room for about {tunnels} idle tunnels",
@@ -212,7 +245,9 @@ class NekojumpService(MultiService):
                 port=address.port,
                 example=cfg.forwarding.port_min + 80,
                 user=cfg.ssh.user,
-                host=address.host,
+                # The name members use, as How to Connect shows: the listen address
+                # may be 0.0.0.0, which no member can connect to.
+                host=cfg.web.public_hostname,
             )
 
     def stopService(self):
@@ -228,7 +263,14 @@ class NekojumpService(MultiService):
 
         def stopped(result: object) -> object:
             self.store.stop()
-            self.store.store.stop_server()
+            try:
+                self.store.store.stop_server()
+            except sqlite3.Error as error:
+                self.log.error(
+                    "could not record the stop in the database ({error}): it still lists "
+                    "this server's pid and tunnels until the next start clears them",
+                    error=str(error),
+                )
             # The last connection's close moves the WAL into the database
             # file: after a clean stop that file alone holds everything.
             self.store.store.close()
@@ -237,8 +279,15 @@ class NekojumpService(MultiService):
         return d.addBoth(stopped) if d is not None else stopped(None)
 
 
+def _path_of(address: UNIXAddress) -> str:
+    name = address.name
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+
+
 def make_service(config: Config, reactor) -> NekojumpService:
-    """Open the data directory and build the service (raises OSError on a bad dir)."""
+    """Lock and open the data directory and build the service (raises OSError on
+    a bad dir, ``DataDirectoryInUse`` if another server has it)."""
+    lock_data_dir(config.data_dir)  # held until the process ends
     store = SQLiteStore.open(config.data_dir)
     host_key = load_or_create_host_key(config.data_dir)
     return NekojumpService(config, reactor, store, host_key)

@@ -342,10 +342,14 @@ class SQLiteStore:
             " (SELECT id FROM members WHERE active)",
             (self._clock(), key_id),
         ).rowcount
-        if changed != 1:
-            return None
+        return self.login_tier(key_id) if changed == 1 else None
+
+    def login_tier(self, key_id: int) -> str | None:
+        """The tier of the member whose key this is, or None if the key may no
+        longer log in (removed, or its member disabled).  Only reads."""
         row = self._db.execute(
-            "SELECT m.tier FROM keys k JOIN members m ON m.id = k.member_id WHERE k.id = ?",
+            "SELECT m.tier FROM keys k JOIN members m ON m.id = k.member_id"
+            " WHERE k.id = ? AND m.active",
             (key_id,),
         ).fetchone()
         return row[0] if row else None
@@ -427,11 +431,13 @@ class SQLiteStore:
 
     # -- dashboard sessions and API tokens ----------------------------------------
 
-    def password_hash(self, name: str) -> str | None:
+    def password_hash(self, name: str) -> tuple[str | None, bool] | None:
+        """A member's dashboard password hash and whether they are active, or None
+        if there is no such member."""
         row = self._db.execute(
-            "SELECT password_hash FROM members WHERE name = ? AND active", (name,)
+            "SELECT password_hash, active FROM members WHERE name = ?", (name,)
         ).fetchone()
-        return row[0] if row else None
+        return (row[0], bool(row[1])) if row else None
 
     def set_password_hash(self, name: str, password_hash: str) -> Member | Refused:
         """A new dashboard password; every session logged in with the old one ends."""
@@ -537,14 +543,17 @@ class SQLiteStore:
         if row is None:
             return None
         now = self._clock()
-        if row["last_used_at"] is None or now - row["last_used_at"] > TOKEN_AUDIT_INTERVAL:
-            # Audit token use, but not every request: once an hour per token.
-            self._audit(
-                self._db, "token-used", member=row["name"], detail={"token_id": row["token_id"]}
-            )
-        self._db.execute(
-            "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, row["token_id"])
-        )
+        try:
+            with self.transaction() as db:
+                if row["last_used_at"] is None or now - row["last_used_at"] > TOKEN_AUDIT_INTERVAL:
+                    # Audit token use, but not every request: once an hour per token.
+                    detail = {"token_id": row["token_id"]}
+                    self._audit(db, "token-used", member=row["name"], detail=detail)
+                db.execute(
+                    "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, row["token_id"])
+                )
+        except sqlite3.OperationalError:
+            pass  # bookkeeping only: a full disk must not lock scripts out of reading
         return _member(row)
 
     # -- requests from the CLI to the running server --------------------------------

@@ -28,6 +28,8 @@ def makeService(options: Options) -> IService:
     install_unless_chosen()
     from twisted.internet import reactor
 
+    from nekojump.datalock import DataDirectoryInUse
+    from nekojump.hostkey import UnusableHostKey
     from nekojump.service import make_service
     from nekojump.store import UnusableDatabase
 
@@ -41,6 +43,8 @@ def makeService(options: Options) -> IService:
         raise SystemExit(
             f"nekojump: cannot use data directory {config.data_dir}: {error.strerror}"
         ) from None
+    except (DataDirectoryInUse, UnusableHostKey) as error:
+        raise SystemExit(f"nekojump: {error}") from None
     except UnusableDatabase as error:
         raise SystemExit(
             f"nekojump: cannot use data directory {config.data_dir}: {error}"

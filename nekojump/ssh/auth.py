@@ -264,12 +264,21 @@ class TunnelUserAuthServer(SSHService):
         #: The user names and key fingerprints tried, for the log (a few of each).
         self._users_tried: list[str] = []
         self._keys_tried: list[str] = []
+        #: Key queries answered "no", and whether a signed request was refused
+        #: (that one is counted in the auth metric as it happens).
+        self._queries_denied = 0
+        self._signed_denied = False
 
     def serviceStopped(self) -> None:
         self._finished = True
         self._queue.clear()
         if self._logged_in_as is None and self.failures:
             self._log_failed_login()
+            if self._queries_denied and not self._signed_denied:
+                # OpenSSH asks whether a key would do and signs only after a yes:
+                # a login with unknown keys (or as another user) is never signed,
+                # so it is counted here, once, when it gives up.
+                self.checker.metrics.auth.labels("unknown_key_or_user").inc()
 
     def _note_tried(self, tried: list[str], what: str) -> None:
         if what not in tried and len(tried) < MAX_NOTED:
@@ -414,8 +423,10 @@ class TunnelUserAuthServer(SSHService):
         transport = self.transport
         if asking:
             transport.unanswered_key_queries += 1
+            self._queries_denied += 1
         else:
             transport.factory.penalties.failed(transport.startup_source)
+            self._signed_denied = True
         self.failures += 1
         self._fail_or_end()
 

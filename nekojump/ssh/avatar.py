@@ -165,6 +165,18 @@ class TunnelAvatar(ConchUser):
             self.change_tier(tier)
 
     def _confirm_failed(self, failure: Failure) -> None:
+        # Recording the login failed (a full or failing disk): the key is still
+        # checked, by a read, so members can log in while the disk is seen to.
+        self.log.warn(
+            "could not record the login of {member} ({error}); checking the key without it",
+            member=self.identity.member_name,
+            error=failure.getErrorMessage(),
+        )
+        self.store.call(self.store.store.login_tier, self.identity.key_id).addCallbacks(
+            self._confirmed, self._check_failed
+        )
+
+    def _check_failed(self, failure: Failure) -> None:
         # Can't tell whether the key is still good: fail closed.
         self.log.failure(
             "could not re-check the key of {member}", failure, member=self.identity.member_name
@@ -505,4 +517,13 @@ class TunnelAvatar(ConchUser):
             member=self.identity.member_name,
             source=self.source,
             detail={"key": self.identity.fingerprint, **detail},
-        ).addErrback(lambda f: self.log.failure("audit failed", f))
+        ).addErrback(self._audit_failed, event)
+
+    def _audit_failed(self, failure: Failure, event: str) -> None:
+        # One line, not a traceback per login while the disk is full.
+        self.log.warn(
+            "could not write the audit event {event} of {member}: {error}",
+            event=event,
+            member=self.identity.member_name,
+            error=failure.getErrorMessage(),
+        )

@@ -2,12 +2,14 @@
 
 Bearer tokens (``nekojump-admin token create NAME``) or a browser session
 (then state changes need the ``X-CSRF-Token`` header).  Errors are
-``{"error": code, "message": text}`` with a 4xx status.
+``{"error": code, "message": text}`` with a 4xx status (503 when the database
+fails: nothing was changed).
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -18,7 +20,7 @@ from werkzeug.routing import Map, Rule
 
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.web.auth import CSRF_HEADER, Viewer
-from nekojump.web.backend import Backend
+from nekojump.web.backend import STORE_FAILED, Backend, log_store_failure
 from nekojump.web.openapi import openapi_document
 from nekojump.web.views import key_row, port_row
 
@@ -38,6 +40,7 @@ STATUS = {
     "too-many-changes": 429,
     "not-found": 404,
     "method-not-allowed": 405,
+    "storage-unavailable": 503,
 }
 
 #: Where ``Api`` is mounted (``Dashboard.api_branch``).
@@ -136,6 +139,11 @@ class Api:
     def api_error(self, request: IRequest, failure: Any) -> bytes:
         error = failure.value
         return _refused(request, Refused(error.code, error.message))
+
+    @app.handle_errors(sqlite3.Error)
+    def store_failed(self, request: IRequest, failure: Any) -> bytes:
+        log_store_failure(request, failure.value)
+        return _refused(request, STORE_FAILED)
 
     # -- keys ------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -28,7 +29,7 @@ from nekojump.web.auth import (
     session_cookie,
     set_session_cookie,
 )
-from nekojump.web.backend import Backend
+from nekojump.web.backend import STORE_FAILED, Backend, log_store_failure
 from nekojump.web.render import Renderer
 
 SECURITY_HEADERS = {
@@ -128,7 +129,14 @@ def form_post(
         if not viewer.csrf_ok(form(request, "csrf")):
             request.setResponseCode(403)
             return await self._stale_form(request, viewer)
-        return await handler(self, request, viewer)
+        try:
+            return await handler(self, request, viewer)
+        except sqlite3.Error as error:
+            # Not saved (a full or failing disk): the form comes back with what
+            # was typed, saying so, as for a stale form.
+            log_store_failure(request, error)
+            request.setResponseCode(503)
+            return await self._stale_form(request, viewer, STORE_FAILED.reason)
 
     return checked
 
@@ -310,30 +318,31 @@ class Dashboard:
         member = viewer.member
         return bool(await self.backend.keys(member) or await self.backend.ports(member))
 
-    async def _stale_form(self, request: IRequest, viewer: Viewer) -> bytes:
+    async def _stale_form(self, request: IRequest, viewer: Viewer, said: str = STALE_FORM) -> bytes:
         """A form from a page older than the session (a log out and in since,
-        in another tab): nothing is changed, and the page comes back with a
-        fresh token and what was typed, to send again."""
+        in another tab), or one the database could not store: nothing is
+        changed, and the page comes back with a fresh token and what was typed,
+        to send again, and ``said`` in the form's card."""
         if form(request, "back") == "/admin" and viewer.member.is_admin:
-            return await self._admin_page(viewer, notice=STALE_FORM)
+            return await self._admin_page(viewer, notice=said)
         if request.path == b"/keys":
             text, description = form(request, "public_key"), form(request, "description")
             return await self._page(
                 viewer,
-                key_error=STALE_FORM,
+                key_error=said,
                 key_text=echoable(text),
                 key_description=echoable(description),
             )
         if request.path == b"/ports":
             return await self._page(
                 viewer,
-                port_error=STALE_FORM,
+                port_error=said,
                 # The ports card (where port_error shows) needs a key or a port.
-                notice=None if await self._has_ports_card(viewer) else STALE_FORM,
+                notice=None if await self._has_ports_card(viewer) else said,
                 port_value=form(request, "port").strip(),
                 port_description=echoable(form(request, "description")),
             )
-        return await self._page(viewer, notice=STALE_FORM)
+        return await self._page(viewer, notice=said)
 
     async def _page(self, viewer: Viewer, **extra: Any) -> bytes:
         member = viewer.member
@@ -385,8 +394,7 @@ class Dashboard:
     async def remove_key(self, request: IRequest, viewer: Viewer) -> bytes:
         result = await self.backend.remove_key(viewer.member, form(request, "fingerprint"))
         if isinstance(result, Refused):
-            request.setResponseCode(404)
-            return await self._page(viewer, key_error=result.reason)
+            return await self._nothing_removed(request, viewer, result, "notice")
         if form(request, "back") == "/admin" and viewer.member.is_admin:
             return see_other(request, b"/admin")
         return see_other(request, b"/?done=key-removed#ssh-key-card")
@@ -412,11 +420,24 @@ class Dashboard:
         owner = form(request, "member") or None
         result = await self.backend.remove_port(viewer.member, form(request, "port"), owner)
         if isinstance(result, Refused):
-            request.setResponseCode(404)
-            return await self._page(viewer, port_error=result.reason)
+            return await self._nothing_removed(request, viewer, result, "port_notice")
         if form(request, "back") == "/admin" and viewer.member.is_admin:
             return see_other(request, b"/admin#admin-ports-card")
         return see_other(request, b"/?done=port-removed#ports-card")
+
+    async def _nothing_removed(
+        self, request: IRequest, viewer: Viewer, refused: Refused, card: str
+    ) -> bytes:
+        """A removal refused, mostly because it is gone already (removed in another
+        tab, by an admin or the CLI): the page it was asked from, saying so in
+        ``card``'s notice, with no form marked as if it held a mistake."""
+        request.setResponseCode(404)
+        said = f"Nothing removed: {refused.reason}."
+        if form(request, "back") == "/admin" and viewer.member.is_admin:
+            return await self._admin_page(viewer, notice=said)
+        if card == "port_notice" and not await self._has_ports_card(viewer):
+            card = "notice"  # no Registered Ports card to say it in
+        return await self._page(viewer, **{card: said})
 
     @app.route("/check", methods=["POST"])
     @form_post
@@ -441,6 +462,7 @@ class Dashboard:
             csrf=viewer.csrf,
             hint=TUNNELS_HINT[bool(keys)],
             ports=self.backend.port_states(await self.backend.ports(member)),
+            keys=keys,
         )
 
     @app.route("/directory", methods=["GET"])

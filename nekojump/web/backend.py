@@ -36,6 +36,18 @@ from nekojump.web.views import ConnectInfo, port_state, suggest_port, tunnel_row
 SSO_AUDIT_INTERVAL = 3600.0
 
 LOGIN_FAILED = Refused("login-failed", "wrong member name or password")
+#: A change the database could not store (a full or failing disk).
+STORE_FAILED = Refused(
+    "storage-unavailable",
+    "the jumphost could not save this: its database failed, so nothing was changed. "
+    "Try again later; the operator finds the error in the jumphost's log",
+)
+#: Told only to whoever gave the right password: a disabled member who logs in
+#: again learns why, and nothing is revealed to someone guessing.
+MEMBER_DISABLED = Refused(
+    "member-disabled",
+    "this account is disabled, so it cannot log in; ask an admin to enable it again",
+)
 
 T = TypeVar("T")
 
@@ -43,6 +55,31 @@ T = TypeVar("T")
 def shortened(text: str, limit: int = 64) -> str:
     """``text`` cut to ``limit`` characters (with an ellipsis), for the audit trail."""
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+_store_log = Logger(namespace="nekojump.web")
+
+
+def log_store_failure(request: Any, error: BaseException) -> None:
+    """One line for the operator: which request the database failed, and how."""
+    _store_log.warn(
+        "{method} {path} not done: the database failed: {error}",
+        method=request.method.decode("ascii", "replace"),
+        path=request.path.decode("utf-8", "replace"),
+        error=str(error) or type(error).__name__,
+    )
+
+
+def _again(mine: KeyRecord | RegisteredPort, description: str, what: str) -> Any:
+    """A member saving what they have saved already (a form sent twice, a script
+    run again): done, if it says the same; else why not, in their own words."""
+    if mine.description == description.strip():
+        return mine
+    return Refused(
+        "key-exists" if isinstance(mine, KeyRecord) else "port-registered",
+        f"you registered {what} already, as {mine.description or '(no description)'!r}; "
+        "remove it first to describe it differently",
+    )
 
 
 def _default_clock() -> IReactorTime:
@@ -126,10 +163,14 @@ class Backend:
             detail = {"name": shortened(name)}
             await self._call("audit", "login-failed", source=source, detail=detail)
             return LOGIN_FAILED
-        stored = await self._call("password_hash", name)
-        if not await deferToThread(verify_password, password, stored):
+        stored_hash, active = await self._call("password_hash", name) or (None, False)
+        if not await deferToThread(verify_password, password, stored_hash):
             await self._call("audit", "login-failed", member=name, source=source)
             return LOGIN_FAILED
+        if not active:
+            detail = {"why": "member disabled"}
+            await self._call("audit", "login-failed", member=name, source=source, detail=detail)
+            return MEMBER_DISABLED
         self.throttle.succeeded(name, source, attempt)
         token, _csrf = await self._call("create_session", name, SESSION_LIFETIME)
         return token
@@ -174,6 +215,9 @@ class Backend:
                 "description-too-long",
                 f"keep the description under {MAX_DESCRIPTION} characters",
             )
+        mine = await self._call("find_key", key.fingerprint)
+        if mine is not None and mine.member_id == member.id:
+            return _again(mine, description, "this key")
         if (busy := self._changes_left(member)) is not None:
             return busy
         added = await self._call(
@@ -220,6 +264,9 @@ class Backend:
                 f"port {number} is served by another member's tunnel right now; "
                 "only that member can register it",
             )
+        mine = [p for p in await self.ports(member) if p.port == number]
+        if mine:
+            return _again(mine[0], description, f"port {number}")
         if (busy := self._changes_left(member)) is not None:
             return busy
         added = await self._call(

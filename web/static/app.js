@@ -30,6 +30,45 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
+  // Back to a page kept in the browser's back/forward cache: show what is true
+  // now, not what it said then (a key since removed, "Key saved").
+  window.addEventListener("pageshow", (event) => {
+    if (event.persisted) window.location.reload();
+  });
+  // "Key saved" and the like are said once: Back or reload later must not say it
+  // again about something undone since.
+  const address = new URL(window.location.href);
+  const done = address.searchParams.get("done");
+  if (done !== null) {
+    address.searchParams.delete("done");
+    window.history.replaceState(window.history.state, "", address);
+  }
+
+  // A public key pasted when the session had ended (or the page went away before
+  // the answer) is put back after logging in, once: the login page said nothing
+  // was changed, and the paste should not be lost with it.  Never a private key.
+  const DRAFT = "nekojump-key-draft";
+  const keyForm = document.querySelector("form.key-form");
+  if (keyForm) {
+    const text = keyForm.querySelector("#public_key");
+    const description = keyForm.querySelector("#description");
+    const draft = JSON.parse(sessionStorage.getItem(DRAFT) || "null");
+    sessionStorage.removeItem(DRAFT);
+    if (draft && done !== "key-added" && !text.value.trim()) {
+      text.value = draft.text;
+      if (!description.value) description.value = draft.description;
+      const details = keyForm.closest("details");
+      if (details) details.open = true;
+      announce("Your unsaved key is back in the form.");
+    }
+    keyForm.addEventListener("submit", () => {
+      if (!/PRIVATE KEY/.test(text.value)) {
+        sessionStorage.setItem(DRAFT, JSON.stringify(
+          {text: text.value, description: description.value}));
+      }
+    });
+  }
+
   for (const form of document.querySelectorAll("form.confirm")) {
     form.addEventListener("submit", (event) => {
       if (!window.confirm(form.dataset.confirm)) {
@@ -71,6 +110,49 @@ document.addEventListener("DOMContentLoaded", () => {
         said = whole;
       }
     };
+    // Keys removed since the page was made (in another tab, by an admin): marked
+    // as removed, their Remove button disabled, and the page says to reload.
+    const updateKeyStates = () => {
+      const states = tunnels.querySelector("#key-states");
+      const card = document.getElementById("ssh-key-card");
+      if (!states || !card) return;
+      const present = new Set(Array.from(states.querySelectorAll("[data-fingerprint]"),
+                                         (span) => span.dataset.fingerprint));
+      const rows = Array.from(card.querySelectorAll(".key-row"));
+      let removed = 0;
+      for (const row of rows) {
+        const fingerprint = row.querySelector(".fingerprint");
+        if (!fingerprint || present.has(fingerprint.textContent)) continue;
+        removed += 1;
+        if (row.classList.contains("removed")) continue;
+        row.classList.add("removed");
+        const mark = document.createElement("span");
+        mark.className = "badge bad";
+        mark.textContent = "REMOVED";
+        fingerprint.after(" ", mark);
+        for (const button of row.querySelectorAll("button")) button.disabled = true;
+      }
+      if (!removed || card.querySelector("#keys-changed")) return;
+      if (removed === rows.length) {
+        const badge = card.querySelector(".card-header .badge");
+        if (badge) {
+          badge.className = "badge";
+          badge.textContent = "NOT CONFIGURED";
+        }
+      }
+      const note = document.createElement("p");
+      note.className = "notice";
+      note.id = "keys-changed";
+      note.setAttribute("role", "status");
+      const reload = document.createElement("a");
+      reload.href = window.location.pathname;
+      reload.textContent = "Reload";
+      note.append(removed === 1 ? "A key shown here was removed elsewhere (another tab or an admin). "
+                                : "Keys shown here were removed elsewhere (another tab or an admin). ",
+                  reload, " for the current page.");
+      card.querySelector(".card-header").after(note);
+      announce(note.textContent);
+    };
     const livePorts = (root) => new Set(
       Array.from(root.querySelectorAll("tr[data-port]"), (row) => row.dataset.port));
     // Tunnels that came up or ended since the last answer, said in words.
@@ -102,9 +184,11 @@ document.addEventListener("DOMContentLoaded", () => {
           }
         });
       });
-      const states = tunnels.querySelector("#port-states");
-      const freshStates = fresh.querySelector("#port-states");
-      if (states && freshStates) states.replaceWith(freshStates);
+      for (const id of ["#port-states", "#key-states"]) {
+        const states = tunnels.querySelector(id);
+        const freshStates = fresh.querySelector(id);
+        if (states && freshStates) states.replaceWith(freshStates);
+      }
       return true;
     };
     let shown = null;  // the last answer put in (the first one always is)
@@ -159,6 +243,7 @@ document.addEventListener("DOMContentLoaded", () => {
         shown = html;
         announceChanges(before, after);
         updatePortStates();
+        updateKeyStates();
       }
       said = "";
       updated.textContent = "updated " + new Date().toLocaleTimeString();
