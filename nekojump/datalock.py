@@ -36,6 +36,13 @@ def lock_data_dir(data_dir: Path) -> int:
     except OSError:
         os.close(fd)
         raise
+    record_pid(fd)
+    return fd
+
+
+def record_pid(fd: int) -> None:
+    """Write this process's pid into the lock file ``fd``: again once the server
+    runs, since a daemonizing twistd forks after the lock was taken (the lock goes
+    with the descriptor to the child; the pid written before names the parent)."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    return fd

@@ -22,7 +22,7 @@ from twisted.web.server import Site
 from nekojump import __version__
 from nekojump.capacity import DescriptorBudget, raise_descriptor_limit
 from nekojump.config import Config
-from nekojump.datalock import lock_data_dir
+from nekojump.datalock import lock_data_dir, record_pid
 from nekojump.hostkey import host_key_fingerprint, load_or_create_host_key
 from nekojump.metrics import Metrics
 from nekojump.model import Identity
@@ -73,6 +73,8 @@ class NekojumpService(MultiService):
         self.web_port: IListeningPort | None = None
         self.listening: list[IListeningPort] = []
         self._stopping_for_listen_failure = False
+        #: The data directory's lock file (``datalock``), when ``make_service`` took it.
+        self.data_lock: int | None = None
         backend = Backend(
             config=config,
             store=self.store,
@@ -131,6 +133,8 @@ class NekojumpService(MultiService):
                 self.config.metrics.listen, metrics_site, "metrics", self._metrics_listening
             )
         self.store.store.start_server(os.getpid())
+        if self.data_lock is not None:
+            record_pid(self.data_lock)  # after twistd's fork, if it daemonized
         self._survive_sighup()
         self.store.start()
         self.watcher.start()
@@ -140,9 +144,9 @@ class NekojumpService(MultiService):
 
     def _survive_sighup(self) -> None:
         """``kill -HUP`` (a reload elsewhere; a closed terminal) killed the server
-        without a word when it logs to standard output, as under systemd: twistd
-        then sets no handler.  Now it is logged, and the server runs on.  A
-        handler twistd set (reopening its log file) is left alone."""
+        without a word: twistd sets no handler for it (it reopens its log file on
+        SIGUSR1).  Now it is logged, and the server runs on.  A handler someone
+        else set, or SIGHUP ignored (``nohup``), is left alone."""
         if signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
             return
 
@@ -287,7 +291,9 @@ def _path_of(address: UNIXAddress) -> str:
 def make_service(config: Config, reactor) -> NekojumpService:
     """Lock and open the data directory and build the service (raises OSError on
     a bad dir, ``DataDirectoryInUse`` if another server has it)."""
-    lock_data_dir(config.data_dir)  # held until the process ends
+    lock = lock_data_dir(config.data_dir)  # held until the process ends
     store = SQLiteStore.open(config.data_dir)
     host_key = load_or_create_host_key(config.data_dir)
-    return NekojumpService(config, reactor, store, host_key)
+    service = NekojumpService(config, reactor, store, host_key)
+    service.data_lock = lock
+    return service

@@ -141,6 +141,9 @@ def form_post(
     return checked
 
 
+#: A refused login's status, when it is not a 401.
+LOGIN_STATUS = {"login-throttled": 429, STORE_FAILED.code: 503}
+
 FOREIGN_LOGIN = (
     "this login form was sent from another site; open the dashboard's own login page "
     "and log in there"
@@ -257,9 +260,13 @@ class Dashboard:
             return self.renderer.page(
                 "login.html", error=FOREIGN_LOGIN, name="", notice=None, after=after
             )
-        result = await self.backend.login(name, form(request, "password"), peer(request))
+        try:
+            result = await self.backend.login(name, form(request, "password"), peer(request))
+        except sqlite3.Error as error:  # a session (or the audit) could not be stored
+            log_store_failure(request, error)
+            result = STORE_FAILED
         if isinstance(result, Refused):
-            request.setResponseCode(429 if result.code == "login-throttled" else 401)
+            request.setResponseCode(LOGIN_STATUS.get(result.code, 401))
             return self.renderer.page(
                 "login.html", error=result.reason, name=name[:64], notice=None, after=after
             )

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from nekojump.config import Config
 from nekojump.diagnosis import Diagnosis, diagnose, probe_forward
 from nekojump.hostkey import host_key_fingerprint
-from nekojump.keys import MAX_DESCRIPTION, parse_public_key
+from nekojump.keys import MAX_DESCRIPTION, key_description, parse_public_key
 from nekojump.metrics import Metrics
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.passwords import verify_password
@@ -217,7 +217,8 @@ class Backend:
             )
         mine = await self._call("find_key", key.fingerprint)
         if mine is not None and mine.member_id == member.id:
-            return _again(mine, description, "this key")
+            # Compared with what a save stores: no description means the key's comment.
+            return _again(mine, key_description(description, key.comment), "this key")
         if (busy := self._changes_left(member)) is not None:
             return busy
         added = await self._call(

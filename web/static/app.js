@@ -45,16 +45,26 @@ document.addEventListener("DOMContentLoaded", () => {
   }
 
   // A public key pasted when the session had ended (or the page went away before
-  // the answer) is put back after logging in, once: the login page said nothing
-  // was changed, and the paste should not be lost with it.  Never a private key.
+  // the answer) is put back after logging in, once, for the same member only: the
+  // login page said nothing was changed, and the paste should not be lost with it.
+  // Only a one-line public key is kept, never anything like a private key (the
+  // server never echoes those either), and never over a form the server refused.
   const DRAFT = "nekojump-key-draft";
+  const PUBLIC_KEY = /(^|\s)(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com)\s+AAAA[A-Za-z0-9+\/]+={0,3}(\s|$)/;
+  const PRIVATE = /PRIVATE KEY|PuTTY-User-Key-File-|Private-Lines:|Private-MAC:|b3BlbnNzaC1rZXktdjE/;
   const keyForm = document.querySelector("form.key-form");
   if (keyForm) {
     const text = keyForm.querySelector("#public_key");
     const description = keyForm.querySelector("#description");
-    const draft = JSON.parse(sessionStorage.getItem(DRAFT) || "null");
+    const member = keyForm.dataset.member;
+    let draft = null;
+    try {
+      draft = JSON.parse(sessionStorage.getItem(DRAFT) || "null");
+    } catch (error) {  // not ours to read: dropped below
+    }
     sessionStorage.removeItem(DRAFT);
-    if (draft && done !== "key-added" && !text.value.trim()) {
+    if (draft && draft.member === member && done !== "key-added"
+        && !document.getElementById("key-error") && !text.value.trim()) {
       text.value = draft.text;
       if (!description.value) description.value = draft.description;
       const details = keyForm.closest("details");
@@ -62,9 +72,10 @@ document.addEventListener("DOMContentLoaded", () => {
       announce("Your unsaved key is back in the form.");
     }
     keyForm.addEventListener("submit", () => {
-      if (!/PRIVATE KEY/.test(text.value)) {
+      const pasted = text.value.trim();
+      if (!pasted.includes("\n") && PUBLIC_KEY.test(pasted) && !PRIVATE.test(pasted)) {
         sessionStorage.setItem(DRAFT, JSON.stringify(
-          {text: text.value, description: description.value}));
+          {member, text: pasted, description: description.value}));
       }
     });
   }
