@@ -390,6 +390,10 @@ class SQLiteStore:
             return Refused("port-registered", f"port {port} is already registered")
         return RegisteredPort(port, member_name, description, self._clock())
 
+    def registered_port_numbers(self) -> set[int]:
+        """Every registered port's number (whoever registered it)."""
+        return {row[0] for row in self._db.execute("SELECT port FROM ports")}
+
     def list_ports(
         self, member_name: str | None = None, *, active_only: bool = False
     ) -> list[RegisteredPort]:

@@ -111,7 +111,9 @@ class TunnelRegistry:
     _closed_totals: Totals = field(factory=lambda: Totals())
     #: Released forwards whose mesh connections still run: their bytes still count.
     _lingering: dict[ActiveForward, None] = field(factory=dict)
-    _per_member: dict[int, int] = field(factory=dict)
+    #: Each member's forwards by port: what a member's pages show, found without
+    #: looking at everyone's (thousands of tunnels, refreshed every 2 s per tab).
+    _member_forwards: dict[int, dict[int, ActiveForward]] = field(factory=dict)
     _connections_per_member: dict[int, int] = field(factory=dict)
     _streams_per_member: dict[int, int] = field(factory=dict)
     #: Forwards each member opened and cancelled lately (``avatar.MAX_FORWARD_CHANGES``).
@@ -203,7 +205,12 @@ class TunnelRegistry:
 
     def count_for_member(self, member_id: int) -> int:
         """Forwards a member holds now (kept as a count: this is asked on every bind)."""
-        return self._per_member.get(member_id, 0)
+        return len(self._member_forwards.get(member_id, ()))
+
+    def forwards_of_member(self, member_id: int) -> list[ActiveForward]:
+        """A member's forwards, by port."""
+        mine = self._member_forwards.get(member_id, {})
+        return [mine[port] for port in sorted(mine)]
 
     def stream_opened(self, member_id: int) -> None:
         self.open_streams += 1
@@ -243,7 +250,7 @@ class TunnelRegistry:
 
     def add_forward(self, forward: ActiveForward) -> None:
         self._forwards[forward.port] = forward
-        _count(self._per_member, forward.holder.member_id, +1)
+        self._member_forwards.setdefault(forward.holder.member_id, {})[forward.port] = forward
         self._changed(forward, forward.port)
 
     def totals(self) -> Totals:
@@ -256,7 +263,11 @@ class TunnelRegistry:
     def remove_forward(self, forward: ActiveForward) -> None:
         if self._forwards.get(forward.port) is forward:
             del self._forwards[forward.port]
-            _count(self._per_member, forward.holder.member_id, -1)
+            member_id = forward.holder.member_id
+            mine = self._member_forwards.get(member_id, {})
+            mine.pop(forward.port, None)
+            if not mine:
+                self._member_forwards.pop(member_id, None)
             if forward.open_connections:
                 self._lingering[forward] = None  # counted until its last connection ends
             else:

@@ -31,6 +31,7 @@ from nekojump.web.auth import (
 )
 from nekojump.web.backend import STORE_FAILED, Backend, log_store_failure
 from nekojump.web.render import Renderer
+from nekojump.web.views import tunnel_rows
 
 SECURITY_HEADERS = {
     b"content-security-policy": (
@@ -152,6 +153,16 @@ FOREIGN_LOGIN = (
 
 #: The port an ``Origin`` leaves out, and a ``Host`` header may still name.
 DEFAULT_PORTS = {b"http": b":80", b"https": b":443"}
+
+
+#: The most rows of each list (live tunnels, keys, registered ports) /admin shows;
+#: ``?member=NAME`` shows one member's.
+ADMIN_ROWS = 500
+
+
+def _member_filter(request: IRequest) -> str:
+    """The member name /admin was asked to show alone (``?member=``), or ""."""
+    return request.args.get(b"member", [b""])[0].decode("utf-8", "replace").strip()[:64]
 
 
 def _after_login(page: str) -> str:
@@ -495,7 +506,7 @@ class Dashboard:
         if not viewer.member.is_admin:
             request.setResponseCode(403)
             return b"admins only"
-        return await self._admin_page(viewer)
+        return await self._admin_page(viewer, member=_member_filter(request))
 
     @app.route("/admin/tunnels", methods=["GET"])
     async def admin_tunnels_fragment(self, request: IRequest) -> bytes:
@@ -507,25 +518,48 @@ class Dashboard:
         if not viewer.member.is_admin:
             request.setResponseCode(403)
             return b"admins only"
-        return self.renderer.page(
-            "admin_tunnels.html",
-            tunnels=self.backend.tunnels(None),
-            ports=self.backend.port_states(await self.backend.ports(None)),
-        )
+        lists = await self._admin_lists(_member_filter(request))
+        return self.renderer.page("admin_tunnels.html", **lists)
 
-    async def _admin_page(self, viewer: Viewer, notice: str | None = None) -> bytes:
-        keys = await self.backend.store.call(self.backend.store.store.list_keys)
+    async def _admin_lists(self, member: str) -> dict[str, Any]:
+        """What /admin lists: everyone's live tunnels, keys and registered ports, or
+        one member's; at most ``ADMIN_ROWS`` of each, with how many there are.
+
+        With thousands of tunnels a page of all of them took most of a second to
+        render, every 2 s per open admin tab, while every tunnel waited."""
+        backend = self.backend
+        store = backend.store
+        if member:
+            found = await store.call(store.store.get_member, member)
+            keys = await store.call(store.store.list_keys, member) if found else []
+            ports = await backend.ports(found) if found else []
+            live = backend.registry.forwards_of_member(found.id) if found else []
+        else:
+            keys = await store.call(store.store.list_keys)
+            ports = await backend.ports(None)
+            live = backend.registry.forwards()
+        return {
+            "member_filter": member,
+            "keys": keys[:ADMIN_ROWS],
+            "keys_total": len(keys),
+            "ports": backend.port_states(ports[:ADMIN_ROWS]),
+            "ports_total": len(ports),
+            "tunnels": tunnel_rows(live[:ADMIN_ROWS]),
+            "tunnels_total": len(live),
+        }
+
+    async def _admin_page(
+        self, viewer: Viewer, notice: str | None = None, member: str = ""
+    ) -> bytes:
         events = await self.backend.store.call(self.backend.store.store.audit_events, 100)
-        ports = self.backend.port_states(await self.backend.ports(None))
         return self.renderer.page(
             "admin.html",
             member=viewer.member,
             csrf=viewer.csrf,
-            keys=keys,
-            ports=ports,
-            tunnels=self.backend.tunnels(None),
             events=events,
             notice=notice,
+            limit=ADMIN_ROWS,
+            **await self._admin_lists(member),
         )
 
     # -- API and static files ----------------------------------------------------------------

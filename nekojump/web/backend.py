@@ -334,24 +334,29 @@ class Backend:
 
     # -- live state ------------------------------------------------------------------------
 
-    def tunnels(self, member: Member | None) -> list[dict[str, Any]]:
-        forwards = self.registry.forwards()
+    def tunnels(self, member: Member | None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Live tunnels, by port: a member's, or everyone's (at most ``limit``)."""
         if member is not None:
-            forwards = [f for f in forwards if f.avatar.identity.member_id == member.id]
-        return tunnel_rows(forwards)
+            return tunnel_rows(self.registry.forwards_of_member(member.id))
+        return tunnel_rows(self.registry.forwards()[:limit])
 
     def port_states(self, ports: list[RegisteredPort]) -> list[tuple[RegisteredPort, str]]:
         """Each port with its state (``views.port_state``): whose tunnel holds it now."""
-        holders = {f.port: f.avatar.identity.member_name for f in self.registry.forwards()}
-        return [(p, port_state(p, holders.get(p.port))) for p in ports]
+        states = []
+        for registered in ports:
+            forward = self.registry.forward_on(registered.port)
+            holder = forward.avatar.identity.member_name if forward is not None else None
+            states.append((registered, port_state(registered, holder)))
+        return states
 
     async def connect_info(self, member: Member) -> ConnectInfo:
         mine = await self.ports(member)
-        everyone = await self.ports(None)
-        taken = {p.port for p in everyone} | self.registry.held_ports()
-        live = [
-            f.port for f in self.registry.forwards() if f.avatar.identity.member_id == member.id
-        ]
+        live = [f.port for f in self.registry.forwards_of_member(member.id)]
+        taken: set[int] = set()
+        if not mine and not live:
+            # Only a member with no port of their own is suggested a free one: the
+            # numbers alone, not every member's registrations.
+            taken = await self._call("registered_port_numbers") | self.registry.held_ports()
         cfg = self.config
         return ConnectInfo(
             hostname=cfg.web.public_hostname,
