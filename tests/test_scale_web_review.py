@@ -11,14 +11,15 @@ second) saturated the server's CPU at ~45 refreshes a second.
 
 These tests count rows, bytes and touched forwards, never seconds: each failed
 on the reviewed code (54ac075) and passes now that the cost no longer grows with
-the server.  (The review's findings on the JSON API's and the Service
-Directory's unpaged lists are not fixed yet; their tests are not here.)
+the server.  (The review's finding on the Service
+Directory page's unpaged list is not fixed yet; its test is not here.)
 They drive the real web app in memory (``test_web_api.in_memory_site``), with
 the tunnel registry filled directly, as ``test_web_api.hold_port`` does.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -180,6 +181,58 @@ def test_admin_page_is_bounded(server):
     rows = len(re.findall(rb"<tr[ >]", body))
     assert rows <= 3 * MAX_ROWS, f"/admin rendered {rows} table rows"
     assert len(body) <= MAX_BYTES, f"/admin is {len(body)} bytes"
+
+
+# -- the JSON API's lists --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "ports"),
+    [
+        ("/api/v1/tunnels?member=*", "tunnels", 0),
+        ("/api/v1/ports?member=*", "ports", BIG),
+        ("/api/v1/directory", "ports", BIG),
+        ("/api/v1/keys?member=*", "keys", 0),
+    ],
+)
+def test_api_lists_come_in_pages(server, path, name, ports):
+    """``GET /api/v1/tunnels?member=*`` answered every live tunnel in one
+    indented JSON document: 3.2 MB and 225 ms at 9,500 (real server; an echo
+    through a tunnel waited 217 ms), and the port lists every registration at
+    once (8.9 MB at 30,000).  Each list now answers a page of at most 1,000,
+    with ``total`` and ``next_offset``; following ``next_offset`` gives every
+    row once."""
+    store, registry, treq = server
+    fill(store, registry, BIG if name == "tunnels" else 0)
+    register_ports(store, ports)
+    if name == "keys":
+        for i in range(1200):
+            store.add_key("alice", parse_public_key(public_key_text(f"k{i}")), f"box {i}")
+    root = bearer(store, "root")
+    seen: list[Any] = []
+    offset: int | None = 0
+    pages = 0
+    while offset is not None:
+        joiner = "&" if "?" in path else "?"
+        code, body = get(treq, f"{path}{joiner}offset={offset}", root)
+        assert code == 200, body[:200]
+        assert len(body) <= MAX_BYTES, f"{path}: one answer was {len(body)} bytes"
+        answer = json.loads(body)
+        assert len(answer[name]) <= MAX_ROWS, f"{path}: one answer held {len(answer[name])}"
+        seen.extend(json.dumps(row, sort_keys=True) for row in answer[name])
+        offset = answer["next_offset"]
+        pages += 1
+        assert pages < 20
+    assert len(seen) == len(set(seen)) == answer["total"] > MAX_ROWS
+
+
+def test_api_page_arguments_are_checked(server):
+    """A bad ``offset`` or ``limit`` is a 400 saying what is allowed, not a 500."""
+    store, _registry, treq = server
+    root = bearer(store, "root")
+    for query in ("offset=-1", "limit=0", "limit=5000", "offset=x"):
+        code, body = get(treq, f"/api/v1/tunnels?member=*&{query}", root)
+        assert code == 400 and b"limit from 1 to 1000" in body, (query, body)
 
 
 # -- a member's own pages: their cost must not grow with everyone else's tunnels --------------

@@ -21,8 +21,8 @@ from werkzeug.routing import Map, Rule
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.web.auth import CSRF_HEADER, Viewer
 from nekojump.web.backend import STORE_FAILED, Backend, log_store_failure
-from nekojump.web.openapi import openapi_document
-from nekojump.web.views import key_row, port_row
+from nekojump.web.openapi import PAGE_ROWS, openapi_document
+from nekojump.web.views import key_row, port_row, tunnel_rows
 
 #: HTTP status for each refusal code; anything else is a 400.
 STATUS = {
@@ -78,6 +78,34 @@ def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
 def _refused(request: IRequest, refusal: Refused) -> bytes:
     status = STATUS.get(refusal.code, 400)
     return _json(request, {"error": refusal.code, "message": refusal.reason}, status)
+
+
+def _page(request: IRequest) -> tuple[int, int]:
+    """``?offset=`` and ``?limit=`` of a list request (``PAGE_ROWS`` at most)."""
+    try:
+        offset = int(request.args.get(b"offset", [b"0"])[0])
+        limit = int(request.args.get(b"limit", [str(PAGE_ROWS).encode()])[0])
+    except ValueError:
+        offset = limit = -1
+    if offset < 0 or not 1 <= limit <= PAGE_ROWS:
+        raise ApiError("bad-request", f"offset must be 0 or more and limit from 1 to {PAGE_ROWS}")
+    return offset, limit
+
+
+def _listed(request: IRequest, name: str, rows: list[Any], row: Callable[[Any], Any]) -> bytes:
+    """One page of a list: at most ``PAGE_ROWS`` rows (each made by ``row``), how
+    many there are, and the offset of the next page (null at the end).  With
+    thousands of tunnels one answer of all of them held up every tunnel."""
+    offset, limit = _page(request)
+    end = offset + limit
+    return _json(
+        request,
+        {
+            name: [row(item) for item in rows[offset:end]],
+            "total": len(rows),
+            "next_offset": end if end < len(rows) else None,
+        },
+    )
 
 
 class Api:
@@ -155,7 +183,7 @@ class Api:
             keys = await self.backend.store.call(self.backend.store.store.list_keys)
         else:
             keys = await self.backend.keys(subject)
-        return _json(request, {"keys": [key_row(k) for k in keys]})
+        return _listed(request, "keys", keys, key_row)
 
     @app.route("/keys", methods=["POST"])
     async def add_key(self, request: IRequest) -> bytes:
@@ -184,8 +212,12 @@ class Api:
     async def list_ports(self, request: IRequest) -> bytes:
         viewer = await self._who(request)
         subject = await self._subject(request, viewer)
-        ports = self.backend.port_states(await self.backend.ports(subject))
-        return _json(request, {"ports": [port_row(p, state) for p, state in ports]})
+        return self._ports(request, await self.backend.ports(subject))
+
+    def _ports(self, request: IRequest, ports: list[RegisteredPort]) -> bytes:
+        """A page of registered ports, each with its live state."""
+        state = self.backend.port_states
+        return _listed(request, "ports", ports, lambda port: port_row(*state([port])[0]))
 
     @app.route("/ports", methods=["POST"])
     async def add_port(self, request: IRequest) -> bytes:
@@ -217,7 +249,8 @@ class Api:
     async def tunnels(self, request: IRequest) -> bytes:
         viewer = await self._who(request)
         subject = await self._subject(request, viewer)
-        return _json(request, {"tunnels": self.backend.tunnels(subject)})
+        forwards = self.backend.live_forwards(subject)
+        return _listed(request, "tunnels", forwards, lambda forward: tunnel_rows([forward])[0])
 
     @app.route("/connect", methods=["GET"])
     async def connect(self, request: IRequest) -> bytes:
@@ -230,8 +263,7 @@ class Api:
     @app.route("/directory", methods=["GET"])
     async def directory(self, request: IRequest) -> bytes:
         await self._who(request)
-        ports = self.backend.port_states(await self.backend.directory())
-        return _json(request, {"ports": [port_row(p, state) for p, state in ports]})
+        return self._ports(request, await self.backend.directory())
 
     @app.route("/check/<int:port>", methods=["GET"])
     async def check(self, request: IRequest, port: int) -> bytes:

@@ -21,7 +21,7 @@ from nekojump.metrics import Metrics
 from nekojump.model import KeyRecord, Member, Refused, RegisteredPort
 from nekojump.passwords import verify_password
 from nekojump.policy import ChangeBudget, plain_number, source_allowed
-from nekojump.ssh.registry import TunnelRegistry
+from nekojump.ssh.registry import ActiveForward, TunnelRegistry
 from nekojump.store import DeferredStore
 from nekojump.web.auth import (
     SESSION_LIFETIME,
@@ -334,11 +334,15 @@ class Backend:
 
     # -- live state ------------------------------------------------------------------------
 
-    def tunnels(self, member: Member | None, limit: int | None = None) -> list[dict[str, Any]]:
-        """Live tunnels, by port: a member's, or everyone's (at most ``limit``)."""
+    def live_forwards(self, member: Member | None) -> list[ActiveForward]:
+        """Live forwards, by port: a member's (from their own), or everyone's."""
         if member is not None:
-            return tunnel_rows(self.registry.forwards_of_member(member.id))
-        return tunnel_rows(self.registry.forwards()[:limit])
+            return self.registry.forwards_of_member(member.id)
+        return self.registry.forwards()
+
+    def tunnels(self, member: Member | None) -> list[dict[str, Any]]:
+        """Live tunnels as rows for pages, by port: a member's, or everyone's."""
+        return tunnel_rows(self.live_forwards(member))
 
     def port_states(self, ports: list[RegisteredPort]) -> list[tuple[RegisteredPort, str]]:
         """Each port with its state (``views.port_state``): whose tunnel holds it now."""

@@ -24,7 +24,15 @@ def _list_of(name: str, ref: str) -> dict[str, Any]:
     return {
         "type": "object",
         "required": [name],
-        "properties": {name: {"type": "array", "items": {"$ref": ref}}},
+        "properties": {
+            name: {"type": "array", "items": {"$ref": ref}},
+            "total": {"type": "integer", "description": "rows in the whole list"},
+            "next_offset": {
+                "type": "integer",
+                "nullable": True,
+                "description": "the offset of the next page, or null at the end",
+            },
+        },
     }
 
 
@@ -35,6 +43,24 @@ MEMBER_PARAMETER = {
     "description": "admins only: another member's name, or * for everyone",
     "schema": {"type": "string"},
 }
+#: The most rows one answer of a list holds (``api.PAGE_ROWS``).
+PAGE_ROWS = 1000
+PAGE_PARAMETERS = [
+    {
+        "name": "offset",
+        "in": "query",
+        "required": False,
+        "description": "rows to skip: the next_offset of the answer before",
+        "schema": {"type": "integer", "minimum": 0, "default": 0},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": "rows to answer at most (total and next_offset say what is left)",
+        "schema": {"type": "integer", "minimum": 1, "maximum": PAGE_ROWS, "default": PAGE_ROWS},
+    },
+]
 UNAUTHENTICATED = {"401": _error("no valid session or bearer token")}
 CHANGE_ERRORS = {**UNAUTHENTICATED, "403": _error("CSRF token missing (browser sessions)")}
 
@@ -54,7 +80,7 @@ def openapi_document() -> dict[str, Any]:
             "/keys": {
                 "get": {
                     "summary": "List your SSH public keys",
-                    "parameters": [MEMBER_PARAMETER],
+                    "parameters": [MEMBER_PARAMETER, *PAGE_PARAMETERS],
                     "responses": {
                         **_ok("keys", _list_of("keys", "#/components/schemas/Key")),
                         **UNAUTHENTICATED,
@@ -98,7 +124,7 @@ def openapi_document() -> dict[str, Any]:
             "/ports": {
                 "get": {
                     "summary": "List your registered ports",
-                    "parameters": [MEMBER_PARAMETER],
+                    "parameters": [MEMBER_PARAMETER, *PAGE_PARAMETERS],
                     "responses": {
                         **_ok("ports", _list_of("ports", "#/components/schemas/Port")),
                         **UNAUTHENTICATED,
@@ -144,7 +170,7 @@ def openapi_document() -> dict[str, Any]:
             "/tunnels": {
                 "get": {
                     "summary": "Your live forwards now",
-                    "parameters": [MEMBER_PARAMETER],
+                    "parameters": [MEMBER_PARAMETER, *PAGE_PARAMETERS],
                     "responses": {
                         **_ok("tunnels", _list_of("tunnels", "#/components/schemas/Tunnel")),
                         **UNAUTHENTICATED,
@@ -160,6 +186,7 @@ def openapi_document() -> dict[str, Any]:
             "/directory": {
                 "get": {
                     "summary": "Every member's registered ports, with live state",
+                    "parameters": PAGE_PARAMETERS,
                     "responses": {
                         **_ok("ports", _list_of("ports", "#/components/schemas/Port")),
                         **UNAUTHENTICATED,
