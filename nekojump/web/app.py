@@ -155,6 +155,9 @@ FOREIGN_LOGIN = (
 DEFAULT_PORTS = {b"http": b":80", b"https": b":443"}
 
 
+#: Services one page of the Service Directory lists (``?offset=`` for the next).
+DIRECTORY_ROWS = 500
+
 #: The most rows of each list (live tunnels, keys, registered ports) /admin shows;
 #: ``?member=NAME`` shows one member's.
 ADMIN_ROWS = 500
@@ -489,11 +492,19 @@ class Dashboard:
         if viewer is None:
             return see_other(request, login_url("/directory"))
         ports = await self.backend.directory()
+        try:
+            offset = max(0, int(request.args.get(b"offset", [b"0"])[0]))
+        except ValueError:
+            offset = 0
+        offset = min(offset, max(0, len(ports) - 1)) // DIRECTORY_ROWS * DIRECTORY_ROWS
         return self.renderer.page(
             "directory.html",
             member=viewer.member,
             csrf=viewer.csrf,
-            ports=self.backend.port_states(ports),
+            ports=self.backend.port_states(ports[offset : offset + DIRECTORY_ROWS]),
+            offset=offset,
+            total=len(ports),
+            per_page=DIRECTORY_ROWS,
             mesh_address=self.backend.config.forwarding.bind_address,
             hostname=self.backend.config.web.public_hostname,
         )
