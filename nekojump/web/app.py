@@ -8,7 +8,7 @@ import hmac
 import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from klein import Klein
 from twisted.web.iweb import IRequest
@@ -161,6 +161,21 @@ DIRECTORY_ROWS = 500
 #: The most rows of each list (live tunnels, keys, registered ports) /admin shows;
 #: ``?member=NAME`` shows one member's.
 ADMIN_ROWS = 500
+
+
+def _admin_back(request: IRequest, viewer: Viewer) -> str | None:
+    """For a form an admin sent from /admin: the member that page showed alone
+    ("" for everyone), so the answer goes back to the same view; else None."""
+    back = urlsplit(form(request, "back"))
+    if back.path != "/admin" or not viewer.member.is_admin:
+        return None
+    return parse_qs(back.query).get("member", [""])[0].strip()[:64]
+
+
+def _admin_url(member: str, anchor: str = "") -> bytes:
+    """/admin, showing ``member`` alone if one is named."""
+    query = f"?member={quote(member, safe='')}" if member else ""
+    return f"/admin{query}{anchor}".encode("ascii")
 
 
 def _member_filter(request: IRequest) -> str:
@@ -344,8 +359,8 @@ class Dashboard:
         in another tab), or one the database could not store: nothing is
         changed, and the page comes back with a fresh token and what was typed,
         to send again, and ``said`` in the form's card."""
-        if form(request, "back") == "/admin" and viewer.member.is_admin:
-            return await self._admin_page(viewer, notice=said)
+        if (member := _admin_back(request, viewer)) is not None:
+            return await self._admin_page(viewer, notice=said, member=member)
         if request.path == b"/keys":
             text, description = form(request, "public_key"), form(request, "description")
             return await self._page(
@@ -416,8 +431,8 @@ class Dashboard:
         result = await self.backend.remove_key(viewer.member, form(request, "fingerprint"))
         if isinstance(result, Refused):
             return await self._nothing_removed(request, viewer, result, "notice")
-        if form(request, "back") == "/admin" and viewer.member.is_admin:
-            return see_other(request, b"/admin")
+        if (member := _admin_back(request, viewer)) is not None:
+            return see_other(request, _admin_url(member))
         return see_other(request, b"/?done=key-removed#ssh-key-card")
 
     @app.route("/ports", methods=["POST"])
@@ -442,8 +457,8 @@ class Dashboard:
         result = await self.backend.remove_port(viewer.member, form(request, "port"), owner)
         if isinstance(result, Refused):
             return await self._nothing_removed(request, viewer, result, "port_notice")
-        if form(request, "back") == "/admin" and viewer.member.is_admin:
-            return see_other(request, b"/admin#admin-ports-card")
+        if (member := _admin_back(request, viewer)) is not None:
+            return see_other(request, _admin_url(member, "#admin-ports-card"))
         return see_other(request, b"/?done=port-removed#ports-card")
 
     async def _nothing_removed(
@@ -454,8 +469,8 @@ class Dashboard:
         ``card``'s notice, with no form marked as if it held a mistake."""
         request.setResponseCode(404)
         said = f"Nothing removed: {refused.reason}."
-        if form(request, "back") == "/admin" and viewer.member.is_admin:
-            return await self._admin_page(viewer, notice=said)
+        if (member := _admin_back(request, viewer)) is not None:
+            return await self._admin_page(viewer, notice=said, member=member)
         if card == "port_notice" and not await self._has_ports_card(viewer):
             card = "notice"  # no Registered Ports card to say it in
         return await self._page(viewer, **{card: said})
@@ -540,22 +555,27 @@ class Dashboard:
         render, every 2 s per open admin tab, while every tunnel waited."""
         backend = self.backend
         store = backend.store
+        found = None
         if member:
+            # One member's lists are bounded by the per-member limits: shown whole.
             found = await store.call(store.store.get_member, member)
             keys = await store.call(store.store.list_keys, member) if found else []
             ports = await backend.ports(found) if found else []
             live = backend.registry.forwards_of_member(found.id) if found else []
+            rows = None
         else:
             keys = await store.call(store.store.list_keys)
             ports = await backend.ports(None)
             live = backend.registry.forwards()
+            rows = ADMIN_ROWS
         return {
             "member_filter": member,
-            "keys": keys[:ADMIN_ROWS],
+            "member_found": found is not None,
+            "keys": keys[:rows],
             "keys_total": len(keys),
-            "ports": backend.port_states(ports[:ADMIN_ROWS]),
+            "ports": backend.port_states(ports[:rows]),
             "ports_total": len(ports),
-            "tunnels": tunnel_rows(live[:ADMIN_ROWS]),
+            "tunnels": tunnel_rows(live[:rows]),
             "tunnels_total": len(live),
         }
 

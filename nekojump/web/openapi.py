@@ -62,6 +62,11 @@ PAGE_PARAMETERS = [
     },
 ]
 UNAUTHENTICATED = {"401": _error("no valid session or bearer token")}
+#: What a paged list answers besides its page.
+PAGED_ERRORS = {
+    "400": _error("offset below 0, or limit not from 1 to 1000 (bad-request)"),
+    **UNAUTHENTICATED,
+}
 CHANGE_ERRORS = {**UNAUTHENTICATED, "403": _error("CSRF token missing (browser sessions)")}
 
 
@@ -83,7 +88,7 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [MEMBER_PARAMETER, *PAGE_PARAMETERS],
                     "responses": {
                         **_ok("keys", _list_of("keys", "#/components/schemas/Key")),
-                        **UNAUTHENTICATED,
+                        **PAGED_ERRORS,
                     },
                 },
                 "post": {
@@ -127,7 +132,7 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [MEMBER_PARAMETER, *PAGE_PARAMETERS],
                     "responses": {
                         **_ok("ports", _list_of("ports", "#/components/schemas/Port")),
-                        **UNAUTHENTICATED,
+                        **PAGED_ERRORS,
                     },
                 },
                 "post": {
@@ -173,7 +178,7 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [MEMBER_PARAMETER, *PAGE_PARAMETERS],
                     "responses": {
                         **_ok("tunnels", _list_of("tunnels", "#/components/schemas/Tunnel")),
-                        **UNAUTHENTICATED,
+                        **PAGED_ERRORS,
                     },
                 },
             },
@@ -189,7 +194,7 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": PAGE_PARAMETERS,
                     "responses": {
                         **_ok("ports", _list_of("ports", "#/components/schemas/Port")),
-                        **UNAUTHENTICATED,
+                        **PAGED_ERRORS,
                     },
                 },
             },

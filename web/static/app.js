@@ -166,14 +166,20 @@ document.addEventListener("DOMContentLoaded", () => {
     };
     const livePorts = (root) => new Set(
       Array.from(root.querySelectorAll("tr[data-port]"), (row) => row.dataset.port));
-    // Tunnels that came up or ended since the last answer, said in words.
-    const announceChanges = (before, after) => {
+    // The highest port a list shows when it is cut short (the admin's first 500):
+    // ports past it may be up without being listed.
+    const lastListed = (root, ports) =>
+      root.querySelector("#tunnels-cut") ? Math.max(...Array.from(ports, Number)) : Infinity;
+    // Tunnels that came up or ended since the last answer, said in words; of a
+    // list cut short, only within what both answers list (a tunnel pushed past
+    // the cut did not end).
+    const announceChanges = (before, after, upTo) => {
       const news = [];
       for (const port of after) {
-        if (!before.has(port)) news.push("Tunnel on port " + port + " is up.");
+        if (!before.has(port) && Number(port) <= upTo) news.push("Tunnel on port " + port + " is up.");
       }
       for (const port of before) {
-        if (!after.has(port)) news.push("Tunnel on port " + port + " ended.");
+        if (!after.has(port) && Number(port) <= upTo) news.push("Tunnel on port " + port + " ended.");
       }
       if (news.length) announce(news.join(" "));
     };
@@ -200,6 +206,12 @@ document.addEventListener("DOMContentLoaded", () => {
         const freshStates = fresh.querySelector(id);
         if (states && freshStates) states.replaceWith(freshStates);
       }
+      // "First 500 of N": N changes while the first rows stay the same.
+      const cut = tunnels.querySelector("#tunnels-cut");
+      const freshCut = fresh.querySelector("#tunnels-cut");
+      if (cut && freshCut) cut.replaceWith(freshCut);
+      else if (cut) cut.remove();
+      else if (freshCut) tunnels.querySelector("table").after(freshCut);
       return true;
     };
     let shown = null;  // the last answer put in (the first one always is)
@@ -239,6 +251,7 @@ document.addEventListener("DOMContentLoaded", () => {
         answer.innerHTML = html;
         const before = livePorts(tunnels);
         const after = livePorts(answer.content);
+        const upTo = Math.min(lastListed(tunnels, before), lastListed(answer.content, after));
         if (!updateInPlace(answer.content)) {
           // Rows came or went: swap the table, keeping keyboard focus on the same
           // row's button (or the card itself if that tunnel ended).
@@ -252,7 +265,7 @@ document.addEventListener("DOMContentLoaded", () => {
           }
         }
         shown = html;
-        announceChanges(before, after);
+        announceChanges(before, after, upTo);
         updatePortStates();
         updateKeyStates();
       }
