@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from nekojump.keys import parse_public_key
-from nekojump.model import Identity
 from nekojump.policy import ForwardRules
-from nekojump.ssh.registry import ActiveForward, TunnelRegistry
+from nekojump.ssh.registry import TunnelRegistry
 from nekojump.store import SQLiteStore
 from nekojump.web.openapi import openapi_document
-from tests.test_scale_web_review import CONFIG, fill, get, session
-from tests.test_web_api import FakeTunnel, in_memory_site, public_key_text
+from tests.test_scale_web_review import admin_site, fill, get, session
+from tests.test_web_api import hold_port, public_key_text
 from tests.test_web_pages import fetch
 
 RULES = ForwardRules(10000, 60000)
@@ -37,32 +35,16 @@ STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 
 @pytest.fixture
 def server(tmp_path):
-    """A store, a registry and the web app over them; admin ``root``, ``alice``, ``bob``."""
-    store = SQLiteStore.open(tmp_path)
-    registry = TunnelRegistry()
-    treq = in_memory_site(store, CONFIG, registry)
-    store.add_member("root", is_admin=True)
-    store.add_member("alice")
-    store.add_member("bob")
-    yield store, registry, treq
-    store.close()
+    """``admin_site`` with ``alice`` and ``bob``."""
+    world = admin_site(tmp_path, "alice", "bob")
+    yield world
+    world[0].close()
 
 
 def hold(registry: TunnelRegistry, store: SQLiteStore, member: str, ports) -> None:
     """Live forwards of ``member`` on ``ports``."""
-    found = store.get_member(member)
-    assert found is not None
-    identity = Identity(found.id, member, 7, "SHA256:x", f"{member}'s box")
     for port in ports:
-        registry.add_forward(
-            ActiveForward(
-                port=port,
-                requested_host="localhost",
-                bind_address="127.0.0.75",
-                avatar=FakeTunnel(identity),  # type: ignore[arg-type]
-                since=time.time(),
-            )
-        )
+        hold_port(registry, store, member, port)
 
 
 def text_of(html: str) -> str:

@@ -32,7 +32,7 @@ from nekojump.model import Identity
 from nekojump.policy import ForwardRules, Holder
 from nekojump.ssh.registry import ActiveForward, TunnelRegistry
 from nekojump.store import SQLiteStore
-from tests.test_web_api import FakeTunnel, in_memory_site, public_key_text
+from tests.test_web_api import FakeTunnel, hold_port, in_memory_site, public_key_text
 
 CONFIG = {"forwarding": {"port_min": 10000, "port_max": 60000}}
 
@@ -137,16 +137,23 @@ def tunnel_rows_in(html: bytes) -> int:
     return len(re.findall(rb"<tr data-port=", html))
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A store, a registry and the web app over them; an admin ``root`` and ``alice``."""
+def admin_site(tmp_path, *members: str) -> tuple[SQLiteStore, TunnelRegistry, StubTreq]:
+    """A store, a registry and the web app over them; an admin ``root`` and ``members``."""
     store = SQLiteStore.open(tmp_path)
     registry = TunnelRegistry()
     treq = in_memory_site(store, CONFIG, registry)
     store.add_member("root", is_admin=True)
-    store.add_member("alice")
-    yield store, registry, treq
-    store.close()
+    for name in members:
+        store.add_member(name)
+    return store, registry, treq
+
+
+@pytest.fixture
+def server(tmp_path):
+    """``admin_site`` with ``alice``."""
+    world = admin_site(tmp_path, "alice")
+    yield world
+    world[0].close()
 
 
 # -- the admin's Live tunnels, refreshed every 2 s per open admin tab ------------------------
@@ -267,20 +274,11 @@ def touches_for(tmp_path, others: int, paths: list[str]) -> int:
     store = SQLiteStore.open(tmp_path)
     registry = TunnelRegistry()
     treq = in_memory_site(store, CONFIG, registry)
-    alice = store.add_member("alice")
+    store.add_member("alice")
     touches = [0]
     fill(store, registry, others, touches=touches)
-    identity = Identity(alice.id, "alice", 1, "SHA256:a", "alice's laptop")
     for port in (15000, 15001):
-        registry.add_forward(
-            ActiveForward(
-                port=port,
-                requested_host="localhost",
-                bind_address="127.0.0.75",
-                avatar=FakeTunnel(identity),  # type: ignore[arg-type]
-                since=0.0,
-            )
-        )
+        hold_port(registry, store, "alice", port)
     rules = in_memory_rules()
     store.add_port("alice", 15000, "web", rules)
     cookie, token = session(store, "alice"), bearer(store, "alice")
